@@ -1,0 +1,50 @@
+"""The ``cutout`` command. Each command module adds its own subcommands via ``register``.
+
+Command modules must stay light at import (no torch at module level): the submitter's
+``cutout submit`` must start fast and never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "workers.cli_local",  # run, eval
+    "workers.models.cli",  # models list|fetch|info
+    "workers.cli_worker",  # worker
+    "jobs.cli_job",  # submit, status, resume, retry-failed, report, cancel
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cutout", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a module not written yet must not break the others
+            if exc.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from jobs.errors import CutoutError
+
+    try:
+        return int(args.func(args) or 0)
+    except CutoutError as exc:
+        print(f"cutout: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

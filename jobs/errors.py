@@ -1,0 +1,97 @@
+"""Typed errors shared by both halves.
+
+Every failure that reaches a manifest record is a ``CutoutError`` subclass, so the record can
+say which stage failed, why, and whether retrying could ever help (``permanent``).
+"""
+from __future__ import annotations
+
+
+class CutoutError(Exception):
+    """Base class: ``stage`` names the pipeline stage, ``permanent`` says retrying is useless."""
+
+    stage: str = "unknown"
+    permanent: bool = True
+
+    def __init__(self, message: str, *, stage: str | None = None):
+        super().__init__(message)
+        if stage is not None:
+            self.stage = stage
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__
+
+
+class ConfigError(CutoutError, ValueError):
+    """Settings that contradict each other or name something that does not exist."""
+
+    stage = "config"
+
+
+# --- decode ----------------------------------------------------------------------------------
+class DecodeError(CutoutError):
+    """The bytes are not an image we can read (empty, truncated, corrupt, not an image)."""
+
+    stage = "decode"
+
+
+class EmptyInputError(DecodeError):
+    """Zero bytes."""
+
+
+class TruncatedImageError(DecodeError):
+    """The header parsed but the pixel data ends early."""
+
+
+class NotAnImageError(DecodeError):
+    """No known image signature."""
+
+
+class UnsupportedImageError(DecodeError):
+    """An image, but in a mode or format we refuse (documented in workers/decode.py)."""
+
+
+class ImageTooLargeError(DecodeError):
+    """More pixels than ``max_pixels`` (or a decompression bomb)."""
+
+
+# --- models ----------------------------------------------------------------------------------
+class ModelError(CutoutError):
+    stage = "segment"
+
+
+class MissingWeightsError(ModelError):
+    """Weights are not on disk; the message names the command that fetches them."""
+
+
+class WeightsChecksumError(ModelError):
+    """Weights on disk do not match the sha256 in their spec."""
+
+
+class OutOfMemoryError(ModelError):
+    """The device ran out of memory; transient for the item (retry smaller or on CPU)."""
+
+    permanent = False
+
+
+# --- storage ---------------------------------------------------------------------------------
+class StorageError(CutoutError):
+    stage = "storage"
+
+
+class TransientStorageError(StorageError):
+    """5xx, SlowDown, timeouts, connection resets: retry with backoff."""
+
+    permanent = False
+
+
+class NotFoundError(StorageError):
+    """The object or file does not exist."""
+
+
+class InputTooLargeError(StorageError):
+    """The object is bigger than the configured byte cap."""
+
+
+class UnsafeKeyError(StorageError):
+    """An output key would escape the destination prefix."""

@@ -1,0 +1,63 @@
+"""Durable records: one ``ItemRecord`` per input, one ``ShardStats`` per finished shard.
+
+Failures are data. A shard's stats file is written last and is its done-marker.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ItemStatus = Literal["done", "failed", "skipped"]
+
+
+class ItemRecord(BaseModel):
+    input_uri: str
+    output_uris: list[str] = Field(default_factory=list)
+    status: ItemStatus
+    stage: str | None = None  # failing stage, when failed
+    error_class: str | None = None
+    error: str | None = None
+    notes: list[str] = Field(default_factory=list)  # fallbacks taken (e.g. "matting-fallback")
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage
+    width: int | None = None
+    height: int | None = None
+    model: str | None = None
+    config_hash: str | None = None
+    shard_id: str | None = None
+    worker: str | None = None
+
+
+class ShardStats(BaseModel):
+    job_id: str
+    shard_id: str
+    counts: dict[str, int]
+    error_classes: dict[str, int] = Field(default_factory=dict)
+    top_errors: dict[str, int] = Field(default_factory=dict)  # capped counter of messages
+    started_at: float
+    finished_at: float
+    worker: str | None = None
+    attempt: int = 1
+
+
+class CappedCounter:
+    """Counts messages but keeps at most ``limit`` distinct keys, so a million errors stay small."""
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self.counts: Counter[str] = Counter()
+        self.other = 0
+
+    def add(self, key: str) -> None:
+        key = key[:300]
+        if key in self.counts or len(self.counts) < self.limit:
+            self.counts[key] += 1
+        else:
+            self.other += 1
+
+    def as_dict(self) -> dict[str, int]:
+        data = dict(self.counts.most_common())
+        if self.other:
+            data["(other messages)"] = self.other
+        return data

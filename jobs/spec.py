@@ -1,0 +1,156 @@
+"""The job contract: pipeline options and job spec, validated once into typed objects.
+
+Both halves import this module: the submitter to build and hash a job, the workers to run it.
+A spec's canonical JSON hash names the job, so submitting the same spec twice resumes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.errors import ConfigError
+
+MattingMethod = Literal["none", "closed-form", "knn"]
+OutputFormat = Literal["png", "webp", "webp-lossy", "jpeg"]
+FORMAT_EXTENSIONS = {"png": ".png", "webp": ".webp", "webp-lossy": ".webp", "jpeg": ".jpg"}
+
+_HEX_COLOR = re.compile(r"^#?([0-9a-fA-F]{6})$")
+
+
+class Background(BaseModel):
+    """What the subject is composited onto; parsed from strings like ``color:#ff0000``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["transparent", "mask", "color", "blur", "image"]
+    color: tuple[int, int, int] | None = None
+    blur_radius: int | None = None
+    image_uri: str | None = None
+
+    @property
+    def opaque(self) -> bool:
+        """True when the result has no alpha channel (JPEG is allowed)."""
+        return self.kind in ("color", "blur", "image")
+
+    @classmethod
+    def parse(cls, text: str) -> "Background":
+        kind, _, arg = text.strip().partition(":")
+        kind = kind.lower()
+        if kind in ("transparent", "rgba") and not arg:
+            return cls(kind="transparent")
+        if kind in ("mask", "alpha") and not arg:
+            return cls(kind="mask")
+        if kind == "color":
+            match = _HEX_COLOR.match(arg)
+            if not match:
+                raise ConfigError(f"background {text!r}: expected color:#RRGGBB")
+            value = match.group(1)
+            rgb = tuple(int(value[i : i + 2], 16) for i in (0, 2, 4))
+            return cls(kind="color", color=rgb)  # type: ignore[arg-type]
+        if kind == "blur":
+            radius = 25
+            if arg:
+                if not arg.isdigit() or not 1 <= int(arg) <= 500:
+                    raise ConfigError(f"background {text!r}: blur radius must be 1..500 px")
+                radius = int(arg)
+            return cls(kind="blur", blur_radius=radius)
+        if kind == "image" and arg:
+            return cls(kind="image", image_uri=arg)
+        raise ConfigError(
+            f"unknown background {text!r}: use transparent, mask, color:#RRGGBB, "
+            "blur[:radius] or image:URI"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "color" and self.color:
+            return "color:#%02x%02x%02x" % self.color
+        if self.kind == "blur":
+            return f"blur:{self.blur_radius}"
+        if self.kind == "image":
+            return f"image:{self.image_uri}"
+        return self.kind
+
+
+class PipelineOptions(BaseModel):
+    """Everything that decides the pixels of an output. Hashable, JSON-stable, frozen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "isnet-general"
+    classes: tuple[str, ...] = ()
+    weights: str | None = None  # local path, file:// or s3:// override of the model's weights
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    seg_size: int | None = Field(None, ge=64, le=4096)  # model input side override
+    trimap_fg: float = Field(0.95, gt=0.0, lt=1.0)
+    trimap_bg: float = Field(0.05, gt=0.0, lt=1.0)
+    trimap_band: float = Field(0.01, ge=0.0, le=0.2)  # band half-width, fraction of long side
+    matting: MattingMethod = "closed-form"
+    matting_max_side: int = Field(640, ge=64, le=8192)  # solve on a downscaled band above this
+    background: str = "transparent"
+    format: OutputFormat = "png"
+    quality: int = Field(90, ge=1, le=100)
+    max_pixels: int = Field(64_000_000, ge=1)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value):
+        if isinstance(value, str):
+            value = [c for c in value.split(",") if c.strip()]
+        return tuple(c.strip().lower() for c in value)
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> "PipelineOptions":
+        background = self.parsed_background()
+        if self.trimap_bg >= self.trimap_fg:
+            raise ConfigError("trimap_bg must be below trimap_fg")
+        if self.format == "jpeg" and not background.opaque:
+            raise ConfigError(
+                f"format jpeg cannot carry transparency (background {self.background!r}); "
+                "use png/webp or an opaque background (color:, blur, image:)"
+            )
+        return self
+
+    def parsed_background(self) -> Background:
+        return Background.parse(self.background)
+
+    @property
+    def extension(self) -> str:
+        return FORMAT_EXTENSIONS[self.format]
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))
+
+
+class JobSpec(BaseModel):
+    """A whole job: inputs, destination, pipeline. Stored at DEST/_cutout/jobs/<job_id>/spec.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sources: tuple[str, ...]
+    destination: str
+    pipeline: PipelineOptions = PipelineOptions()
+    weights_sha256: str | None = None  # resolved at submit time when known
+    shard_size: int = Field(32, ge=1, le=10_000)
+    queue: str = "cutout"
+    suffix: str = ""  # appended to each output stem, e.g. "_cutout"
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, value):
+        if not value:
+            raise ConfigError("a job needs at least one source")
+        return value
+
+    @property
+    def job_id(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))[:16]
+
+
+def stable_hash(data) -> str:
+    """sha256 of canonical JSON: the same settings always give the same name."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
