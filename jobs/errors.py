@@ -95,3 +95,16 @@ class InputTooLargeError(StorageError):
 
 class UnsafeKeyError(StorageError):
     """An output key would escape the destination prefix."""
+
+
+# --- matting / encoding ------------------------------------------------------------------------
+class MattingError(CutoutError):
+    """The matting solver failed; the pipeline falls back to the soft mask and records a note."""
+
+    stage = "matte"
+
+
+class EncodeError(CutoutError):
+    """The array cannot be written in the requested format (e.g. RGBA as JPEG)."""
+
+    stage = "encode"

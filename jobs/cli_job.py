@@ -1,0 +1,260 @@
+"""Job commands: ``cutout submit | status | resume | retry-failed | report | cancel``.
+
+These run on the submitter side: light imports only (no torch, no ``workers``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+from pydantic import ValidationError
+
+from jobs.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    submit = subparsers.add_parser("submit", help="submit a job: SOURCE... --to DEST")
+    submit.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
+    submit.add_argument("--to", dest="destination", required=True, help="destination prefix (file:// or s3://)")
+    submit.add_argument("--model", default="isnet-general")
+    submit.add_argument("--classes", default="", help="comma-separated classes (class-aware models)")
+    submit.add_argument("--weights", default=None, help="override weights (path, file:// or s3://)")
+    submit.add_argument("--matting", default="closed-form", choices=("none", "closed-form", "knn"))
+    submit.add_argument("--background", default="transparent")
+    submit.add_argument("--format", default="png", choices=("png", "webp", "webp-lossy", "jpeg"))
+    submit.add_argument("--quality", type=int, default=90)
+    submit.add_argument("--max-pixels", type=int, default=None)
+    submit.add_argument("--shard-size", type=int, default=32)
+    submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
+    submit.add_argument("--suffix", default="", help="appended to each output's file stem")
+    submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
+    _add_connection_args(submit)
+    submit.set_defaults(func=cmd_submit)
+
+    status = subparsers.add_parser("status", help="live progress of a job")
+    _add_job_args(status)
+    status.add_argument("--watch", action="store_true", help="refresh until the job finishes")
+    status.add_argument("--interval", type=float, default=2.0)
+    status.set_defaults(func=cmd_status)
+
+    resume = subparsers.add_parser("resume", help="re-enqueue every shard that is not done")
+    _add_job_args(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    retry = subparsers.add_parser("retry-failed", help="reprocess failed inputs only")
+    _add_job_args(retry)
+    retry.add_argument("--error-class", default=None, help="only failures of this class, e.g. TransientStorageError")
+    retry.set_defaults(func=cmd_retry_failed)
+
+    report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
+    _add_job_args(report)
+    report.add_argument("--json", action="store_true", help="machine-readable summary")
+    report.add_argument("--manifest-format", default="jsonl", choices=("jsonl", "parquet"))
+    report.set_defaults(func=cmd_report)
+
+    cancel = subparsers.add_parser("cancel", help="stop a job: workers skip its remaining shards")
+    _add_job_args(cancel)
+    cancel.set_defaults(func=cmd_cancel)
+
+
+def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", default=None, help="broker URL (env CUTOUT_BROKER_URL)")
+    parser.add_argument("--redis", default=None, help="live-progress Redis URL (env CUTOUT_REDIS_URL)")
+
+
+def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB", help="job id printed by `cutout submit`")
+    parser.add_argument("--dest", default=None, help="the job's destination (when Redis was lost)")
+    _add_connection_args(parser)
+
+
+# --- submit -------------------------------------------------------------------------------------
+def build_spec(args: argparse.Namespace):
+    from jobs.spec import JobSpec, PipelineOptions
+
+    options = {
+        "model": args.model, "classes": args.classes, "weights": args.weights,
+        "matting": args.matting, "background": args.background, "format": args.format,
+        "quality": args.quality,
+    }
+    if args.max_pixels:
+        options["max_pixels"] = args.max_pixels
+    try:
+        pipeline = PipelineOptions(**options)
+        return JobSpec(
+            sources=tuple(args.sources), destination=args.destination, pipeline=pipeline,
+            weights_sha256=_local_weights_sha256(args.weights), shard_size=args.shard_size,
+            queue=args.queue, suffix=args.suffix,
+        )
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc)) from exc
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
+    )
+
+
+def _local_weights_sha256(weights: str | None) -> str | None:
+    """Pin a local weights file by content, so a changed file makes a new job."""
+    if not weights:
+        return None
+    path = weights[len("file://"):] if weights.startswith("file://") else weights
+    if "://" in path or not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit_job
+
+    spec = build_spec(args)
+    result = submit_job(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
+    print(result.job_id)
+    print(
+        f"{result.items_total} inputs in {result.shards_total} shards: "
+        f"{result.shards_enqueued} enqueued on queue {spec.queue!r}, "
+        f"{result.shards_already_done} already done",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- status -------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs.submit import find_job, live_progress, redis_client
+
+    ref = find_job(args.job, destination=args.dest, redis_url=args.redis)
+    progress = live_progress(redis_client(args.redis), ref.job_id)
+    snapshot = progress.snapshot()
+    if snapshot.shards_total == 0:  # Redis lost or never told: rebuild from the durable records
+        progress.rebuild_from_durable(ref.prefix)
+        snapshot = progress.snapshot()
+    if not args.watch:
+        print(format_snapshot(ref.job_id, snapshot, _error_classes(ref)))
+        return 0
+    return _watch(ref, progress, args.interval)
+
+
+def _error_classes(ref) -> dict[str, int]:
+    """Failure classes from the durable stats (Redis keeps counts by status only)."""
+    from jobs import manifest
+
+    return manifest.summarise(ref.prefix).error_classes
+
+
+def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None) -> str:
+    processed = sum(snap.counts.values())
+    percent = 100.0 * processed / snap.total if snap.total else 0.0
+    eta = f"{snap.eta_s:.0f} s" if snap.eta_s is not None else "?"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(snap.counts.items())) or "nothing yet"
+    lines = [
+        f"job {job_id}{' (cancelled)' if snap.cancelled else ''}: {processed}/{snap.total} inputs "
+        f"({percent:.1f} %), shards {snap.shards_done}/{snap.shards_total}, "
+        f"{snap.in_flight} in flight, {snap.workers_alive} workers alive",
+        f"  {counts}; rate {snap.rate_per_s or 0:.2f}/s; ETA {eta}",
+    ]
+    if errors:
+        top = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+        lines.append("  top errors: " + ", ".join(f"{k} ×{v}" for k, v in top))
+    return "\n".join(lines)
+
+
+def _watch(ref, progress, interval: float) -> int:
+    from tqdm import tqdm
+
+    snap = progress.snapshot()
+    with tqdm(total=snap.total or None, unit="img", desc=ref.job_id) as bar:
+        while True:
+            snap = progress.snapshot()
+            processed = sum(snap.counts.values())
+            bar.total = snap.total or bar.total
+            bar.n = processed
+            bar.set_postfix(
+                failed=snap.counts.get("failed", 0), in_flight=snap.in_flight,
+                workers=snap.workers_alive, eta=f"{snap.eta_s:.0f}s" if snap.eta_s else "?",
+            )
+            bar.refresh()
+            if snap.shards_total and snap.shards_done >= snap.shards_total:
+                break
+            if snap.cancelled:
+                print("job cancelled", file=sys.stderr)
+                return 1
+            time.sleep(interval)
+    print(format_snapshot(ref.job_id, snap, _error_classes(ref)))
+    return 0
+
+
+# --- resume / retry / cancel --------------------------------------------------------------------
+def cmd_resume(args: argparse.Namespace) -> int:
+    from jobs.submit import resume_job
+
+    result = resume_job(args.job, destination=args.dest, broker_url=args.broker, redis_url=args.redis)
+    print(
+        f"job {result.job_id}: {result.shards_enqueued} shards re-enqueued, "
+        f"{result.shards_already_done}/{result.shards_total} already done"
+    )
+    return 0
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from jobs.submit import retry_failed
+
+    result = retry_failed(
+        args.job, error_class=args.error_class, destination=args.dest,
+        broker_url=args.broker, redis_url=args.redis,
+    )
+    print(f"job {result.job_id}: {result.items_to_retry} failed inputs in {result.shards_enqueued} shards re-enqueued")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from jobs.submit import cancel_job
+
+    ref = cancel_job(args.job, destination=args.dest, redis_url=args.redis)
+    print(f"job {ref.job_id} cancelled; `cutout resume {ref.job_id}` starts it again")
+    return 0
+
+
+# --- report -------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.submit import job_report
+
+    report = job_report(args.job, destination=args.dest, redis_url=args.redis,
+                        manifest_format=args.manifest_format)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"job {report['job_id']}: {'complete' if report['complete'] else 'not finished'} "
+        f"({report['shards_done']}/{report['shards_total']} shards)",
+        "  " + ", ".join(f"{k}: {v}" for k, v in sorted(report["counts"].items())),
+        f"  outputs:  {report['destination']}",
+        f"  records:  {report['job_prefix']}",
+    ]
+    if report.get("manifest_uri"):
+        lines.append(f"  manifest: {report['manifest_uri']}")
+    if report["error_classes"]:
+        lines.append("  failures by class:")
+        for name, count in sorted(report["error_classes"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {count:>8}  {name}")
+    if report["top_errors"]:
+        lines.append("  most common messages:")
+        for message, count in list(report["top_errors"].items())[:10]:
+            lines.append(f"    {count:>8}  {message}")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Live progress in Redis: fast to read, allowed to be lost (``rebuild_from_durable`` restores it).
+
+Keys, all ``cutout:job:<job_id>:*`` and expiring after ``CUTOUT_PROGRESS_TTL_S`` (3 days)
+of inactivity:
+  total       hash  items, shards
+  counts      hash  status -> items
+  counted     set   shard ids already added to counts (a redelivered shard adds nothing)
+  started     hash  shard id -> "worker time" for shards being worked on
+  completions list  "time items" of the latest finished shards (for the rate)
+  workers     zset  worker -> last heartbeat time
+  cancel      flag
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+TTL_S = int(os.environ.get("CUTOUT_PROGRESS_TTL_S", str(3 * 24 * 3600)))
+WORKER_ALIVE_S = float(os.environ.get("CUTOUT_WORKER_ALIVE_S", "60"))
+RATE_WINDOW = 200  # completions kept for the rate
+RATE_WINDOW_S = 600.0  # and only those younger than this
+
+# Count a finished shard once: SADD tells whether it was new, and only then are counts added.
+# KEYS: counted, counts, completions, started  ARGV: shard, now, ttl, n_items, window, status, n, ...
+_FINISH_SCRIPT = """
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 then
+  for i = 6, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('LPUSH', KEYS[3], ARGV[2] .. ' ' .. ARGV[4])
+    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+  end
+end
+redis.call('HDEL', KEYS[4], ARGV[1])
+for i = 1, 4 do
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+return added
+"""
+
+
+@dataclass
+class ProgressSnapshot:
+    total: int  # inputs in the job (0 until submit has set it)
+    counts: dict[str, int] = field(default_factory=dict)
+    shards_done: int = 0
+    shards_total: int = 0
+    in_flight: int = 0
+    workers_alive: int = 0
+    rate_per_s: float = 0.0  # inputs per second over the recent window
+    eta_s: float | None = None
+    cancelled: bool = False
+
+    @property
+    def processed(self) -> int:
+        return sum(self.counts.values())
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LiveProgress:
+    def __init__(self, redis_client, job_id: str, *, ttl_s: int = TTL_S):
+        self.redis = redis_client
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self._finish = redis_client.register_script(_FINISH_SCRIPT)
+
+    def key(self, name: str) -> str:
+        return f"cutout:job:{self.job_id}:{name}"
+
+    # --- writers ----------------------------------------------------------------------------------
+    def set_total(self, n_items: int, n_shards: int) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key("total"), mapping={"items": n_items, "shards": n_shards})
+        pipe.expire(self.key("total"), self.ttl_s)
+        pipe.execute()
+
+    def shard_started(self, shard_id: str, worker: str | None = None) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key("started"), shard_id, f"{worker or '?'} {time.time():.3f}")
+        pipe.expire(self.key("started"), self.ttl_s)
+        pipe.execute()
+        if worker:
+            self.heartbeat(worker)
+
+    def shard_finished(self, shard_id: str, counts: dict[str, int]) -> bool:
+        """Add this shard's counts unless it was already counted; True when it was new."""
+        pairs: list = []
+        for status, number in counts.items():
+            pairs += [status, int(number)]
+        keys = [self.key("counted"), self.key("counts"), self.key("completions"), self.key("started")]
+        args = [shard_id, f"{time.time():.3f}", self.ttl_s, sum(counts.values()), RATE_WINDOW, *pairs]
+        return bool(self._finish(keys=keys, args=args))
+
+    def heartbeat(self, worker: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.zadd(self.key("workers"), {worker: time.time()})
+        pipe.zremrangebyscore(self.key("workers"), "-inf", time.time() - self.ttl_s)
+        pipe.expire(self.key("workers"), self.ttl_s)
+        pipe.execute()
+
+    def cancel(self) -> None:
+        self.redis.set(self.key("cancel"), "1", ex=self.ttl_s)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.redis.exists(self.key("cancel")))
+
+    def clear(self) -> None:
+        """Forget everything live about this job (a resubmit starts the live view afresh)."""
+        names = ("total", "counts", "counted", "started", "completions", "workers", "cancel")
+        self.redis.delete(*(self.key(n) for n in names))
+
+    # --- reader -----------------------------------------------------------------------------------
+    def snapshot(self) -> ProgressSnapshot:
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.hgetall(self.key("total"))
+        pipe.hgetall(self.key("counts"))
+        pipe.scard(self.key("counted"))
+        pipe.hlen(self.key("started"))
+        pipe.zcount(self.key("workers"), now - WORKER_ALIVE_S, "+inf")
+        pipe.lrange(self.key("completions"), 0, -1)
+        pipe.exists(self.key("cancel"))
+        total, counts, done, in_flight, alive, completions, cancelled = pipe.execute()
+        total = {_text(k): int(v) for k, v in total.items()}
+        counts = {_text(k): int(v) for k, v in counts.items()}
+        snap = ProgressSnapshot(
+            total=total.get("items", 0), counts=counts, shards_done=int(done),
+            shards_total=total.get("shards", 0), in_flight=int(in_flight),
+            workers_alive=int(alive), cancelled=bool(cancelled),
+        )
+        snap.rate_per_s = _rate([_text(c) for c in completions], now)
+        remaining = snap.total - snap.processed
+        if snap.rate_per_s > 0 and remaining > 0:
+            snap.eta_s = remaining / snap.rate_per_s
+        elif snap.total and remaining <= 0:
+            snap.eta_s = 0.0
+        return snap
+
+    # --- recovery ---------------------------------------------------------------------------------
+    def rebuild_from_durable(self, job_prefix: str) -> int:
+        """After Redis lost its data: count every shard that has a durable stats file.
+
+        Uses the same count-once script as workers, so it is safe while workers are running
+        and when run twice. Returns the number of shards newly counted.
+        """
+        from jobs import manifest
+
+        totals = manifest.load_totals(job_prefix)
+        if totals is not None:
+            self.set_total(*totals)
+        added = 0
+        for stats in manifest.iter_shard_stats(job_prefix):
+            pairs: list = []
+            for status, number in stats.counts.items():
+                pairs += [status, int(number)]
+            keys = [self.key("counted"), self.key("counts"), self.key("completions"), self.key("started")]
+            # completions are not replayed: old finish times would distort the live rate
+            args = [stats.shard_id, f"{stats.finished_at:.3f}", self.ttl_s, 0, RATE_WINDOW, *pairs]
+            if self._finish(keys=keys, args=args):
+                added += 1
+        return added
+
+
+def _rate(completions: list[str], now: float) -> float:
+    """Inputs per second over the recent completions (newest first in the list)."""
+    recent = []
+    for entry in completions:
+        stamp, _, items = entry.partition(" ")
+        if now - float(stamp) <= RATE_WINDOW_S and int(items) > 0:
+            recent.append((float(stamp), int(items)))
+    if len(recent) < 2:
+        return 0.0
+    oldest = min(stamp for stamp, _ in recent)
+    if now <= oldest:
+        return 0.0
+    # items finished after the oldest completion, over the time since it (so a stall decays it)
+    return sum(items for stamp, items in recent if stamp > oldest) / (now - oldest)

@@ -1,0 +1,98 @@
+"""The queue contract shared by the submitter and the workers: broker settings and task names.
+
+The submitter builds a light Celery app from this module and sends tasks *by name*, so it
+never imports ``workers`` (or torch). ``workers.celery_app`` builds the worker's app from the
+same configuration, so both sides always agree on serialisation, queues and timeouts.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from celery import Celery
+
+TASK_PROCESS_SHARD = "cutout.process_shard"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "cutout"
+# Longer than the slowest shard: a message not acked by then is handed to another worker.
+DEFAULT_VISIBILITY_TIMEOUT_S = 3 * 3600
+
+
+def broker_url() -> str:
+    return os.environ.get("CUTOUT_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def redis_url() -> str:
+    """Where live progress lives; the broker's Redis unless told otherwise."""
+    return os.environ.get("CUTOUT_REDIS_URL") or broker_url()
+
+
+def visibility_timeout_s() -> int:
+    return int(os.environ.get("CUTOUT_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S))
+
+
+def transport_options() -> dict:
+    """Redis transport: visibility timeout, and how often workers sweep for abandoned messages.
+
+    kombu sweeps every ``interval × throttle`` seconds (100 s by default); a short visibility
+    timeout (tests) wants a short sweep too: CUTOUT_UNACKED_RESTORE_INTERVAL / _THROTTLE.
+    """
+    options: dict = {"visibility_timeout": visibility_timeout_s()}
+    for env, key in (
+        ("CUTOUT_UNACKED_RESTORE_INTERVAL", "unacked_restore_interval"),
+        ("CUTOUT_UNACKED_RESTORE_THROTTLE", "unacked_restore_throttle"),
+    ):
+        if os.environ.get(env):
+            options[key] = int(os.environ[env])
+    return options
+
+
+def celery_config(broker: str | None = None) -> dict:
+    """One reliability policy for every process that talks to the broker."""
+    return {
+        "broker_url": broker or broker_url(),
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options(),
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,  # the manifest in the destination is the result
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def make_app(broker: str | None = None, *, include: tuple[str, ...] = ()) -> Celery:
+    app = Celery("cutout", include=list(include))
+    app.conf.update(celery_config(broker))
+    return app
+
+
+@lru_cache(maxsize=4)
+def submitter_app(broker: str) -> Celery:
+    """A Celery app that knows no tasks: it only sends them by name."""
+    return make_app(broker)
+
+
+def send_process_shard(
+    app: Celery,
+    job_prefix: str,
+    shard_id: str,
+    *,
+    queue: str,
+    redo_failed: bool = False,
+    error_class: str | None = None,
+    producer=None,
+) -> None:
+    """Enqueue one shard; the message carries references only, never image bytes."""
+    kwargs: dict = {"job_prefix": job_prefix, "shard_id": shard_id}
+    if redo_failed:
+        kwargs["redo_failed"] = True
+        kwargs["error_class"] = error_class
+    app.send_task(TASK_PROCESS_SHARD, kwargs=kwargs, queue=queue, producer=producer)

@@ -1,0 +1,543 @@
+"""Bytes in and out of local paths, ``file://``, ``s3://`` and (read-only) ``http(s)://``.
+
+Everyone else calls only the functions at the top of this module. Errors are typed:
+``NotFoundError`` (missing), ``InputTooLargeError`` (over ``max_bytes``),
+``TransientStorageError`` (5xx, throttling, timeouts, resets; raised only after our own
+retries with exponential backoff and jitter are exhausted) and ``StorageError`` (the rest).
+
+Writes are atomic: a local write goes to a temp file in the same folder and is renamed into
+place; an S3 PUT is atomic by itself (multipart above ``CUTOUT_S3_MULTIPART_THRESHOLD``).
+
+Tuning (environment, read at call time):
+  CUTOUT_STORAGE_RETRIES          attempts per call, default 6
+  CUTOUT_STORAGE_RETRY_MAX_S      total seconds spent retrying one call, default 60
+  CUTOUT_STORAGE_BACKOFF_S        first backoff delay, default 0.25 (doubles, jittered, max 10 s)
+  CUTOUT_STORAGE_CONNECT_TIMEOUT  seconds, default 5
+  CUTOUT_STORAGE_READ_TIMEOUT     seconds, default 60
+  CUTOUT_S3_MULTIPART_THRESHOLD   bytes, default 64 MiB
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import socket
+import tempfile
+import threading
+import time
+import http.client
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+from jobs.errors import (
+    InputTooLargeError,
+    NotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+
+T = TypeVar("T")
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_CHUNK = 1024 * 1024
+
+
+# --- public API ---------------------------------------------------------------------------------
+def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
+    """The whole object; ``InputTooLargeError`` when it is bigger than ``max_bytes``."""
+    kind = _kind(uri)
+    if kind == "local":
+        return _local_read(_local_path(uri), max_bytes)
+    if kind == "s3":
+        bucket, key = _split_s3(uri)
+        return _with_retries(f"read {uri}", lambda: _s3_read(bucket, key, uri, max_bytes))
+    return _with_retries(f"read {uri}", lambda: _http_read(uri, max_bytes))
+
+
+def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> None:
+    """Atomically replace the object at ``uri``; readers never see a partial write."""
+    kind = _kind(uri)
+    if kind == "local":
+        _local_write(_local_path(uri), data)
+    elif kind == "s3":
+        bucket, key = _split_s3(uri)
+        _with_retries(f"write {uri}", lambda: _s3_write(bucket, key, data, content_type))
+    else:
+        raise StorageError(f"cannot write to {uri}: http(s) sources are read-only")
+
+
+def upload_file(local_path: str, uri: str, *, content_type: str | None = None) -> None:
+    """Like ``write_bytes`` but from a local file, so big outputs (manifests) stay off the heap."""
+    kind = _kind(uri)
+    if kind == "local":
+        _local_copy(local_path, _local_path(uri))
+    elif kind == "s3":
+        bucket, key = _split_s3(uri)
+        _with_retries(f"write {uri}", lambda: _s3_upload_file(local_path, bucket, key, content_type))
+    else:
+        raise StorageError(f"cannot write to {uri}: http(s) sources are read-only")
+
+
+def exists(uri: str) -> bool:
+    kind = _kind(uri)
+    if kind == "local":
+        return os.path.exists(_local_path(uri))
+    if kind == "s3":
+        bucket, key = _split_s3(uri)
+        return _with_retries(f"check {uri}", lambda: _s3_exists(bucket, key, uri))
+    return _with_retries(f"check {uri}", lambda: _http_exists(uri))
+
+
+def list_uris(prefix_uri: str) -> Iterator[str]:
+    """Every object under a prefix (recursive), streamed in lexicographic order of the key.
+
+    Local: ``prefix_uri`` is a folder; a missing folder yields nothing (as an empty S3
+    prefix does). URIs come back in the form of the prefix (plain path or ``file://``).
+    """
+    kind = _kind(prefix_uri)
+    if kind == "local":
+        return _local_list(prefix_uri)
+    if kind == "s3":
+        return _s3_list(prefix_uri)
+    raise StorageError(f"cannot list {prefix_uri}: http(s) has no listing")
+
+
+def delete(uri: str) -> None:
+    """Remove an object; deleting something that is not there is not an error (as on S3)."""
+    kind = _kind(uri)
+    if kind == "local":
+        try:
+            os.remove(_local_path(uri))
+        except FileNotFoundError:
+            pass  # idempotent by design, like S3 DeleteObject
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {exc}") from exc
+    elif kind == "s3":
+        bucket, key = _split_s3(uri)
+        _with_retries(f"delete {uri}", lambda: _s3_call(uri, "delete_object", Bucket=bucket, Key=key))
+    else:
+        raise StorageError(f"cannot delete {uri}: http(s) sources are read-only")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``join_uri("s3://b/out/", "a", "x.png") == "s3://b/out/a/x.png"``; empty parts are skipped."""
+    pieces = [p.strip("/") for p in parts if p and p.strip("/")]
+    if not pieces:
+        return base
+    return base.rstrip("/") + "/" + "/".join(pieces) if base.rstrip("/") else "/" + "/".join(pieces)
+
+
+def scheme_of(uri: str) -> str:
+    """``"local"``, ``"s3"`` or ``"http"``; ``StorageError`` for anything else (gs://, ftp://)."""
+    return _kind(uri)
+
+
+# --- retry policy -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    max_total_s: float = 60.0
+    base_delay_s: float = 0.25
+    max_delay_s: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        env = os.environ
+        return cls(
+            attempts=max(1, int(env.get("CUTOUT_STORAGE_RETRIES", cls.attempts))),
+            max_total_s=float(env.get("CUTOUT_STORAGE_RETRY_MAX_S", cls.max_total_s)),
+            base_delay_s=float(env.get("CUTOUT_STORAGE_BACKOFF_S", cls.base_delay_s)),
+        )
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter (half fixed, half random) for retry number ``attempt``."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _with_retries(what: str, call: Callable[[], T]) -> T:
+    """Run ``call``; on ``TransientStorageError`` back off and retry, within attempts and time caps."""
+    policy = RetryPolicy.from_env()
+    started = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except TransientStorageError as exc:
+            elapsed = time.monotonic() - started
+            delay = policy.delay(attempt)
+            if attempt == policy.attempts or elapsed + delay > policy.max_total_s:
+                raise TransientStorageError(
+                    f"{what}: gave up after {attempt} attempt(s) in {elapsed:.1f}s: {exc}"
+                ) from exc
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _connect_timeout() -> float:
+    return float(os.environ.get("CUTOUT_STORAGE_CONNECT_TIMEOUT", "5"))
+
+
+def _read_timeout() -> float:
+    return float(os.environ.get("CUTOUT_STORAGE_READ_TIMEOUT", "60"))
+
+
+# --- URI parsing --------------------------------------------------------------------------------
+def _kind(uri: str) -> str:
+    match = _SCHEME.match(uri)
+    if not match:
+        return "local"
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        return "local"
+    if scheme == "s3":
+        return "s3"
+    if scheme in ("http", "https"):
+        return "http"
+    raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file://, s3:// or http(s)://)")
+
+
+def _local_path(uri: str) -> str:
+    """``file:///a/b`` and ``file://localhost/a/b`` → ``/a/b``; no percent-decoding (paths as written)."""
+    if uri[:7].lower() == "file://":
+        rest = uri[7:]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        if not rest.startswith("/"):
+            raise StorageError(f"file URI must be absolute (file:///path): {uri!r}")
+        return rest
+    return uri
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise StorageError(f"S3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+# --- local files --------------------------------------------------------------------------------
+def _local_read(path: str, max_bytes: int | None) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            if max_bytes is not None:
+                size = os.fstat(handle.fileno()).st_size
+                if size > max_bytes:
+                    raise InputTooLargeError(f"{path} is {size} bytes, over the cap of {max_bytes}")
+                data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise InputTooLargeError(f"{path} grew past the cap of {max_bytes} bytes")
+                return data
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"no such file: {path}") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"{path} is a folder, not a file") from exc
+    except PermissionError as exc:
+        raise StorageError(f"permission denied reading {path}") from exc
+
+
+def _local_write(path: str, data: bytes) -> None:
+    def fill(handle) -> None:
+        handle.write(data)
+
+    _local_atomic(path, fill)
+
+
+def _local_copy(source: str, path: str) -> None:
+    def fill(handle) -> None:
+        with open(source, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                handle.write(chunk)
+
+    _local_atomic(path, fill)
+
+
+def _local_atomic(path: str, fill: Callable) -> None:
+    """Write into a hidden temp file beside ``path``, fsync, then rename over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as exc:
+        _remove_quietly(temp)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+
+
+def _local_list(prefix_uri: str) -> Iterator[str]:
+    root = _local_path(prefix_uri)
+    if not os.path.isdir(root):
+        return
+    shown_root = prefix_uri.rstrip("/")
+    yield from _walk_sorted(root, shown_root)
+
+
+def _walk_sorted(folder: str, shown: str) -> Iterator[str]:
+    """Depth-first walk whose order equals sorting the full paths as strings (like S3 keys).
+
+    Sorting each folder's entries by ``name + "/"`` for folders makes ``a.txt`` come before
+    ``a/x`` and ``a-b/x`` before ``a/x``, exactly as a flat string sort would.
+    """
+    try:
+        with os.scandir(folder) as it:
+            entries = [(e.name + "/" if e.is_dir() else e.name, e.name, e.is_dir()) for e in it]
+    except OSError as exc:
+        raise StorageError(f"cannot list {folder}: {exc}") from exc
+    for _, name, is_dir in sorted(entries):
+        if is_dir:
+            yield from _walk_sorted(os.path.join(folder, name), f"{shown}/{name}")
+        else:
+            yield f"{shown}/{name}"
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+_TRANSIENT_CODES = {
+    "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottled", "RequestLimitExceeded", "TooManyRequestsException",
+    "ProvisionedThroughputExceededException", "InternalError", "ServiceUnavailable",
+    "BandwidthLimitExceeded", "EC2ThrottledException", "PriorRequestNotComplete",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
+
+_CLIENT_LOCK = threading.Lock()
+_CLIENTS: dict[tuple, object] = {}
+
+
+def s3_client():
+    """One boto3 client per process (and endpoint): made lazily, made again after a fork.
+
+    Endpoint and credentials come from boto3's standard chain, including ``AWS_ENDPOINT_URL``
+    (boto3 >= 1.28 reads it natively). botocore's own retries are off: ``_with_retries`` owns
+    the policy, so attempts and total time are capped in one place.
+    """
+    key = (
+        os.getpid(),
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+    )
+    client = _CLIENTS.get(key)
+    if client is not None:
+        return client
+    with _CLIENT_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                connect_timeout=_connect_timeout(),
+                read_timeout=_read_timeout(),
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                max_pool_connections=32,
+            )
+            stale = [k for k in _CLIENTS if k[0] != os.getpid()]
+            for k in stale:  # clients inherited through fork must not be reused
+                del _CLIENTS[k]
+            client = boto3.session.Session().client("s3", config=config)
+            _CLIENTS[key] = client
+    return client
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    """Map a botocore exception to our typed errors."""
+    from botocore import exceptions as bexc
+
+    if isinstance(exc, bexc.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = f"{uri}: {code or status} {error.get('Message', '')}".strip()
+        if code in _NOT_FOUND_CODES or status == 404:
+            return NotFoundError(f"not found: {message}")
+        if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+            return TransientStorageError(message)
+        return StorageError(message)
+    transient = (
+        bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
+        bexc.ConnectTimeoutError, bexc.ConnectionError, bexc.IncompleteReadError,
+        bexc.ResponseStreamingError, bexc.HTTPClientError,
+    )
+    if isinstance(exc, transient):
+        return TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def _s3_call(uri: str, method: str, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return getattr(s3_client(), method)(**kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from exc
+
+
+def _s3_read(bucket: str, key: str, uri: str, max_bytes: int | None) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    response = _s3_call(uri, "get_object", Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        size = response.get("ContentLength")
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise InputTooLargeError(f"{uri} is {size} bytes, over the cap of {max_bytes}")
+        data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InputTooLargeError(f"{uri} is over the cap of {max_bytes} bytes")
+        return data
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from exc
+    except (OSError, http.client.HTTPException) as exc:  # reset mid-body
+        raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        body.close()
+
+
+def multipart_threshold() -> int:
+    return int(os.environ.get("CUTOUT_S3_MULTIPART_THRESHOLD", str(64 * 1024 * 1024)))
+
+
+def _s3_write(bucket: str, key: str, data: bytes, content_type: str | None) -> None:
+    uri = f"s3://{bucket}/{key}"
+    extra = {"ContentType": content_type} if content_type else {}
+    if len(data) < multipart_threshold():
+        _s3_call(uri, "put_object", Bucket=bucket, Key=key, Body=data, **extra)
+        return
+    _s3_multipart(uri, io.BytesIO(data), bucket, key, extra)
+
+
+def _s3_upload_file(local_path: str, bucket: str, key: str, content_type: str | None) -> None:
+    uri = f"s3://{bucket}/{key}"
+    extra = {"ContentType": content_type} if content_type else {}
+    try:
+        with open(local_path, "rb") as handle:
+            _s3_multipart(uri, handle, bucket, key, extra)
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"no such file: {local_path}") from exc
+
+
+def _s3_multipart(uri: str, fileobj, bucket: str, key: str, extra: dict) -> None:
+    """boto3's managed transfer: multipart above the threshold (parts >= 5 MiB), one PUT below."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import S3UploadFailedError
+
+    threshold = multipart_threshold()
+    config = TransferConfig(
+        multipart_threshold=threshold,
+        multipart_chunksize=max(threshold, 5 * 1024 * 1024),
+        max_concurrency=4,
+    )
+    try:
+        s3_client().upload_fileobj(fileobj, bucket, key, ExtraArgs=extra or None, Config=config)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from exc
+    except S3UploadFailedError as exc:  # wraps the ClientError of a failed part as text
+        text = str(exc)
+        if any(code in text for code in _TRANSIENT_CODES) or re.search(r"\b5\d\d\b", text):
+            raise TransientStorageError(f"{uri}: {text}") from exc
+        raise StorageError(f"{uri}: {text}") from exc
+
+
+def _s3_exists(bucket: str, key: str, uri: str) -> bool:
+    try:
+        _s3_call(uri, "head_object", Bucket=bucket, Key=key)
+    except NotFoundError:
+        return False
+    return True
+
+
+def _s3_list(prefix_uri: str) -> Iterator[str]:
+    """One page (<= 1000 keys) in memory at a time; each page call has its own retries."""
+    bucket, prefix = _split_s3(prefix_uri)
+    token = None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = _with_retries(f"list {prefix_uri}", lambda: _s3_call(prefix_uri, "list_objects_v2", **kwargs))
+        for entry in page.get("Contents", ()):
+            if not entry["Key"].endswith("/"):  # folder markers made by consoles
+                yield f"s3://{bucket}/{entry['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+# --- HTTP(S), read-only -------------------------------------------------------------------------
+_USER_AGENT = "cutout/0.1 (+https://github.com/)"
+
+
+def _http_open(uri: str, method: str = "GET"):
+    request = urllib.request.Request(uri, method=method, headers={"User-Agent": _USER_AGENT})
+    try:
+        # urllib has one timeout for connect and for each socket read; use the connect one to
+        # open, then widen it to the read timeout for the body.
+        response = urllib.request.urlopen(request, timeout=_connect_timeout())
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in (404, 410):
+            raise NotFoundError(f"not found: {uri} (HTTP {exc.code})") from exc
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise TransientStorageError(f"{uri}: HTTP {exc.code}") from exc
+        raise StorageError(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    _set_socket_timeout(response, _read_timeout())
+    return response
+
+
+def _set_socket_timeout(response, seconds: float) -> None:
+    sock = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(sock, "_sock", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
+def _http_read(uri: str, max_bytes: int | None) -> bytes:
+    response = _http_open(uri)
+    deadline = time.monotonic() + _read_timeout() * 4  # a trickling server cannot hold us forever
+    with response:
+        length = response.headers.get("Content-Length")
+        if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
+            raise InputTooLargeError(f"{uri} is {length} bytes, over the cap of {max_bytes}")
+        chunks, total = [], 0
+        try:
+            while chunk := response.read(_CHUNK):
+                chunks.append(chunk)
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise InputTooLargeError(f"{uri} is over the cap of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TransientStorageError(f"{uri}: body took longer than {_read_timeout() * 4:.0f}s")
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    return b"".join(chunks)
+
+
+def _http_exists(uri: str) -> bool:
+    try:
+        with _http_open(uri, method="HEAD"):
+            return True
+    except NotFoundError:
+        return False

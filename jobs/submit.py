@@ -1,0 +1,284 @@
+"""Submitting, resuming, retrying and cancelling jobs. Never imports torch or ``workers``.
+
+Everything durable lives in the destination (spec, shard files, records, stats); Redis holds
+only the queue, live progress and a job-id → destination index. So every operation here can
+start again from the destination alone: that is what ``resume --dest`` does after Redis is lost.
+
+Submitting streams: sources → shards → shard files → task messages, one shard at a time, so
+memory does not grow with the number of inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from jobs import manifest, sharding, storage
+from jobs.errors import ConfigError, NotFoundError
+from jobs.queue import broker_url as default_broker_url
+from jobs.queue import redis_url as default_redis_url
+from jobs.queue import send_process_shard, submitter_app
+from jobs.records import ShardStats
+from jobs.sources import iter_source_items
+from jobs.spec import JobSpec
+
+JOB_INDEX_KEY = "cutout:job-destinations"  # hash: job id → destination
+PROGRESS_EVERY_SHARDS = 200
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    job_prefix: str
+    shards_total: int
+    shards_enqueued: int
+    shards_already_done: int
+    items_total: int
+
+
+@dataclass
+class JobRef:
+    """Where a job's durable records are; found from Redis, or from ``--dest`` when Redis is lost."""
+
+    job_id: str
+    destination: str
+
+    @property
+    def prefix(self) -> str:
+        return sharding.job_prefix(self.destination, self.job_id)
+
+
+# --- Redis helpers ------------------------------------------------------------------------------
+def redis_client(url: str | None = None) -> redis.Redis:
+    return redis.Redis.from_url(url or default_redis_url())
+
+
+def live_progress(client: redis.Redis, job_id: str):
+    from jobs.progress import LiveProgress
+
+    return LiveProgress(client, job_id)
+
+
+def find_job(job_id: str, *, destination: str | None = None, redis_url: str | None = None) -> JobRef:
+    """A job by id: ``destination`` wins; otherwise the Redis index written at submit time."""
+    if destination:
+        return JobRef(job_id, destination)
+    stored = redis_client(redis_url).hget(JOB_INDEX_KEY, job_id)
+    if stored is None:
+        raise NotFoundError(
+            f"job {job_id} is not known to Redis ({redis_url or default_redis_url()}); "
+            "pass --dest DEST (the job's destination) to use its durable records"
+        )
+    return JobRef(job_id, stored.decode())
+
+
+# --- submit / resume ----------------------------------------------------------------------------
+def submit_job(
+    spec: JobSpec,
+    *,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+    all_files: bool = False,
+) -> SubmitResult:
+    """Save the spec, cut the sources into shards and enqueue every shard not done yet.
+
+    The job id is the spec's hash, so submitting the same spec again resumes: shards with a
+    done-marker are skipped and shard files already written are reused, never rewritten.
+    """
+    job_id = spec.job_id
+    prefix = sharding.job_prefix(spec.destination, job_id)
+    client = redis_client(redis_url)
+    progress = live_progress(client, job_id)
+    _save_spec_once(prefix, spec)
+    client.hset(JOB_INDEX_KEY, job_id, spec.destination)
+    totals = manifest.load_totals(prefix)  # present once every shard file was written
+    if totals is not None:
+        return _enqueue_missing(spec, prefix, totals, broker_url, progress)
+    return _stream_and_enqueue(spec, prefix, broker_url, progress, all_files)
+
+
+def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> SubmitResult:
+    done = set(manifest.done_shard_ids(prefix))
+    written = set(manifest.all_shard_ids(prefix))
+    app = submitter_app(broker_url or default_broker_url())
+    shards_total = items_total = enqueued = already_done = 0
+    shards = sharding.iter_shards(
+        iter_source_items(spec.sources, all_files=all_files),
+        destination=spec.destination,
+        extension=spec.pipeline.extension,
+        suffix=spec.suffix,
+        shard_size=spec.shard_size,
+    )
+    with app.producer_or_acquire() as producer:
+        for shard in shards:
+            shards_total += 1
+            items_total += len(shard.items)
+            if shard.shard_id in done:
+                already_done += 1
+                continue
+            if shard.shard_id not in written:
+                sharding.write_shard(prefix, shard)
+            send_process_shard(app, prefix, shard.shard_id, queue=spec.queue, producer=producer)
+            enqueued += 1
+            if shards_total % PROGRESS_EVERY_SHARDS == 0:
+                progress.set_total(items_total, shards_total)
+    if shards_total == 0:
+        raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
+    manifest.save_totals(prefix, items_total, shards_total)
+    progress.set_total(items_total, shards_total)
+    if done:
+        progress.rebuild_from_durable(prefix)
+    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total)
+
+
+def _enqueue_missing(spec, prefix, totals, broker_url, progress) -> SubmitResult:
+    """Every shard file exists already: enqueue those without a done-marker (no re-listing).
+
+    A job is a snapshot of its sources at first submit: objects added later need a new job.
+    """
+    items_total, shards_total = totals
+    done = manifest.done_shard_ids(prefix)
+    progress.rebuild_from_durable(prefix)
+    app = submitter_app(broker_url or default_broker_url())
+    enqueued = 0
+    with app.producer_or_acquire() as producer:
+        for shard_id in manifest.all_shard_ids(prefix):
+            if shard_id in done:
+                continue
+            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+            enqueued += 1
+    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, len(done), items_total)
+
+
+def resume_job(
+    job_id: str,
+    *,
+    destination: str | None = None,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+) -> SubmitResult:
+    """Re-enqueue every shard without a done-marker, from the durable records alone.
+
+    Works after Redis was flushed: the spec, shard files and stats live in the destination, and
+    live progress is rebuilt from them. A cancelled job is un-cancelled.
+    """
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    spec = load_job_spec(ref)
+    progress = live_progress(redis_client(redis_url), job_id)
+    _uncancel(progress)
+    return submit_job(spec, broker_url=broker_url, redis_url=redis_url)
+
+
+def load_job_spec(ref: JobRef) -> JobSpec:
+    try:
+        spec = manifest.load_spec(ref.prefix)
+    except NotFoundError as exc:
+        raise NotFoundError(f"no job {ref.job_id} under {ref.destination}: {exc}") from exc
+    if spec.job_id != ref.job_id:
+        raise ConfigError(f"spec under {ref.prefix} names job {spec.job_id}, not {ref.job_id}")
+    return spec
+
+
+# --- retry failed items -------------------------------------------------------------------------
+@dataclass
+class RetryResult:
+    job_id: str
+    shards_enqueued: int
+    items_to_retry: int
+
+
+def retry_failed(
+    job_id: str,
+    *,
+    error_class: str | None = None,
+    destination: str | None = None,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+) -> RetryResult:
+    """Reprocess only the failed inputs (optionally of one error class) in their own shards.
+
+    Each affected shard loses its done-marker and is re-enqueued with ``redo_failed``: the worker
+    keeps the shard's good records and redoes the failed ones, so the manifest still lists each
+    input exactly once, with its latest status.
+    """
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    spec = load_job_spec(ref)
+    client = redis_client(redis_url)
+    progress = live_progress(client, job_id)
+    app = submitter_app(broker_url or default_broker_url())
+    shards = items = 0
+    with app.producer_or_acquire() as producer:
+        for stats in manifest.iter_shard_stats(ref.prefix):
+            wanted = _failures_matching(stats, error_class)
+            if not wanted:
+                continue
+            storage.delete(stats_uri(ref.prefix, stats.shard_id))  # the shard is not done again
+            send_process_shard(
+                app, ref.prefix, stats.shard_id, queue=spec.queue, redo_failed=True,
+                error_class=error_class, producer=producer,
+            )
+            shards += 1
+            items += wanted
+    if shards:  # recount live progress without the shards being redone (counted once each)
+        progress.clear()
+        progress.rebuild_from_durable(ref.prefix)
+    return RetryResult(job_id, shards, items)
+
+
+def _failures_matching(stats: ShardStats, error_class: str | None) -> int:
+    if error_class is None:
+        return stats.counts.get("failed", 0)
+    return stats.error_classes.get(error_class, 0)
+
+
+def stats_uri(prefix: str, shard_id: str) -> str:
+    return storage.join_uri(prefix, "stats", f"{shard_id}.json")
+
+
+# --- cancel -------------------------------------------------------------------------------------
+def cancel_job(job_id: str, *, destination: str | None = None, redis_url: str | None = None) -> JobRef:
+    """Workers skip the job's remaining shards; `resume` starts it again."""
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    live_progress(redis_client(redis_url), job_id).cancel()
+    return ref
+
+
+def _uncancel(progress) -> None:
+    progress.redis.delete(progress.key("cancel"))
+
+
+def _save_spec_once(prefix: str, spec: JobSpec) -> None:
+    """The spec is named by its hash, so an existing one is the same: never rewrite it."""
+    try:
+        manifest.load_spec(prefix)
+    except NotFoundError:
+        manifest.save_spec(prefix, spec)
+
+
+# --- report -------------------------------------------------------------------------------------
+def job_report(
+    job_id: str,
+    *,
+    destination: str | None = None,
+    redis_url: str | None = None,
+    manifest_format: str = "jsonl",
+) -> dict:
+    """Totals from the durable stats files; assembles the manifest once every shard is done."""
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    load_job_spec(ref)
+    summary = manifest.summarise(ref.prefix)
+    complete = summary.complete and manifest.load_totals(ref.prefix) is not None
+    manifest_uri = manifest.assemble_manifest(ref.prefix, fmt=manifest_format) if complete else None
+    return {
+        "job_id": job_id,
+        "destination": ref.destination,
+        "job_prefix": ref.prefix,
+        "complete": complete,
+        "shards_done": summary.shards_done,
+        "shards_total": summary.shards_total,
+        "items_total": summary.items_total,
+        "counts": summary.counts,
+        "error_classes": summary.error_classes,
+        "top_errors": summary.top_errors,
+        "manifest_uri": manifest_uri,
+    }

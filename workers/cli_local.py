@@ -1,0 +1,160 @@
+"""``cutout run`` (local files and folders, no queue) and ``cutout eval`` (quality figures).
+
+Light at import: torch and the pipeline load only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``run``, ``eval`` and ``submit``; names match PipelineOptions."""
+    group = parser.add_argument_group("pipeline")
+    group.add_argument("--model", default="isnet-general", help="segmentation model (cutout models list)")
+    group.add_argument("--classes", default="", help="comma-separated class names (PASCAL VOC / COCO)")
+    group.add_argument("--weights", help="weights file: local path, file:// or s3:// URI")
+    group.add_argument("--score-threshold", type=float, default=0.5)
+    group.add_argument("--seg-size", type=int, help="model input side (default: the model's)")
+    group.add_argument("--matting", default="closed-form", choices=["none", "closed-form", "knn"])
+    group.add_argument("--trimap-band", type=float, default=0.01,
+                       help="unknown band half-width as a fraction of the long side")
+    group.add_argument("--background", default="transparent",
+                       help="transparent | mask | color:#RRGGBB | blur[:radius] | image:URI")
+    group.add_argument("--format", default="png", choices=["png", "webp", "webp-lossy", "jpeg"])
+    group.add_argument("--quality", type=int, default=90)
+    group.add_argument("--max-pixels", type=int, default=64_000_000)
+
+
+def options_from_args(args: argparse.Namespace):
+    from jobs.spec import PipelineOptions
+
+    fields = {
+        "model": args.model, "classes": args.classes, "weights": args.weights,
+        "score_threshold": args.score_threshold, "seg_size": args.seg_size,
+        "matting": args.matting, "trimap_band": args.trimap_band,
+        "background": args.background, "format": args.format, "quality": args.quality,
+        "max_pixels": args.max_pixels,
+    }
+    return PipelineOptions(**{k: v for k, v in fields.items() if v is not None})
+
+
+def register(subparsers) -> None:
+    run = subparsers.add_parser("run", help="remove backgrounds from local files and folders")
+    run.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    run.add_argument("--out", required=True, help="output folder (relative paths are mirrored)")
+    run.add_argument("--batch-size", type=int, default=4)
+    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    run.add_argument("--no-progress", action="store_true")
+    add_pipeline_arguments(run)
+    run.set_defaults(func=run_command)
+
+    evaluate = subparsers.add_parser("eval", help="quality and speed on ../shared/testdata")
+    evaluate.add_argument("--data", help="test data folder (default $CUTOUT_EVAL_DATA or ../shared/testdata)")
+    evaluate.add_argument("--out", default="eval-output")
+    evaluate.add_argument("--limit", type=int, help="only the first N photos of each set")
+    evaluate.add_argument("--skip-matting-only", action="store_true")
+    evaluate.add_argument("--skip-segmentation", action="store_true")
+    add_pipeline_arguments(evaluate)
+    evaluate.set_defaults(func=eval_command)
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from jobs.errors import CutoutError
+    from jobs.records import ItemRecord
+    from jobs.sharding import output_uri
+    from jobs.sources import iter_source_items
+    from jobs.storage import read_bytes, write_bytes
+    from workers.pipeline import Pipeline
+
+    options = options_from_args(args)
+    pipeline = Pipeline(options, device=args.device)
+    items = list(iter_source_items(args.inputs))
+    out_dir = Path(args.out).resolve()
+    records: list[ItemRecord] = []
+    failures: Counter[str] = Counter()
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="img", disable=args.no_progress, file=sys.stderr)
+    for batch in _batches(items, max(1, args.batch_size)):
+        loaded, records_batch = [], []
+        for item in batch:
+            try:
+                loaded.append((item, read_bytes(item.uri, max_bytes=512 * 1024 * 1024)))
+            except CutoutError as exc:
+                records_batch.append(_failed_record(item.uri, exc))
+        outcomes = pipeline.process_batch([(item.uri, data) for item, data in loaded])
+        for (item, _), outcome in zip(loaded, outcomes):
+            if outcome.ok:
+                target = output_uri(str(out_dir), item.rel_key, options.extension)
+                write_bytes(target, outcome.data)
+                records_batch.append(ItemRecord(
+                    input_uri=item.uri, output_uris=[target], status="done", notes=outcome.notes,
+                    timings=outcome.timings, width=outcome.width, height=outcome.height,
+                    model=options.model, config_hash=options.config_hash()))
+            else:
+                records_batch.append(_failed_record(item.uri, outcome.error, outcome.timings))
+        for record in records_batch:
+            if record.status == "failed":
+                failures[record.error_class or "Error"] += 1
+                tqdm.write(f"failed: {record.input_uri}: {record.error_class}: {record.error}",
+                           file=sys.stderr)
+        records.extend(records_batch)
+        bar.update(len(batch))
+    bar.close()
+    _write_run_manifest(out_dir, records)
+    _print_run_summary(records, failures, time.perf_counter() - start, out_dir)
+    return PARTIAL_FAILURE_EXIT if failures else 0
+
+
+def _failed_record(uri: str, error, timings=None):
+    from jobs.records import ItemRecord
+
+    return ItemRecord(input_uri=uri, status="failed", stage=error.stage,
+                      error_class=error.error_class, error=str(error), timings=timings or {})
+
+
+def _write_run_manifest(out_dir: Path, records) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "_cutout_run.jsonl", "w") as handle:
+        for record in records:
+            handle.write(record.model_dump_json() + "\n")
+
+
+def _print_run_summary(records, failures: Counter, seconds: float, out_dir: Path) -> None:
+    done = sum(1 for r in records if r.status == "done")
+    print(f"processed {done}, failed {len(records) - done} of {len(records)} "
+          f"in {seconds:.1f} s -> {out_dir}")
+    for error_class, count in failures.most_common():
+        print(f"  {count:6d}  {error_class}")
+    print(f"per-item records: {out_dir / '_cutout_run.jsonl'}")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from workers.evaluate import DEFAULT_DATA, run_eval
+
+    options = options_from_args(args)
+    report = run_eval(options, Path(args.data or DEFAULT_DATA), Path(args.out), limit=args.limit,
+                      skip_matting_only=args.skip_matting_only,
+                      skip_segmentation=args.skip_segmentation)
+    print(json.dumps({k: report["end_to_end"][k] for k in ("mask", "full",
+                      "seconds_per_image_median")}, default=float))
+    return 0

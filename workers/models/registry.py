@@ -1,0 +1,164 @@
+"""The model registry: every segmentation model is a ``ModelSpec`` registered by name.
+
+One module per model family registers its specs with ``@register_model``; this module imports
+those family modules itself (``_FAMILY_MODULES``), so ``list_models()`` never depends on what a
+caller happened to import first. Nothing here imports torch: ``cutout models list`` stays light,
+and each spec's ``builder`` imports the heavy libraries only when a model is actually built.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from jobs.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from pathlib import Path
+
+    from jobs.spec import PipelineOptions
+    from workers.segment import Segmenter
+
+_FAMILY_MODULES = (
+    "workers.models.isnet",
+    "workers.models.torchvision_semantic",
+    "workers.models.maskrcnn",
+    "workers.models.classical",
+)
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A weights file and everything needed to use it: where to get it, how to check it, how to
+    feed it (input size, normalisation), what it predicts (categories) and under which licence.
+
+    ``sha256`` is the full hex digest when we know it, or the leading hex digits that
+    torchvision puts in its file names (torch.hub's ``check_hash`` convention); verification
+    accepts a file whose digest starts with it. ``sources`` are URLs or ``npm:PACKAGE@VERSION#KEY``
+    specs (KEY: the entry of the package's ``dist/resources.json`` to reassemble).
+    """
+
+    filename: str
+    sources: tuple[str, ...]
+    sha256: str
+    licence: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size_bytes: int | None = None
+    categories: tuple[str, ...] = ()
+    notes: str = ""
+
+    @property
+    def sha256_is_full(self) -> bool:
+        return len(self.sha256) == 64
+
+    def matches_digest(self, hexdigest: str) -> bool:
+        return hexdigest.lower().startswith(self.sha256.lower())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its family, weights (None for classical methods) and how to build it.
+
+    ``builder(spec, options, device)`` returns a ``workers.segment.Segmenter``.
+    ``default_classes`` is what an empty ``options.classes`` means for models that take classes.
+    """
+
+    name: str
+    family: str
+    description: str
+    builder: Callable[["ModelSpec", "PipelineOptions", str], "Segmenter"] = field(repr=False)
+    weights: WeightsSpec | None = None
+    input_size: int | None = None
+    takes_classes: bool = False
+    default_classes: tuple[str, ...] = ()
+
+    @property
+    def fetch_command(self) -> str:
+        return f"cutout models fetch {self.name}"
+
+
+_REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
+_SPECS: dict[str, ModelSpec] = {}
+_families_loaded = False
+
+
+def register_model(name: str):
+    """Decorator for a zero-argument function returning a ``ModelSpec`` called ``name``.
+
+    The function is called on first lookup (so it may name builders defined further down its
+    module). Registering a name twice raises: two families silently shadowing each other is a bug.
+    """
+
+    def decorator(make_spec: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = make_spec
+        return make_spec
+
+    return decorator
+
+
+def _load_families() -> None:
+    global _families_loaded
+    if _families_loaded:
+        return
+    for module in _FAMILY_MODULES:
+        importlib.import_module(module)
+    _families_loaded = True
+
+
+def list_models() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    _load_families()
+    if name not in _SPECS:
+        if name not in _REGISTRY:
+            known = ", ".join(sorted(_REGISTRY))
+            raise ConfigError(f"unknown model {name!r}; known models: {known}")
+        spec = _REGISTRY[name]()
+        if spec.name != name:
+            raise ValueError(f"register_model({name!r}) got a spec named {spec.name!r}")
+        _SPECS[name] = spec
+    return _SPECS[name]
+
+
+def resolve_classes(spec: ModelSpec, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The class names a model will keep: ``classes`` or the spec's default, validated."""
+    if not spec.takes_classes:
+        if classes:
+            raise ConfigError(f"model {spec.name!r} does not take classes (got {list(classes)})")
+        return ()
+    chosen = tuple(classes) or spec.default_classes
+    valid = [c for c in (spec.weights.categories if spec.weights else ()) if _selectable(c)]
+    unknown = [c for c in chosen if c not in valid]
+    if unknown:
+        raise ConfigError(
+            f"model {spec.name!r} has no class {', '.join(map(repr, unknown))}; "
+            f"valid classes: {', '.join(valid)}"
+        )
+    return chosen
+
+
+def _selectable(category: str) -> bool:
+    return category not in ("__background__", "N/A")
+
+
+def build_segmenter(options: "PipelineOptions", device: str | None = None) -> "Segmenter":
+    """Build (not cache: see ``workers.segment.get_segmenter``) the segmenter ``options`` names."""
+    from workers.segment import default_device
+
+    spec = get_model_spec(options.model)
+    resolve_classes(spec, options.classes)
+    return spec.builder(spec, options, device or default_device())
+
+
+def is_hex_digest(text: str) -> bool:
+    return bool(_HEX.match(text))

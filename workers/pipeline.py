@@ -1,0 +1,307 @@
+"""The whole image pipeline as plain code: decode → segment → trimap → matte → foreground →
+composite → encode. Workers, ``cutout run`` and the Python API all call this module.
+
+``Pipeline`` holds the options and the (lazily loaded) segmenter; ``process_batch`` turns raw
+bytes into encoded outputs and never lets one bad image fail its neighbours.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from jobs.errors import CutoutError, OutOfMemoryError
+from jobs.spec import PipelineOptions
+
+
+@dataclass
+class CutoutResult:
+    """Everything one image produced, for callers that want arrays rather than bytes."""
+
+    image: np.ndarray  # composited uint8: HxWx4, HxWx3 or HxW (mask)
+    alpha: np.ndarray  # float32 HxW, final alpha
+    mask: np.ndarray  # float32 HxW, the model's soft mask
+    trimap: np.ndarray | None  # uint8 HxW, None when matting is "none"
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ItemOutcome:
+    """One input's fate in ``process_batch``: encoded bytes or a typed error."""
+
+    ok: bool
+    data: bytes | None = None
+    extension: str = ""
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    width: int | None = None
+    height: int | None = None
+    error: CutoutError | None = None
+
+
+class _Timer:
+    """Accumulates seconds per stage into a dict."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                elapsed = time.perf_counter() - self.start
+                timer.timings[stage] = timer.timings.get(stage, 0.0) + elapsed
+
+        return _Span()
+
+
+def _as_error(exc: Exception, stage: str) -> CutoutError:
+    """Wrap an unexpected exception so that it becomes a record, not a crash."""
+    if isinstance(exc, CutoutError):
+        return exc
+    error = CutoutError(f"{type(exc).__name__}: {exc}", stage=stage)
+    error.permanent = True
+    return error
+
+
+class Pipeline:
+    """Runs the pipeline for one set of options; loads the model once, on first use."""
+
+    def __init__(
+        self,
+        options: PipelineOptions | None = None,
+        *,
+        device: str | None = None,
+        read_uri: Callable[[str], bytes] | None = None,
+    ):
+        self.options = options or PipelineOptions()
+        self.device = device
+        self.background = self.options.parsed_background()
+        self._read_uri = read_uri
+        self._background_image: np.ndarray | None = None
+
+    # --- stages ------------------------------------------------------------------------------
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Soft masks for a batch; on device OOM retry one by one, smaller, then on CPU."""
+        from workers.segment import get_segmenter
+
+        try:
+            return get_segmenter(self.options, device=self.device).predict(images)
+        except OutOfMemoryError:
+            if len(images) > 1:
+                return [self.segment([image])[0] for image in images]
+            return [self._segment_after_oom(images[0])]
+
+    def _segment_after_oom(self, image: np.ndarray) -> np.ndarray:
+        from workers.segment import get_segmenter
+
+        spec_size = self.options.seg_size or 1024
+        smaller = self.options.model_copy(update={"seg_size": max(256, spec_size // 2)})
+        try:
+            return get_segmenter(smaller, device=self.device).predict([image])[0]
+        except OutOfMemoryError:
+            return get_segmenter(smaller, device="cpu").predict([image])[0]
+
+    def _background_array(self) -> np.ndarray | None:
+        if self.background.kind != "image":
+            return None
+        if self._background_image is None:
+            from workers.decode import decode_image
+
+            read = self._read_uri or _default_reader()
+            data = read(self.background.image_uri or "")
+            self._background_image = decode_image(data, name="background image").rgb
+        return self._background_image
+
+    def finish(
+        self, rgb: np.ndarray, mask: np.ndarray, input_alpha: np.ndarray | None = None,
+        trimap: np.ndarray | None = None,
+    ) -> CutoutResult:
+        """Trimap → matte → foreground → composite for one image whose mask is known."""
+        from workers.composite import composite
+        from workers.foreground import estimate_foreground
+        from workers.matte import estimate_alpha
+        from workers.trimap import make_trimap
+
+        opts = self.options
+        notes: list[str] = []
+        timings: dict[str, float] = {}
+        timed = _Timer(timings)
+        alpha = mask
+        if opts.matting != "none" or trimap is not None:
+            with timed("trimap"):
+                if trimap is None:
+                    trimap = make_trimap(
+                        mask, fg_threshold=opts.trimap_fg, bg_threshold=opts.trimap_bg,
+                        band=opts.trimap_band,
+                    )
+            with timed("matte"):
+                alpha = self._matte(rgb, trimap, mask, notes)
+        foreground = None
+        if self.background.kind != "mask":
+            with timed("foreground"):
+                foreground = estimate_foreground(rgb, alpha)
+        if input_alpha is not None:
+            alpha = alpha * (input_alpha.astype(np.float32) / 255.0)
+            notes.append("input-alpha-applied")
+        with timed("composite"):
+            image = composite(
+                rgb, alpha, self.background, foreground=foreground,
+                background_image=self._background_array(),
+            )
+        return CutoutResult(image, alpha, mask, trimap, notes, timings)
+
+    def _matte(self, rgb, trimap, mask, notes: list[str]) -> np.ndarray:
+        from jobs.errors import CutoutError as _Err
+        from workers.matte import estimate_alpha
+
+        method = self.options.matting if self.options.matting != "none" else "closed-form"
+        try:
+            return estimate_alpha(
+                rgb, trimap, method=method, max_side=self.options.matting_max_side, mask=mask
+            ).alpha
+        except _Err as exc:  # a matting failure degrades to the mask, loudly
+            notes.append(f"matting-fallback: {exc}")
+            return mask
+
+    # --- batch entry points ------------------------------------------------------------------
+    def run_images(self, images: list[np.ndarray]) -> list[CutoutResult]:
+        """Arrays in, results out (uint8 RGB images). Errors propagate: for library callers."""
+        start = time.perf_counter()
+        masks = self.segment(images)
+        per_image = (time.perf_counter() - start) / max(1, len(images))
+        results = []
+        for rgb, mask in zip(images, masks):
+            result = self.finish(rgb, mask)
+            result.timings["segment"] = per_image
+            results.append(result)
+        return results
+
+    def process_batch(self, items: list[tuple[str, bytes]]) -> list[ItemOutcome]:
+        """Bytes in, encoded outputs out; every item gets an outcome, good or bad."""
+        from workers.decode import decode_image
+        from workers.encode import encode_image
+
+        outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
+        decoded = {}
+        for index, (name, data) in enumerate(items):
+            timings = outcomes[index].timings
+            try:
+                with _Timer(timings)("decode"):
+                    image = decode_image(data, max_pixels=self.options.max_pixels, name=name)
+                decoded[index] = image
+                outcomes[index].width, outcomes[index].height = image.rgb.shape[1], image.rgb.shape[0]
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+                outcomes[index].error = _as_error(exc, "decode")
+        masks = self._segment_indexed(decoded, outcomes)
+        for index, mask in masks.items():
+            outcome, image = outcomes[index], decoded[index]
+            try:
+                result = self.finish(image.rgb, mask, input_alpha=image.alpha)
+                outcome.timings.update(result.timings)
+                with _Timer(outcome.timings)("encode"):
+                    outcome.data = encode_image(
+                        result.image, self.options.format, quality=self.options.quality
+                    )
+                outcome.extension = self.options.extension
+                outcome.notes = result.notes
+                outcome.ok = True
+            except Exception as exc:  # noqa: BLE001
+                outcome.error = _as_error(exc, _failing_stage(outcome.timings))
+        return outcomes
+
+    def _segment_indexed(self, decoded: dict, outcomes: list[ItemOutcome]) -> dict:
+        """Segment all decoded images as one batch; if the batch fails, retry one by one."""
+        if not decoded:
+            return {}
+        indices = list(decoded)
+        start = time.perf_counter()
+        try:
+            masks = self.segment([decoded[i].rgb for i in indices])
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            masks = None
+        if masks is not None:
+            per_image = (time.perf_counter() - start) / len(indices)
+            for i in indices:
+                outcomes[i].timings["segment"] = per_image
+            return dict(zip(indices, masks))
+        result = {}
+        for i in indices:
+            try:
+                with _Timer(outcomes[i].timings)("segment"):
+                    result[i] = self.segment([decoded[i].rgb])[0]
+            except Exception as exc:  # noqa: BLE001
+                outcomes[i].error = _as_error(exc, "segment")
+        return result
+
+
+_STAGE_ORDER = ("decode", "segment", "trimap", "matte", "foreground", "composite", "encode")
+
+
+def _failing_stage(timings: dict[str, float]) -> str:
+    """The stage after the last one that finished: where an unexpected error happened."""
+    done = [stage for stage in _STAGE_ORDER if stage in timings]
+    if not done:
+        return "decode"
+    position = _STAGE_ORDER.index(done[-1])
+    return _STAGE_ORDER[min(position + 1, len(_STAGE_ORDER) - 1)]
+
+
+def _default_reader() -> Callable[[str], bytes]:
+    from jobs import storage
+
+    return storage.read_bytes
+
+
+_PIPELINES: dict[tuple, Pipeline] = {}
+
+
+def remove_background(
+    image, *, options: PipelineOptions | None = None, device: str | None = None, **overrides
+) -> CutoutResult:
+    """Typed one-call API: ``remove_background(rgb_array_or_path_or_bytes, background="blur")``.
+
+    ``image`` may be a uint8 RGB array, a PIL image, raw bytes or a path. Keyword overrides
+    are PipelineOptions fields; the pipeline (and its model) is reused across calls.
+    """
+    from workers.decode import decode_image
+
+    opts = (options or PipelineOptions()).model_copy(update=overrides) if overrides else (
+        options or PipelineOptions()
+    )
+    opts = PipelineOptions.model_validate(opts.model_dump())  # re-validate overrides
+    key = (opts.config_hash(), device)
+    pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
+    input_alpha = None
+    if isinstance(image, (bytes, bytearray)):
+        decoded = decode_image(bytes(image), max_pixels=opts.max_pixels)
+        rgb, input_alpha = decoded.rgb, decoded.alpha
+    elif isinstance(image, str) or hasattr(image, "__fspath__"):
+        with open(image, "rb") as handle:
+            decoded = decode_image(handle.read(), max_pixels=opts.max_pixels, name=str(image))
+        rgb, input_alpha = decoded.rgb, decoded.alpha
+    elif isinstance(image, np.ndarray):
+        rgb = _as_rgb_array(image)
+    else:  # a PIL image
+        rgb = _as_rgb_array(np.asarray(image.convert("RGB")))
+    start = time.perf_counter()
+    mask = pipeline.segment([rgb])[0]
+    seconds = time.perf_counter() - start
+    result = pipeline.finish(rgb, mask, input_alpha=input_alpha)
+    result.timings["segment"] = seconds
+    return result
+
+
+def _as_rgb_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        from jobs.errors import ConfigError
+
+        raise ConfigError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,258 @@
+"""Process one shard: the unit of work, as a plain function (no Celery in here).
+
+Reliability comes from idempotence: every output key is deterministic (a re-run overwrites,
+never duplicates), the shard's records are written in one piece and its stats file last (the
+done-marker). A shard redelivered after a crash simply runs again; a shard already done is
+skipped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+from redis.exceptions import RedisError
+
+from jobs import manifest, sharding, storage
+from jobs.errors import (
+    CutoutError,
+    TransientStorageError,
+)
+from jobs.records import CappedCounter, ItemRecord, ShardStats
+from jobs.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
+MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))
+ITEM_STORAGE_ATTEMPTS = 3  # transient storage errors on one item, before the shard is retried
+HEARTBEAT_INTERVAL_S = float(os.environ.get("CUTOUT_HEARTBEAT_INTERVAL", "5"))
+
+_SPECS: dict[str, JobSpec] = {}
+_PIPELINES: dict[str, object] = {}
+
+
+@dataclass
+class ShardRun:
+    """What ``process_shard`` did: ``stats`` is None when the shard was skipped."""
+
+    shard_id: str
+    stats: ShardStats | None
+    skipped_reason: str | None = None
+
+
+def load_spec_cached(job_prefix: str) -> JobSpec:
+    """A job's spec never changes (its hash is its name), so each process reads it once."""
+    spec = _SPECS.get(job_prefix)
+    if spec is None:
+        spec = manifest.load_spec(job_prefix)
+        _SPECS[job_prefix] = spec
+    return spec
+
+
+def get_pipeline(spec: JobSpec):
+    """One Pipeline (and so one loaded model) per process and configuration, made on first use."""
+    key = spec.pipeline.config_hash()
+    pipeline = _PIPELINES.get(key)
+    if pipeline is None:
+        from workers.pipeline import Pipeline
+
+        pipeline = Pipeline(spec.pipeline, device=os.environ.get("CUTOUT_DEVICE") or None)
+        _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model
+        _PIPELINES[key] = pipeline
+    return pipeline
+
+
+def process_shard(
+    job_prefix: str,
+    shard_id: str,
+    *,
+    worker_name: str = "local",
+    attempt: int = 1,
+    redo_failed: bool = False,
+    error_class: str | None = None,
+    progress=None,
+) -> ShardRun:
+    """Run one shard end to end and write its durable records; safe to call any number of times.
+
+    ``redo_failed`` reprocesses only the items that failed last time (optionally only those of
+    ``error_class``) and keeps every other record, so the shard still lists each input once.
+    """
+    spec = load_spec_cached(job_prefix)
+    if progress is not None and _safe(progress.is_cancelled, default=False):
+        return ShardRun(shard_id, None, "job cancelled")
+    if not redo_failed and manifest.shard_done(job_prefix, shard_id):
+        return ShardRun(shard_id, None, "already done")
+    shard = sharding.read_shard(job_prefix, shard_id)
+    kept: dict[str, ItemRecord] = {}
+    if redo_failed:
+        kept = {
+            record.input_uri: record
+            for record in manifest.read_shard_records(job_prefix, shard_id)
+            if not _wants_redo(record, error_class)
+        }
+    started = time.time()
+    if progress is not None:
+        _safe(lambda: progress.shard_started(shard_id, worker_name))
+    with heartbeat(progress, worker_name):
+        todo = [item for item in shard.items if item.uri not in kept]
+        fresh = _process_items(spec, shard_id, todo, worker_name)
+    records = [kept.get(item.uri) or fresh[item.uri] for item in shard.items]
+    stats = _shard_stats(spec, shard_id, records, started, worker_name, attempt)
+    manifest.write_shard_result(job_prefix, shard_id, records, stats)
+    if progress is not None:
+        _safe(lambda: progress.shard_finished(shard_id, stats.counts))
+    return ShardRun(shard_id, stats)
+
+
+def _wants_redo(record: ItemRecord, error_class: str | None) -> bool:
+    if record.status != "failed":
+        return False
+    return error_class is None or record.error_class == error_class
+
+
+def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str) -> dict[str, ItemRecord]:
+    """Read, run and write in small batches so memory stays bounded by the batch, not the shard."""
+    records: dict[str, ItemRecord] = {}
+    for start in range(0, len(items), BATCH_SIZE):
+        batch = items[start : start + BATCH_SIZE]
+        readable = []
+        for item in batch:
+            record = _base_record(spec, shard_id, item, worker_name)
+            try:
+                t0 = time.perf_counter()
+                data = _with_item_retries(lambda: storage.read_bytes(item.uri, max_bytes=MAX_INPUT_BYTES))
+                record.timings["read"] = time.perf_counter() - t0
+                readable.append((item, data, record))
+            except TransientStorageError:
+                raise  # the whole shard is retried; nothing of it was recorded yet
+            except CutoutError as exc:
+                _mark_failed(record, exc, default_stage="read")
+            records[item.uri] = record
+        if readable:
+            pipeline = get_pipeline(spec)
+            outcomes = pipeline.process_batch([(item.uri, data) for item, data, _ in readable])
+            for (item, _, record), outcome in zip(readable, outcomes):
+                _apply_outcome(spec, item, record, outcome)
+    return records
+
+
+def _apply_outcome(spec: JobSpec, item, record: ItemRecord, outcome) -> None:
+    record.timings.update(outcome.timings)
+    record.width, record.height = outcome.width, outcome.height
+    record.notes = list(outcome.notes)
+    if not outcome.ok:
+        _mark_failed(record, outcome.error, default_stage="pipeline")
+        return
+    target = item.output_uri
+    if outcome.extension and not target.endswith(outcome.extension):
+        target = sharding.output_uri(spec.destination, item.rel_key, outcome.extension, spec.suffix)
+    t0 = time.perf_counter()
+    data = outcome.data
+    _with_item_retries(lambda: storage.write_bytes(target, data, content_type=_content_type(target)))
+    record.timings["write"] = time.perf_counter() - t0
+    record.output_uris = [target]
+    record.status = "done"
+
+
+def _base_record(spec: JobSpec, shard_id: str, item, worker_name: str) -> ItemRecord:
+    return ItemRecord(
+        input_uri=item.uri,
+        status="failed",
+        model=spec.pipeline.model,
+        config_hash=spec.pipeline.config_hash(),
+        shard_id=shard_id,
+        worker=worker_name,
+    )
+
+
+def _mark_failed(record: ItemRecord, exc: Exception | None, *, default_stage: str) -> None:
+    record.status = "failed"
+    record.output_uris = []
+    if exc is None:
+        record.stage, record.error_class, record.error = default_stage, "UnknownError", "no outcome"
+        return
+    record.stage = getattr(exc, "stage", None) or default_stage
+    record.error_class = getattr(exc, "error_class", type(exc).__name__)
+    record.error = str(exc)[:1000]
+
+
+def _with_item_retries(call: Callable[[], T]) -> T:
+    """A couple of quick retries for one item; storage already backs off inside each call."""
+    for attempt in range(1, ITEM_STORAGE_ATTEMPTS + 1):
+        try:
+            return call()
+        except TransientStorageError:
+            if attempt == ITEM_STORAGE_ATTEMPTS:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+_CONTENT_TYPES = {".png": "image/png", ".webp": "image/webp", ".jpg": "image/jpeg"}
+
+
+def _content_type(uri: str) -> str | None:
+    return _CONTENT_TYPES.get(os.path.splitext(uri)[1].lower())
+
+
+def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+    error_classes: dict[str, int] = {}
+    messages = CappedCounter()
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+        if record.status == "failed":
+            key = record.error_class or "UnknownError"
+            error_classes[key] = error_classes.get(key, 0) + 1
+            messages.add(f"{key}: {record.error}")
+    return ShardStats(
+        job_id=spec.job_id,
+        shard_id=shard_id,
+        counts=counts,
+        error_classes=error_classes,
+        top_errors=messages.as_dict(),
+        started_at=started,
+        finished_at=time.time(),
+        worker=worker_name,
+        attempt=attempt,
+    )
+
+
+# --- live progress (best effort: the durable records are the truth) ------------------------------
+def _safe(call: Callable[[], T], default: T | None = None) -> T | None:
+    """Live progress must never fail a shard: a Redis hiccup is logged, the records still land."""
+    try:
+        return call()
+    except RedisError as exc:
+        log.warning("live progress update failed (records are still written): %s", exc)
+        return default
+
+
+@contextmanager
+def heartbeat(progress, worker_name: str) -> Iterator[None]:
+    """Beat every few seconds while the shard runs, so `status` can tell live workers from dead."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            _safe(lambda: progress.heartbeat(worker_name))
+            if stop.wait(HEARTBEAT_INTERVAL_S):
+                return
+
+    thread = threading.Thread(target=beat, name="cutout-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)
