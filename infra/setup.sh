@@ -151,7 +151,7 @@ install_compose_validator() {
     rm -rf "$COMPOSE_VENV"
     mkdir -p "$(dirname "$COMPOSE_VENV")"
     "$PYTHON" -m venv "$COMPOSE_VENV"
-    local pip=("$COMPOSE_VENV/bin/python" -m pip)
+    local pip=("$COMPOSE_VENV/bin/python" -m pip --quiet)
     "${pip[@]}" install 'cython<3' wheel setuptools
     "${pip[@]}" install --no-build-isolation pyyaml==5.4.1
     "${pip[@]}" install docker-compose

@@ -498,7 +498,7 @@ def _http_open(uri: str, method: str = "GET"):
         exc.close()
         if exc.code in (404, 410):
             raise NotFoundError(f"not found: {uri} (HTTP {exc.code})") from exc
-        if exc.code >= 500 or exc.code in (408, 429):
+        if (exc.code >= 500 and exc.code != 501) or exc.code in (408, 429):
             raise TransientStorageError(f"{uri}: HTTP {exc.code}") from exc
         raise StorageError(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
@@ -536,8 +536,15 @@ def _http_read(uri: str, max_bytes: int | None) -> bytes:
 
 
 def _http_exists(uri: str) -> bool:
+    """HEAD, or a GET whose body is not read when the server does not implement HEAD."""
     try:
-        with _http_open(uri, method="HEAD"):
+        try:
+            with _http_open(uri, method="HEAD"):
+                return True
+        except StorageError as exc:
+            if isinstance(exc, (NotFoundError, TransientStorageError)) or not re.search(r"HTTP (405|501)\b", str(exc)):
+                raise
+        with _http_open(uri):
             return True
     except NotFoundError:
         return False

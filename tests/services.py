@@ -33,12 +33,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check, *, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
-    """Poll ``check()`` until it is truthy; fail with the process output if it died first."""
+def wait_until(check, *, timeout: float, what: str, process: subprocess.Popen | None = None,
+               log_path: str | None = None) -> None:
+    """Poll ``check()`` until it is truthy; fail with the process log if it died first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            output = Path(log_path).read_text(errors="replace")[-4000:] if log_path else ""
             raise RuntimeError(f"{what} exited with {process.returncode} before it was ready:\n{output}")
         try:
             if check():
@@ -50,7 +51,16 @@ def wait_until(check, *, timeout: float, what: str, process: subprocess.Popen | 
 
 
 class _Subprocess:
+    """A server subprocess whose output goes to a log file (a pipe nobody reads would fill up
+    and freeze the server after a few hundred logged requests)."""
+
     process: subprocess.Popen | None = None
+    log_path: str | None = None
+
+    def _spawn(self, argv: list[str], name: str, env: dict | None = None) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix=f"cutout-{name}-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -61,6 +71,8 @@ class _Subprocess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        if self.log_path:
+            Path(self.log_path).unlink(missing_ok=True)
 
     def __enter__(self):
         self.start()
@@ -82,12 +94,12 @@ class RedisServer(_Subprocess):
         binary = os.environ.get("CUTOUT_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
             raise RuntimeError(REDIS_INSTALL_HINT)
-        self.process = subprocess.Popen(
+        self._spawn(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            "redis",
         )
-        wait_until(self.ping, timeout=15, what="redis-server", process=self.process)
+        wait_until(self.ping, timeout=15, what="redis-server", process=self.process, log_path=self.log_path)
         return self
 
     def ping(self) -> bool:
@@ -113,11 +125,11 @@ class MotoS3Server(_Subprocess):
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MotoS3Server":
-        self.process = subprocess.Popen(
+        self._spawn(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **S3_TEST_ENV},
+            "moto", env={**os.environ, **S3_TEST_ENV},
         )
-        wait_until(self.ready, timeout=30, what="moto S3 server", process=self.process)
+        wait_until(self.ready, timeout=30, what="moto S3 server", process=self.process, log_path=self.log_path)
         return self
 
     def ready(self) -> bool:

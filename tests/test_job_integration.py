@@ -34,6 +34,8 @@ WORKER_ENV = {
     "CUTOUT_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
+    # moto's dev server now and then stalls one request; a short read timeout retries it fast
+    "CUTOUT_STORAGE_READ_TIMEOUT": "10",
 }
 MAX_PIXELS = 1_000_000  # low, so one ordinary-looking input is refused as too large
 JOB_TIMEOUT_S = 150
@@ -203,6 +205,7 @@ def fleet(services, tmp_path_factory):
         "AWS_ENDPOINT_URL": services["proxy"].url,
     }
     os.environ["CUTOUT_BROKER_URL"] = services["redis_url"]
+    os.environ.setdefault("CUTOUT_STORAGE_READ_TIMEOUT", WORKER_ENV["CUTOUT_STORAGE_READ_TIMEOUT"])
     fleet = WorkerFleet(env, tmp_path_factory.mktemp("worker-logs"))
     fleet.ensure(2)
     yield fleet
@@ -458,11 +461,11 @@ def test_injected_s3_errors_are_retried_and_the_job_completes(fleet, services, b
     source_bucket, dest_bucket = bucket("src"), bucket("dst")
     upload(source_bucket, "in/", files)
     spec = make_spec([f"s3://{source_bucket}/in/"], f"s3://{dest_bucket}/out")
-    result = submit(spec, services["redis_url"])
-    proxy = services["proxy"]
+    proxy = services["proxy"]  # workers reach S3 through it; this process talks to moto directly
     failed_before = proxy.requests_failed
     proxy.fail_for(6.0)  # every worker S3 call answers 503 SlowDown for six seconds
     try:
+        result = submit(spec, services["redis_url"])
         wait_for_job(result.job_prefix, result.shards_total, fleet)
     finally:
         proxy.reset()

@@ -94,14 +94,12 @@ def test_local_readers_never_see_a_partial_write(tmp_path):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        seen = {storage.read_bytes(path)[-1:] + bytes([len(storage.read_bytes(path)) > 0]) for _ in range(60)}
-        for _ in range(60):
+        for _ in range(100):
             data = storage.read_bytes(path)
             assert data in (old, new), f"partial content of {len(data)} bytes"
     finally:
         stop.set()
         thread.join()
-    assert seen
     assert os.listdir(tmp_path / "out") == ["big.bin"]  # no temp files left behind
 
 

@@ -127,7 +127,6 @@ class Pipeline:
         """Trimap → matte → foreground → composite for one image whose mask is known."""
         from workers.composite import composite
         from workers.foreground import estimate_foreground
-        from workers.matte import estimate_alpha
         from workers.trimap import make_trimap
 
         opts = self.options
@@ -164,12 +163,15 @@ class Pipeline:
 
         method = self.options.matting if self.options.matting != "none" else "closed-form"
         try:
-            return estimate_alpha(
+            result = estimate_alpha(
                 rgb, trimap, method=method, max_side=self.options.matting_max_side, mask=mask
-            ).alpha
+            )
         except _Err as exc:  # a matting failure degrades to the mask, loudly
             notes.append(f"matting-fallback: {exc}")
             return mask
+        if result.method == "none":
+            notes.append("matting-skipped: no confident foreground or background to solve from")
+        return result.alpha
 
     # --- batch entry points ------------------------------------------------------------------
     def run_images(self, images: list[np.ndarray]) -> list[CutoutResult]:

@@ -80,9 +80,12 @@ def prepared_for_onnxruntime(
     reference_hw = declared_input_hw(model)
     if input_hw and reference_hw and tuple(input_hw) != reference_hw:
         _rescale_constant_resize_targets(nodes, graph, reference_hw, tuple(input_hw))
+        nodes = needed_nodes(nodes, outputs)  # drop the constants the scaled copies replaced
     del graph.node[:]
     graph.node.extend(nodes)
     kept_outputs = [o for o in graph.output if o.name in set(outputs)]
+    for output in kept_outputs:
+        output.type.tensor_type.ClearField("shape")  # the export size no longer holds
     del graph.output[:]
     graph.output.extend(kept_outputs)
     used = {name for node in nodes for name in node.input}
