@@ -18,7 +18,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cutout", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cutout",
+        description="Background removal at dataset scale: local runs, distributed jobs, evaluation.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -12,14 +12,14 @@ Collisions: two inputs that would share an output (``a.jpg`` and ``a.png`` → `
 never overwrite each other. The first in source order gets the natural name; a later one
 keeps its full source name before the new extension (``a.png.png``), then ``~2``, ``~3``...
 Source order is deterministic, so the same sources always give the same keys. Detection
-holds an 8-byte digest per output in memory (about 70 MB for ten million... per million
-inputs well under 100 MB).
+holds an 8-byte digest per output key in memory (roughly 60 MB per million inputs).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -29,6 +29,7 @@ from jobs.sources import SourceItem
 
 CONTROL_PREFIX = "_cutout"
 SHARD_ID_WIDTH = 6
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def shard_index(shard_id: str) -> int:
 
 def safe_key(rel_key: str) -> str:
     """The relative key with every way out of the destination removed (see module docstring)."""
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel_key):
+    if _CONTROL_CHARS.search(rel_key):
         raise UnsafeKeyError(f"key {rel_key!r} contains control characters")
     parts = [p for p in rel_key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     if not parts:

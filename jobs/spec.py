@@ -85,11 +85,15 @@ class PipelineOptions(BaseModel):
     weights: str | None = None  # local path, file:// or s3:// override of the model's weights
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     seg_size: int | None = Field(None, ge=64, le=4096)  # model input side override
+    # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
+    mask_ramp: tuple[float, float] | None = None
     trimap_fg: float = Field(0.95, gt=0.0, lt=1.0)
     trimap_bg: float = Field(0.05, gt=0.0, lt=1.0)
     trimap_band: float = Field(0.01, ge=0.0, le=0.2)  # band half-width, fraction of long side
     matting: MattingMethod = "closed-form"
     matting_max_side: int = Field(640, ge=64, le=8192)  # solve on a downscaled band above this
+    # Above this fraction of unknown pixels the mask is too unsure for matting to help (measured).
+    matting_max_unknown: float = Field(0.3, gt=0.0, le=1.0)
     background: str = "transparent"
     format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100)
@@ -105,6 +109,8 @@ class PipelineOptions(BaseModel):
     @model_validator(mode="after")
     def _check_consistent(self) -> "PipelineOptions":
         background = self.parsed_background()
+        if self.mask_ramp is not None and not 0.0 <= self.mask_ramp[0] < self.mask_ramp[1] <= 1.0:
+            raise ConfigError(f"mask_ramp {self.mask_ramp}: need 0 <= low < high <= 1")
         if self.trimap_bg >= self.trimap_fg:
             raise ConfigError("trimap_bg must be below trimap_fg")
         if self.format == "jpeg" and not background.opaque:

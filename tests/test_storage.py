@@ -324,3 +324,35 @@ def test_http_read_timeout(http_base, monkeypatch):
 def test_http_is_read_only(http_base):
     with pytest.raises(StorageError, match="read-only"):
         storage.write_bytes(http_base + "/x", b"")
+
+
+def test_fault_proxy_as_a_subprocess_with_a_control_file(bucket, s3_server, tmp_path, monkeypatch):
+    """The proxy's subprocess mode (for faults that must outlive or sit outside this process)."""
+    import subprocess
+    import sys
+
+    from tests.services import free_port, wait_until
+
+    name = bucket()
+    storage.write_bytes(f"s3://{name}/k", b"payload")
+    control, port = tmp_path / "control.json", free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.faultproxy", "--upstream", s3_server.endpoint,
+         "--port", str(port), "--control", str(control)],
+        cwd=str(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        import socket
+
+        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True,
+                   timeout=15, what="fault proxy", process=proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("CUTOUT_STORAGE_RETRIES", "2")
+        control.write_text('{"fail_next": 2, "methods": ["GET"]}')
+        with pytest.raises(TransientStorageError, match="SlowDown"):
+            storage.read_bytes(f"s3://{name}/k")
+        assert storage.read_bytes(f"s3://{name}/k") == b"payload"  # the two failures are used up
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)

@@ -89,14 +89,33 @@ class Pipeline:
 
     # --- stages ------------------------------------------------------------------------------
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Soft masks for a batch; on device OOM retry one by one, smaller, then on CPU."""
+        """Calibrated soft masks for a batch (see ``mask_ramp``)."""
+        return [self.calibrate(mask) for mask in self.segment_raw(images)]
+
+    def calibrate(self, mask: np.ndarray) -> np.ndarray:
+        """Map the model's soft output through its ramp: [low, high] → [0, 1]."""
+        low, high = self.mask_ramp
+        if (low, high) == (0.0, 1.0):
+            return mask
+        return np.clip((mask - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+    @property
+    def mask_ramp(self) -> tuple[float, float]:
+        if self.options.mask_ramp is not None:
+            return self.options.mask_ramp
+        from workers.models.registry import get_model_spec
+
+        return get_model_spec(self.options.model).mask_ramp
+
+    def segment_raw(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """The model's soft masks; on device OOM retry one by one, smaller, then on CPU."""
         from workers.segment import get_segmenter
 
         try:
             return get_segmenter(self.options, device=self.device).predict(images)
         except OutOfMemoryError:
             if len(images) > 1:
-                return [self.segment([image])[0] for image in images]
+                return [self.segment_raw([image])[0] for image in images]
             return [self._segment_after_oom(images[0])]
 
     def _segment_after_oom(self, image: np.ndarray) -> np.ndarray:
@@ -134,7 +153,8 @@ class Pipeline:
         timings: dict[str, float] = {}
         timed = _Timer(timings)
         alpha = mask
-        if opts.matting != "none" or trimap is not None:
+        user_trimap = trimap is not None
+        if opts.matting != "none" or user_trimap:
             with timed("trimap"):
                 if trimap is None:
                     trimap = make_trimap(
@@ -142,7 +162,7 @@ class Pipeline:
                         band=opts.trimap_band,
                     )
             with timed("matte"):
-                alpha = self._matte(rgb, trimap, mask, notes)
+                alpha = self._matte(rgb, trimap, mask, notes, user_trimap=user_trimap)
         foreground = None
         if self.background.kind != "mask":
             with timed("foreground"):
@@ -157,11 +177,16 @@ class Pipeline:
             )
         return CutoutResult(image, alpha, mask, trimap, notes, timings)
 
-    def _matte(self, rgb, trimap, mask, notes: list[str]) -> np.ndarray:
+    def _matte(self, rgb, trimap, mask, notes: list[str], *, user_trimap: bool = False) -> np.ndarray:
         from jobs.errors import CutoutError as _Err
         from workers.matte import estimate_alpha
 
         method = self.options.matting if self.options.matting != "none" else "closed-form"
+        unknown_share = float((trimap == 128).mean())
+        if unknown_share > self.options.matting_max_unknown and not user_trimap:
+            notes.append(f"matting-skipped: unknown band covers {unknown_share:.0%} of the image "
+                         f"(limit {self.options.matting_max_unknown:.0%})")
+            return mask
         try:
             result = estimate_alpha(
                 rgb, trimap, method=method, max_side=self.options.matting_max_side, mask=mask
@@ -266,11 +291,17 @@ _PIPELINES: dict[tuple, Pipeline] = {}
 
 
 def remove_background(
-    image, *, options: PipelineOptions | None = None, device: str | None = None, **overrides
+    image,
+    *,
+    options: PipelineOptions | None = None,
+    device: str | None = None,
+    trimap: np.ndarray | None = None,
+    **overrides,
 ) -> CutoutResult:
     """Typed one-call API: ``remove_background(rgb_array_or_path_or_bytes, background="blur")``.
 
-    ``image`` may be a uint8 RGB array, a PIL image, raw bytes or a path. Keyword overrides
+    ``image`` may be a uint8 RGB array, a PIL image, raw bytes or a path. ``trimap`` (gray,
+    0 bg / 128 unknown / 255 fg) replaces the one built from the mask. Keyword overrides
     are PipelineOptions fields; the pipeline (and its model) is reused across calls.
     """
     from workers.decode import decode_image
@@ -296,7 +327,11 @@ def remove_background(
     start = time.perf_counter()
     mask = pipeline.segment([rgb])[0]
     seconds = time.perf_counter() - start
-    result = pipeline.finish(rgb, mask, input_alpha=input_alpha)
+    if trimap is not None:
+        from workers.trimap import normalise_trimap
+
+        trimap = normalise_trimap(trimap, rgb.shape[:2])
+    result = pipeline.finish(rgb, mask, input_alpha=input_alpha, trimap=trimap)
     result.timings["segment"] = seconds
     return result
 

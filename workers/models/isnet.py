@@ -46,6 +46,10 @@ def _isnet_general() -> ModelSpec:
         builder=build_isnet,
         weights=ISNET_GENERAL_WEIGHTS,
         input_size=1024,
+        # IS-Net's grey (0.1-0.5) regions are mostly foreground: mapping 0.05..0.55 to 0..1
+        # cut whole-image SAD on alphamatting.com from 42.9 to 36.0 at 1024 px (45.2 to 38.7 at
+        # 768, 40.0 to 34.0 at 896), GrabCut IoU unchanged (0.862 vs 0.861). See docs/results.md.
+        mask_ramp=(0.05, 0.55),
     )
 
 

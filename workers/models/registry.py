@@ -76,6 +76,8 @@ class ModelSpec:
     input_size: int | None = None
     takes_classes: bool = False
     default_classes: tuple[str, ...] = ()
+    # Calibration of the soft output: values at or below [0] become 0, at or above [1] become 1.
+    mask_ramp: tuple[float, float] = (0.0, 1.0)
 
     @property
     def fetch_command(self) -> str:

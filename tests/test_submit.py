@@ -1,0 +1,207 @@
+"""The submitter and the plain shard function, on a real redis-server and local files (no workers).
+
+Messages stay in the Redis queue (nobody consumes them); shards are run by calling
+``workers.shard.process_shard`` directly, which is exactly what the Celery task does.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import images
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUEUE = "cutout"
+
+
+def write_inputs(folder: Path, good: int, bad: dict[str, bytes]) -> list[Path]:
+    paths = []
+    for i in range(good):
+        path = folder / f"set{i % 3}" / f"img_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = np.full((40, 50, 3), 230, np.uint8)
+        array[10:30, 10 + i % 10 : 30 + i % 10] = (20, 40, 200)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.fixture
+def job(tmp_path, redis_client, redis_url):
+    from jobs.spec import JobSpec, PipelineOptions
+
+    source = tmp_path / "in"
+    bad = {"empty.png": images.empty_bytes(), "text.jpg": images.text_file()}
+    paths = write_inputs(source, 10, bad)
+    spec = JobSpec(
+        sources=(str(source),), destination=(tmp_path / "out").as_uri(),
+        pipeline=PipelineOptions(model="threshold", matting="none"), shard_size=4,
+    )
+    return {"spec": spec, "paths": paths, "bad": set(bad), "redis": redis_client, "url": redis_url}
+
+
+def submit(job):
+    from jobs.submit import submit_job
+
+    return submit_job(job["spec"], broker_url=job["url"], redis_url=job["url"])
+
+
+def run_all_shards(prefix: str, **kwargs) -> list:
+    from jobs import manifest
+    from workers.shard import process_shard
+
+    return [process_shard(prefix, shard_id, worker_name="test", **kwargs) for shard_id in manifest.all_shard_ids(prefix)]
+
+
+def test_submit_writes_shards_and_enqueues_references_only(job):
+    from jobs import manifest
+
+    result = submit(job)
+    assert (result.items_total, result.shards_total, result.shards_enqueued) == (12, 3, 3)
+    assert manifest.load_totals(result.job_prefix) == (12, 3)
+    messages = [json.loads(m) for m in job["redis"].lrange(QUEUE, 0, -1)]
+    assert len(messages) == 3
+    assert {message_kwargs(m)["shard_id"] for m in job["redis"].lrange(QUEUE, 0, -1)} == {"s000000", "s000001", "s000002"}
+    for message in messages:
+        assert message["headers"]["task"] == "cutout.process_shard"
+        assert message["content-type"] == "application/json"
+        assert len(message["body"]) < 1000  # references, not image bytes
+
+
+def message_kwargs(raw: bytes) -> dict:
+    """A Celery message in the Redis list: base64 JSON body ``[args, kwargs, embed]``."""
+    message = json.loads(raw)
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return json.loads(body)[1]
+
+
+def test_shard_runs_once_and_resubmit_does_no_work(job):
+    from jobs import manifest
+
+    result = submit(job)
+    runs = run_all_shards(result.job_prefix)
+    assert all(run.stats is not None for run in runs)
+    again = run_all_shards(result.job_prefix)
+    assert all(run.skipped_reason == "already done" for run in again)
+
+    job["redis"].delete(QUEUE)
+    resubmitted = submit(job)
+    assert resubmitted.job_id == result.job_id
+    assert (resubmitted.shards_enqueued, resubmitted.shards_already_done) == (0, 3)
+    assert job["redis"].llen(QUEUE) == 0
+
+    records = list(manifest.iter_records(result.job_prefix))
+    assert sorted(r.input_uri for r in records) == sorted(str(p) for p in job["paths"])
+    failed = {Path(r.input_uri).name for r in records if r.status == "failed"}
+    assert failed == job["bad"]
+    for record in records:
+        if record.status == "done":
+            output = record.output_uris[0]
+            assert Image.open(output[len("file://"):] if output.startswith("file://") else output).mode == "RGBA"
+
+
+def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_files(job):
+    from jobs import manifest
+    from jobs.sharding import shard_uri
+    from workers.shard import process_shard
+
+    result = submit(job)
+    first = manifest.all_shard_ids(result.job_prefix)[0]
+    process_shard(result.job_prefix, first, worker_name="test")
+    shard_file = shard_uri(result.job_prefix, first)
+    shard_path = shard_file[len("file://"):] if shard_file.startswith("file://") else shard_file
+    stamp = os.stat(shard_path).st_mtime_ns
+    job["redis"].delete(QUEUE)
+    again = submit(job)
+    assert (again.shards_enqueued, again.shards_already_done) == (2, 1)
+    assert os.stat(shard_path).st_mtime_ns == stamp
+
+
+def test_retry_failed_redoes_failed_items_and_keeps_each_input_once(job):
+    from jobs import manifest
+    from jobs.submit import retry_failed
+
+    result = submit(job)
+    run_all_shards(result.job_prefix)
+    fixed = next(p for p in job["paths"] if p.name == "empty.png")
+    fixed.write_bytes(images.png_rgb_bytes())
+    job["redis"].delete(QUEUE)
+
+    retry = retry_failed(result.job_id, redis_url=job["url"], broker_url=job["url"])
+    assert retry.items_to_retry == 2
+    kwargs = [message_kwargs(m) for m in job["redis"].lrange(QUEUE, 0, -1)]
+    assert len(kwargs) == retry.shards_enqueued
+    assert all(k["redo_failed"] is True and k["error_class"] is None for k in kwargs)
+    from workers.shard import process_shard
+
+    for shard_id in sorted(set(manifest.all_shard_ids(result.job_prefix)) - manifest.done_shard_ids(result.job_prefix)):
+        process_shard(result.job_prefix, shard_id, worker_name="retry", redo_failed=True)
+    records = list(manifest.iter_records(result.job_prefix))
+    assert sorted(r.input_uri for r in records) == sorted(str(p) for p in job["paths"])
+    by_name = {Path(r.input_uri).name: r for r in records}
+    assert by_name["empty.png"].status == "done" and by_name["empty.png"].worker == "retry"
+    assert by_name["text.jpg"].status == "failed" and by_name["text.jpg"].worker == "retry"
+    untouched = [r for r in records if r.input_uri not in (str(fixed),) and r.status == "done"]
+    assert all(r.worker == "test" for r in untouched), "good items were reprocessed"
+
+
+def test_cancelled_job_skips_its_shards(job):
+    from jobs.submit import cancel_job, live_progress
+    from workers.shard import process_shard
+
+    result = submit(job)
+    cancel_job(result.job_id, redis_url=job["url"])
+    progress = live_progress(job["redis"], result.job_id)
+    from jobs import manifest
+
+    first = manifest.all_shard_ids(result.job_prefix)[0]
+    run = process_shard(result.job_prefix, first, worker_name="test", progress=progress)
+    assert run.stats is None and run.skipped_reason == "job cancelled"
+
+
+def test_job_lookup_without_redis_needs_the_destination(job):
+    from jobs.errors import NotFoundError
+    from jobs.submit import find_job, resume_job
+
+    result = submit(job)
+    job["redis"].flushall()
+    with pytest.raises(NotFoundError, match="--dest"):
+        find_job(result.job_id, redis_url=job["url"])
+    resumed = resume_job(result.job_id, destination=job["spec"].destination,
+                         broker_url=job["url"], redis_url=job["url"])
+    assert (resumed.shards_total, resumed.shards_enqueued) == (3, 3)
+    assert job["redis"].llen(QUEUE) == 3
+
+
+def test_cutout_submit_never_imports_torch(job):
+    """The submitter path (CLI parsing, submit, sending by name) stays light."""
+    spec = job["spec"]
+    code = (
+        "import sys\n"
+        "from jobs.cli import main\n"
+        f"rc = main(['submit', {spec.sources[0]!r}, '--to', {spec.destination!r}, '--model', 'threshold',"
+        f" '--matting', 'none', '--broker', {job['url']!r}, '--redis', {job['url']!r}])\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'pymatting', 'workers.pipeline') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout
+    assert len(out.stdout.split()[0]) == 16  # the job id comes first
