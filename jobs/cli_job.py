@@ -13,6 +13,7 @@ import time
 
 from pydantic import ValidationError
 
+from jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
 from jobs.errors import ConfigError
 
 
@@ -21,18 +22,11 @@ def register(subparsers) -> None:
     submit.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
     submit.add_argument("--to", dest="destination", required=True, help="destination prefix (file:// or s3://)")
-    submit.add_argument("--model", default="isnet-general")
-    submit.add_argument("--classes", default="", help="comma-separated classes (class-aware models)")
-    submit.add_argument("--weights", default=None, help="override weights (path, file:// or s3://)")
-    submit.add_argument("--matting", default="closed-form", choices=("none", "closed-form", "knn"))
-    submit.add_argument("--background", default="transparent")
-    submit.add_argument("--format", default="png", choices=("png", "webp", "webp-lossy", "jpeg"))
-    submit.add_argument("--quality", type=int, default=90)
-    submit.add_argument("--max-pixels", type=int, default=None)
     submit.add_argument("--shard-size", type=int, default=32)
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
     submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
+    add_pipeline_arguments(submit)
     _add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -75,30 +69,17 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 
 # --- submit -------------------------------------------------------------------------------------
 def build_spec(args: argparse.Namespace):
-    from jobs.spec import JobSpec, PipelineOptions
+    from jobs.spec import JobSpec
 
-    options = {
-        "model": args.model, "classes": args.classes, "weights": args.weights,
-        "matting": args.matting, "background": args.background, "format": args.format,
-        "quality": args.quality,
-    }
-    if args.max_pixels:
-        options["max_pixels"] = args.max_pixels
+    pipeline = options_from_args(args)
     try:
-        pipeline = PipelineOptions(**options)
         return JobSpec(
             sources=tuple(args.sources), destination=args.destination, pipeline=pipeline,
             weights_sha256=_local_weights_sha256(args.weights), shard_size=args.shard_size,
             queue=args.queue, suffix=args.suffix,
         )
     except ValidationError as exc:
-        raise ConfigError(_validation_message(exc)) from exc
-
-
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
-    )
+        raise ConfigError(validation_message(exc)) from exc
 
 
 def _local_weights_sha256(weights: str | None) -> str | None:

@@ -156,4 +156,5 @@ FAST_RETRY_ENV = {
     "CUTOUT_STORAGE_RETRIES": "5",
     "CUTOUT_STORAGE_RETRY_MAX_S": "5",
     "CUTOUT_STORAGE_BACKOFF_S": "0.02",
+    "CUTOUT_STORAGE_READ_TIMEOUT": "10",  # moto's server now and then stalls one request
 }

@@ -11,38 +11,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from jobs.cli_options import add_pipeline_arguments, options_from_args
+
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
-
-
-def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``run``, ``eval`` and ``submit``; names match PipelineOptions."""
-    group = parser.add_argument_group("pipeline")
-    group.add_argument("--model", default="isnet-general", help="segmentation model (cutout models list)")
-    group.add_argument("--classes", default="", help="comma-separated class names (PASCAL VOC / COCO)")
-    group.add_argument("--weights", help="weights file: local path, file:// or s3:// URI")
-    group.add_argument("--score-threshold", type=float, default=0.5)
-    group.add_argument("--seg-size", type=int, help="model input side (default: the model's)")
-    group.add_argument("--matting", default="closed-form", choices=["none", "closed-form", "knn"])
-    group.add_argument("--trimap-band", type=float, default=0.01,
-                       help="unknown band half-width as a fraction of the long side")
-    group.add_argument("--background", default="transparent",
-                       help="transparent | mask | color:#RRGGBB | blur[:radius] | image:URI")
-    group.add_argument("--format", default="png", choices=["png", "webp", "webp-lossy", "jpeg"])
-    group.add_argument("--quality", type=int, default=90)
-    group.add_argument("--max-pixels", type=int, default=64_000_000)
-
-
-def options_from_args(args: argparse.Namespace):
-    from jobs.spec import PipelineOptions
-
-    fields = {
-        "model": args.model, "classes": args.classes, "weights": args.weights,
-        "score_threshold": args.score_threshold, "seg_size": args.seg_size,
-        "matting": args.matting, "trimap_band": args.trimap_band,
-        "background": args.background, "format": args.format, "quality": args.quality,
-        "max_pixels": args.max_pixels,
-    }
-    return PipelineOptions(**{k: v for k, v in fields.items() if v is not None})
 
 
 def register(subparsers) -> None:

@@ -107,22 +107,39 @@ class Pipeline:
 
         return get_model_spec(self.options.model).mask_ramp
 
+    @property
+    def seg_sizes(self) -> tuple[int | None, ...]:
+        """One pass at the user's seg_size, else the model's ensemble sizes (or its default)."""
+        if self.options.seg_size:
+            return (self.options.seg_size,)
+        from workers.models.registry import get_model_spec
+
+        return get_model_spec(self.options.model).ensemble_sizes or (None,)
+
     def segment_raw(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """The model's soft masks; on device OOM retry one by one, smaller, then on CPU."""
+        """The model's soft masks, averaged over ``seg_sizes``."""
+        per_size = [self.segment_at(images, size) for size in self.seg_sizes]
+        if len(per_size) == 1:
+            return per_size[0]
+        return [np.mean(masks, axis=0).astype(np.float32) for masks in zip(*per_size)]
+
+    def segment_at(self, images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
+        """One size; on device OOM retry one by one, then at half the size, then on CPU."""
         from workers.segment import get_segmenter
 
+        options = self.options.model_copy(update={"seg_size": size})
         try:
-            return get_segmenter(self.options, device=self.device).predict(images)
+            return get_segmenter(options, device=self.device).predict(images)
         except OutOfMemoryError:
             if len(images) > 1:
-                return [self.segment_raw([image])[0] for image in images]
-            return [self._segment_after_oom(images[0])]
+                return [self.segment_at([image], size)[0] for image in images]
+            return [self._segment_after_oom(images[0], options)]
 
-    def _segment_after_oom(self, image: np.ndarray) -> np.ndarray:
+    def _segment_after_oom(self, image: np.ndarray, options: PipelineOptions) -> np.ndarray:
         from workers.segment import get_segmenter
 
-        spec_size = self.options.seg_size or 1024
-        smaller = self.options.model_copy(update={"seg_size": max(256, spec_size // 2)})
+        spec_size = options.seg_size or 1024
+        smaller = options.model_copy(update={"seg_size": max(256, spec_size // 2)})
         try:
             return get_segmenter(smaller, device=self.device).predict([image])[0]
         except OutOfMemoryError:

@@ -152,7 +152,7 @@ def _apply_outcome(spec: JobSpec, item, record: ItemRecord, outcome) -> None:
         return
     target = item.output_uri
     if outcome.extension and not target.endswith(outcome.extension):
-        target = sharding.output_uri(spec.destination, item.rel_key, outcome.extension, spec.suffix)
+        target = sharding.with_extension(target, outcome.extension)  # keeps collision renames
     t0 = time.perf_counter()
     data = outcome.data
     _with_item_retries(lambda: storage.write_bytes(target, data, content_type=_content_type(target)))

@@ -78,6 +78,9 @@ class ModelSpec:
     default_classes: tuple[str, ...] = ()
     # Calibration of the soft output: values at or below [0] become 0, at or above [1] become 1.
     mask_ramp: tuple[float, float] = (0.0, 1.0)
+    # Input sizes whose masks are averaged when the user sets no seg_size (multi-scale
+    # test-time augmentation); empty = one pass at ``input_size``.
+    ensemble_sizes: tuple[int, ...] = ()
 
     @property
     def fetch_command(self) -> str:
