@@ -109,16 +109,17 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
         suffix=spec.suffix,
         shard_size=spec.shard_size,
     )
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+        def send(shard_id: str) -> None:
+            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+
         for shard in shards:
             shards_total += 1
             items_total += len(shard.items)
             if shard.shard_id in done:
                 already_done += 1
                 continue
-            if shard.shard_id not in written:
-                sharding.write_shard(prefix, shard)
-            send_process_shard(app, prefix, shard.shard_id, queue=spec.queue, producer=producer)
+            writer.write_then(shard, send, skip_write=shard.shard_id in written)
             enqueued += 1
             if shards_total % PROGRESS_EVERY_SHARDS == 0:
                 progress.set_total(items_total, shards_total)
@@ -129,6 +130,45 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
     if done:
         progress.rebuild_from_durable(prefix)
     return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total)
+
+
+class ShardWriter:
+    """Writes shard files on a bounded thread pool and sends each shard's task, in order,
+    only once its file is durable. One file at a time is fsync-bound (about 3 ms each, 95 s
+    for a million URIs); 16 in flight took 16 s. The window bounds memory."""
+
+    def __init__(self, prefix: str, threads: int = 16, window: int = 256):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prefix = prefix
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-writer")
+        self.pending: deque = deque()
+        self.window = window
+
+    def write_then(self, shard, send, *, skip_write: bool = False) -> None:
+        future = None if skip_write else self.pool.submit(sharding.write_shard, self.prefix, shard)
+        self.pending.append((shard.shard_id, future, send))
+        while len(self.pending) > self.window or (
+            self.pending and (self.pending[0][1] is None or self.pending[0][1].done())
+        ):
+            self._send_oldest()
+
+    def _send_oldest(self) -> None:
+        shard_id, future, send = self.pending.popleft()
+        if future is not None:
+            future.result()  # re-raises a failed write: its task is never sent
+        send(shard_id)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            while self.pending and exc_type is None:
+                self._send_oldest()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 def _enqueue_missing(spec, prefix, totals, broker_url, progress) -> SubmitResult:
