@@ -19,6 +19,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights", help="weights file: local path, file:// or s3:// URI")
     group.add_argument("--score-threshold", type=float, default=0.5)
     group.add_argument("--seg-size", type=int, help="model input side (default: the model's)")
+    group.add_argument("--refine", default="auto", choices=["auto", "none", "grabcut"],
+                       help="GrabCut refinement of the mask (auto: on for isnet-general)")
     group.add_argument("--matting", default="closed-form", choices=["none", "closed-form", "knn"])
     group.add_argument("--trimap-band", type=float, default=0.01,
                        help="unknown band half-width as a fraction of the long side")
@@ -35,7 +37,7 @@ def options_from_args(args: argparse.Namespace):
     fields = {
         "model": args.model, "classes": args.classes, "weights": args.weights,
         "score_threshold": args.score_threshold, "seg_size": args.seg_size,
-        "matting": args.matting, "trimap_band": args.trimap_band,
+        "matting": args.matting, "refine": args.refine, "trimap_band": args.trimap_band,
         "background": args.background, "format": args.format, "quality": args.quality,
         "max_pixels": args.max_pixels,
     }

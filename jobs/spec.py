@@ -87,6 +87,8 @@ class PipelineOptions(BaseModel):
     seg_size: int | None = Field(None, ge=64, le=4096)  # model input side override
     # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
     mask_ramp: tuple[float, float] | None = None
+    # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
+    refine: Literal["auto", "none", "grabcut"] = "auto"
     trimap_fg: float = Field(0.95, gt=0.0, lt=1.0)
     trimap_bg: float = Field(0.05, gt=0.0, lt=1.0)
     trimap_band: float = Field(0.01, ge=0.0, le=0.2)  # band half-width, fraction of long side

@@ -393,11 +393,13 @@ def _succeeded_tasks(log: str) -> set[str]:
 
 
 def test_kill_minus_nine_mid_job_loses_and_duplicates_nothing(fleet, services, bucket):
-    files = generated_objects(48, side=384, seed=11)
+    # Shards of 6 images at 640 px take about a second each, so the kill lands mid-shard
+    # rather than in the few milliseconds between a shard's end and its log line.
+    files = generated_objects(48, side=640, seed=11)
     source_bucket, dest_bucket = bucket("src"), bucket("dst")
     upload(source_bucket, "in/", files)
     spec = make_spec([f"s3://{source_bucket}/in/"], f"s3://{dest_bucket}/out")
-    spec = spec.model_copy(update={"shard_size": 3})
+    spec = spec.model_copy(update={"shard_size": 6})
     result = submit(spec, services["redis_url"])
     victim = fleet.procs[0]
     deadline = time.monotonic() + 60
@@ -410,6 +412,8 @@ def test_kill_minus_nine_mid_job_loses_and_duplicates_nothing(fleet, services, b
     assert in_flight, f"the victim never held a shard:\n{fleet.all_logs()}"
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=10)
+    in_flight = [t for t in in_flight if t not in _succeeded_tasks(fleet.log(victim))]
+    assert in_flight, "the victim finished its shard just before the kill; nothing to redeliver"
 
     wait_for_job(result.job_prefix, result.shards_total, fleet)
     survivor_logs = "".join(fleet.log(p) for p in fleet.procs if p is not victim)

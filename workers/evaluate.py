@@ -23,7 +23,7 @@ from jobs.spec import PipelineOptions
 from workers import metrics
 
 DEFAULT_DATA = os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")
-STAGES = ("decode", "segment", "calibrate", "trimap", "matte", "foreground", "composite", "encode")
+STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
 
 
 @dataclass
@@ -53,6 +53,8 @@ class EndToEndRow:
     sad_calibrated: float = 0.0
     mse_calibrated: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sad_refined: float = 0.0  # the mask after calibration and refinement, before matting
+    mse_refined: float = 0.0
     sad_single: float = 0.0  # one pass at the model's own input size, no ensemble
     mse_single: float = 0.0
 
@@ -123,10 +125,11 @@ def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[E
             sample.name, metrics.sad(raw, gt), metrics.mse(raw, gt),
             metrics.sad(result.alpha, gt), metrics.mse(result.alpha, gt), timings,
             metrics.sad(mask, gt), metrics.mse(mask, gt), result.notes,
+            metrics.sad(result.mask, gt), metrics.mse(result.mask, gt),
             metrics.sad(single, gt), metrics.mse(single, gt),
         ))
         print(f"  {sample.name}: SAD single {rows[-1].sad_single:6.1f}  raw {rows[-1].sad_mask:6.1f}  calibrated "
-              f"{rows[-1].sad_calibrated:6.1f}  pipeline {rows[-1].sad_full:6.1f}  "
+              f"{rows[-1].sad_calibrated:6.1f}  refined {rows[-1].sad_refined:6.1f}  pipeline {rows[-1].sad_full:6.1f}  "
               f"{sum(timings.values()):.2f} s  {'; '.join(result.notes)}", flush=True)
     return rows
 
@@ -190,13 +193,23 @@ def segmentation_iou(options: PipelineOptions, samples: list[SegmentationSample]
     from workers.pipeline import Pipeline
 
     pipeline = Pipeline(options)
-    scores = {}
+    scores: dict[str, dict[str, float]] = {"raw": {}, "calibrated": {}, "refined": {}}
     for sample in samples:
-        mask = pipeline.segment([decode_image(sample.data).rgb])[0]
-        scores[sample.name] = metrics.iou(mask >= 0.5, sample.gt_mask, sample.ignore)
-    values = list(scores.values())
-    return {"mean_iou": statistics.fmean(values), "median_iou": statistics.median(values),
-            "per_image": scores}
+        rgb = decode_image(sample.data).rgb
+        raw = pipeline.segment_raw([rgb])[0]
+        calibrated = pipeline.calibrate(raw)
+        refined = calibrated
+        if pipeline.refine_method == "grabcut":
+            from workers.refine import refine_with_grabcut
+
+            refined, _ = refine_with_grabcut(rgb, calibrated)
+        for variant, mask in (("raw", raw), ("calibrated", calibrated), ("refined", refined)):
+            scores[variant][sample.name] = metrics.iou(mask >= 0.5, sample.gt_mask, sample.ignore)
+    return {
+        variant: {"mean_iou": statistics.fmean(values.values()),
+                  "median_iou": statistics.median(values.values()), "per_image": values}
+        for variant, values in scores.items()
+    }
 
 
 def contact_sheet(options: PipelineOptions, samples: list[MattingSample], path: Path,
@@ -241,6 +254,7 @@ def _summarise_rows(rows: list[EndToEndRow]) -> dict:
     sad_full = [r.sad_full for r in rows]
     sad_calibrated = [r.sad_calibrated for r in rows]
     sad_single = [r.sad_single for r in rows]
+    sad_refined = [r.sad_refined for r in rows]
     totals = [sum(r.timings.values()) for r in rows]
     stage_medians = {
         stage: statistics.median(r.timings.get(stage, 0.0) for r in rows) for stage in STAGES
@@ -255,6 +269,9 @@ def _summarise_rows(rows: list[EndToEndRow]) -> dict:
         "calibrated": {"sad_mean": statistics.fmean(sad_calibrated),
                        "sad_median": statistics.median(sad_calibrated),
                        "mse_mean": statistics.fmean(r.mse_calibrated for r in rows)},
+        "refined": {"sad_mean": statistics.fmean(sad_refined),
+                    "sad_median": statistics.median(sad_refined),
+                    "mse_mean": statistics.fmean(r.mse_refined for r in rows)},
         "full": {"sad_mean": statistics.fmean(sad_full), "sad_median": statistics.median(sad_full),
                  "mse_mean": statistics.fmean(r.mse_full for r in rows)},
         "seconds_per_image_median": statistics.median(totals),
@@ -290,8 +307,9 @@ def run_eval(options: PipelineOptions, data_dir: Path, out_dir: Path, *, limit: 
         grabcut = load_grabcut(data_dir, limit)
         print(f"== segmentation IoU on {len(grabcut)} GrabCut photos (128 band left out)")
         report["segmentation"] = segmentation_iou(options, grabcut)
-        print(f"  mean IoU {report['segmentation']['mean_iou']:.4f}  "
-              f"median {report['segmentation']['median_iou']:.4f}")
+        for variant, scores in report["segmentation"].items():
+            print(f"  {variant:11} mask: mean IoU {scores['mean_iou']:.4f}  "
+                  f"median {scores['median_iou']:.4f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     sheet = out_dir / "contact_sheet.png"
     contact_sheet(options, samples, sheet)
@@ -304,7 +322,7 @@ def run_eval(options: PipelineOptions, data_dir: Path, out_dir: Path, *, limit: 
 def _print_end_to_end(summary: dict) -> None:
     print(f"  {'':16} {'SAD mean':>9} {'SAD median':>11} {'MSE mean':>9}")
     names = {"single": "raw mask 1 pass", "mask": "raw mask (ens.)",
-             "calibrated": "calibrated mask", "full": "pipeline"}
+             "calibrated": "calibrated mask", "refined": "refined mask", "full": "pipeline"}
     for label, name in names.items():
         s = summary[label]
         print(f"  {name:16} {s['sad_mean']:9.2f} {s['sad_median']:11.2f} {s['mse_mean']:9.5f}")

@@ -22,7 +22,7 @@ class CutoutResult:
 
     image: np.ndarray  # composited uint8: HxWx4, HxWx3 or HxW (mask)
     alpha: np.ndarray  # float32 HxW, final alpha
-    mask: np.ndarray  # float32 HxW, the model's soft mask
+    mask: np.ndarray  # float32 HxW, the mask matting started from (calibrated, refined)
     trimap: np.ndarray | None  # uint8 HxW, None when matting is "none"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -108,6 +108,14 @@ class Pipeline:
         return get_model_spec(self.options.model).mask_ramp
 
     @property
+    def refine_method(self) -> str:
+        if self.options.refine != "auto":
+            return self.options.refine
+        from workers.models.registry import get_model_spec
+
+        return get_model_spec(self.options.model).default_refine
+
+    @property
     def seg_sizes(self) -> tuple[int | None, ...]:
         """One pass at the user's seg_size, else the model's ensemble sizes (or its default)."""
         if self.options.seg_size:
@@ -169,6 +177,13 @@ class Pipeline:
         notes: list[str] = []
         timings: dict[str, float] = {}
         timed = _Timer(timings)
+        if self.refine_method == "grabcut" and trimap is None:
+            from workers.refine import refine_with_grabcut
+
+            with timed("refine"):
+                mask, skipped = refine_with_grabcut(rgb, mask)
+            if skipped:
+                notes.append(skipped)
         alpha = mask
         user_trimap = trimap is not None
         if opts.matting != "none" or user_trimap:

@@ -81,6 +81,8 @@ class ModelSpec:
     # Input sizes whose masks are averaged when the user sets no seg_size (multi-scale
     # test-time augmentation); empty = one pass at ``input_size``.
     ensemble_sizes: tuple[int, ...] = ()
+    # What PipelineOptions.refine="auto" means for this model (workers/refine.py).
+    default_refine: str = "none"
 
     @property
     def fetch_command(self) -> str:

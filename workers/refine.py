@@ -1,0 +1,47 @@
+"""Mask refinement: GrabCut colour models seeded by the network's soft mask.
+
+A salient-object network misses parts of a subject that look unusual to it (the lower half of
+a teddy bear in a sweater, leaves far from a pot) or keeps whole regions at a hesitant grey.
+GrabCut (Rother et al. 2004) fits foreground/background colour mixtures to the network's
+confident pixels and re-labels the hesitant ones by colour and contrast, on a downscaled copy
+(long side ``REFINE_SIDE``) so it costs tens of milliseconds. Measured on alphamatting.com:
+whole-image SAD mean/median 32.3/7.8 → 24.8/6.3 (docs/results.md). The result is a binary
+mask smoothed by upsampling; the trimap and matting stages then resolve its edges.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+REFINE_SIDE = 400  # px: GrabCut's cost grows with pixels; 320-512 measured within 0.3 SAD
+REFINE_ITERATIONS = 3
+SURE_FOREGROUND = 0.99  # calibrated mask values at or above: never relabelled
+SURE_BACKGROUND = 0.0  # at or below: never relabelled
+
+
+def refine_with_grabcut(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Returns the refined mask and ``None``, or the unchanged mask and why it was kept."""
+    height, width = mask.shape
+    scale = min(1.0, REFINE_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    small_mask = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
+    labels = _seed_labels(small_mask)
+    if not (labels == cv2.GC_FGD).any() or not (labels == cv2.GC_BGD).any():
+        return mask, "refine-skipped: no sure foreground or background to learn colours from"
+    background_model = np.zeros((1, 65), np.float64)
+    foreground_model = np.zeros((1, 65), np.float64)
+    cv2.grabCut(
+        cv2.cvtColor(small_rgb, cv2.COLOR_RGB2BGR), labels, None, background_model,
+        foreground_model, REFINE_ITERATIONS, cv2.GC_INIT_WITH_MASK,
+    )
+    foreground = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.float32)
+    return cv2.resize(foreground, (width, height), interpolation=cv2.INTER_LINEAR), None
+
+
+def _seed_labels(mask: np.ndarray) -> np.ndarray:
+    labels = np.full(mask.shape, cv2.GC_PR_BGD, np.uint8)
+    labels[mask >= 0.5] = cv2.GC_PR_FGD
+    labels[mask >= SURE_FOREGROUND] = cv2.GC_FGD
+    labels[mask <= SURE_BACKGROUND] = cv2.GC_BGD
+    return labels
