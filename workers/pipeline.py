@@ -220,7 +220,7 @@ class Pipeline:
                          f"(limit {self.options.matting_max_unknown:.0%})")
             return mask
         try:
-            bounds = {"max_side": None, "budget": None} if user_trimap else {
+            bounds = {"max_side": None, "budget": None, "precise": True} if user_trimap else {
                 "max_side": self.options.matting_max_side}
             result = estimate_alpha(rgb, trimap, method=method, mask=mask, **bounds)
         except _Err as exc:  # a matting failure degrades to the mask, loudly
