@@ -110,9 +110,17 @@ class LiveProgress:
     def is_cancelled(self) -> bool:
         return bool(self.redis.exists(self.key("cancel")))
 
+    def mark_queued(self) -> None:
+        """Every shard without a done-marker has a message in the broker (set after enqueueing)."""
+        self.redis.set(self.key("queued"), str(time.time()), ex=self.ttl_s)
+
+    def is_queued(self) -> bool:
+        return bool(self.redis.exists(self.key("queued")))
+
     def clear(self) -> None:
         """Forget everything live about this job (a resubmit starts the live view afresh)."""
-        names = ("total", "counts", "counted", "started", "completions", "workers", "cancel")
+        names = ("total", "counts", "counted", "started", "completions", "workers", "cancel",
+                 "queued")
         self.redis.delete(*(self.key(n) for n in names))
 
     # --- reader -----------------------------------------------------------------------------------

@@ -79,11 +79,14 @@ def submit_job(
     broker_url: str | None = None,
     redis_url: str | None = None,
     all_files: bool = False,
+    force: bool = False,
 ) -> SubmitResult:
     """Save the spec, cut the sources into shards and enqueue every shard not done yet.
 
     The job id is the spec's hash, so submitting the same spec again resumes: shards with a
     done-marker are skipped and shard files already written are reused, never rewritten.
+    While this Redis still knows the job's shards are queued, a resubmit sends nothing (no
+    duplicate messages); ``force`` (``cutout resume``) re-enqueues every unfinished shard.
     """
     job_id = spec.job_id
     prefix = sharding.job_prefix(spec.destination, job_id)
@@ -92,9 +95,16 @@ def submit_job(
     _save_spec_once(prefix, spec)
     client.hset(JOB_INDEX_KEY, job_id, spec.destination)
     totals = manifest.load_totals(prefix)  # present once every shard file was written
+    if totals is not None and progress.is_queued() and not force:
+        done = manifest.done_shard_ids(prefix)
+        items_total, shards_total = totals
+        return SubmitResult(job_id, prefix, shards_total, 0, len(done), items_total)
     if totals is not None:
-        return _enqueue_missing(spec, prefix, totals, broker_url, progress)
-    return _stream_and_enqueue(spec, prefix, broker_url, progress, all_files)
+        result = _enqueue_missing(spec, prefix, totals, broker_url, progress)
+    else:
+        result = _stream_and_enqueue(spec, prefix, broker_url, progress, all_files)
+    progress.mark_queued()
+    return result
 
 
 def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> SubmitResult:
@@ -206,7 +216,7 @@ def resume_job(
     spec = load_job_spec(ref)
     progress = live_progress(redis_client(redis_url), job_id)
     _uncancel(progress)
-    return submit_job(spec, broker_url=broker_url, redis_url=redis_url)
+    return submit_job(spec, broker_url=broker_url, redis_url=redis_url, force=True)
 
 
 def load_job_spec(ref: JobRef) -> JobSpec:
@@ -262,6 +272,7 @@ def retry_failed(
     if shards:  # recount live progress without the shards being redone (counted once each)
         progress.clear()
         progress.rebuild_from_durable(ref.prefix)
+        progress.mark_queued()
     return RetryResult(job_id, shards, items)
 
 

@@ -127,9 +127,16 @@ def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_file
     shard_file = shard_uri(result.job_prefix, first)
     shard_path = shard_file[len("file://"):] if shard_file.startswith("file://") else shard_file
     stamp = os.stat(shard_path).st_mtime_ns
-    job["redis"].delete(QUEUE)
-    again = submit(job)
-    assert (again.shards_enqueued, again.shards_already_done) == (2, 1)
+    queued = job["redis"].llen(QUEUE)
+    again = submit(job)  # the unfinished shards still have their messages: send no duplicates
+    assert (again.shards_enqueued, again.shards_already_done) == (0, 1)
+    assert job["redis"].llen(QUEUE) == queued
+    job["redis"].delete(QUEUE)  # messages lost: `cutout resume` (force) re-enqueues what is missing
+    from jobs.submit import submit_job
+
+    forced = submit_job(job["spec"], broker_url=job["url"], redis_url=job["url"], force=True)
+    assert (forced.shards_enqueued, forced.shards_already_done) == (2, 1)
+    assert job["redis"].llen(QUEUE) == 2
     assert os.stat(shard_path).st_mtime_ns == stamp
 
 
