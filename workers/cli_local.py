@@ -61,6 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
     pipeline = Pipeline(options, device=args.device)
     items = list(iter_source_items(args.inputs))
     out_dir = Path(args.out).resolve()
+    print(f"model {options.model} loaded in {pipeline.load_models():.1f} s", file=sys.stderr)
     records: list[ItemRecord] = []
     failures: Counter[str] = Counter()
     start = time.perf_counter()
@@ -113,7 +114,7 @@ def _write_run_manifest(out_dir: Path, records) -> None:
 def _print_run_summary(records, failures: Counter, seconds: float, out_dir: Path) -> None:
     done = sum(1 for r in records if r.status == "done")
     print(f"processed {done}, failed {len(records) - done} of {len(records)} "
-          f"in {seconds:.1f} s -> {out_dir}")
+          f"in {seconds:.2f} s -> {out_dir}")
     for error_class, count in failures.most_common():
         print(f"  {count:6d}  {error_class}")
     print(f"per-item records: {out_dir / '_cutout_run.jsonl'}")

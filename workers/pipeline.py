@@ -124,6 +124,15 @@ class Pipeline:
 
         return get_model_spec(self.options.model).ensemble_sizes or (None,)
 
+    def load_models(self) -> float:
+        """Load every segmenter this pipeline uses now rather than on the first image; seconds."""
+        from workers.segment import get_segmenter
+
+        start = time.perf_counter()
+        for size in self.seg_sizes:
+            get_segmenter(self.options.model_copy(update={"seg_size": size}), device=self.device)
+        return time.perf_counter() - start
+
     def segment_raw(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """The model's soft masks, averaged over ``seg_sizes``."""
         per_size = [self.segment_at(images, size) for size in self.seg_sizes]
