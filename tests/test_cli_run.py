@@ -88,3 +88,27 @@ def test_run_refuses_conflicting_options(tmp_path):
     result = _run(str(photo), "--out", str(tmp_path / "o"), "--format", "jpeg")
     assert result.returncode == 1
     assert "jpeg cannot carry transparency" in result.stderr
+
+
+def test_run_uses_hand_made_trimaps_from_a_folder(tmp_path):
+    """A trimap that declares the whole left half background wins over the model's mask."""
+    photos, trimaps, out = tmp_path / "photos", tmp_path / "trimaps", tmp_path / "out"
+    (photos / "set").mkdir(parents=True)
+    (trimaps / "set").mkdir(parents=True)
+    (photos / "set" / "disk.png").write_bytes(_disk_png())
+    (photos / "other.png").write_bytes(_disk_png())  # no trimap: the automatic one
+    trimap = np.full((90, 120), 128, np.uint8)
+    trimap[:, :60] = 0
+    trimap[40:50, 85:95] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(trimap).save(buffer, format="PNG")
+    (trimaps / "set" / "disk.png").write_bytes(buffer.getvalue())
+    result = _run(str(photos), "--out", str(out), "--model", "threshold", "--no-progress",
+                  "--trimaps", str(trimaps))
+    assert result.returncode == 0, result.stderr
+    with Image.open(out / "set" / "disk.png") as guided, Image.open(out / "other.png") as auto:
+        guided_alpha = np.asarray(guided)[..., 3]
+        auto_alpha = np.asarray(auto)[..., 3]
+    assert (guided_alpha[:, :60] == 0).all()  # the trimap's background is honoured
+    assert auto_alpha[:, 30:60].max() == 255  # ...where the automatic mask kept the disk
+    assert guided_alpha[45, 90] == 255

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     run = subparsers.add_parser("run", help="remove backgrounds from local files and folders")
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     run.add_argument("--out", required=True, help="output folder (relative paths are mirrored)")
+    run.add_argument("--trimaps", metavar="DIR",
+                     help="hand-made trimaps: DIR/<input's relative path, .png> (0 bg, 128 unknown, 255 fg)")
     run.add_argument("--batch-size", type=int, default=4)
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     run.add_argument("--no-progress", action="store_true")
@@ -73,7 +75,8 @@ def run_command(args: argparse.Namespace) -> int:
                 loaded.append((item, read_bytes(item.uri, max_bytes=512 * 1024 * 1024)))
             except CutoutError as exc:
                 records_batch.append(_failed_record(item.uri, exc))
-        outcomes = pipeline.process_batch([(item.uri, data) for item, data in loaded])
+        trimaps = [_user_trimap(args.trimaps, item.rel_key) for item, _ in loaded]
+        outcomes = pipeline.process_batch([(item.uri, data) for item, data in loaded], trimaps)
         for (item, _), outcome in zip(loaded, outcomes):
             if outcome.ok:
                 target = output_uri(str(out_dir), item.rel_key, options.extension)
@@ -95,6 +98,14 @@ def run_command(args: argparse.Namespace) -> int:
     _write_run_manifest(out_dir, records)
     _print_run_summary(records, failures, time.perf_counter() - start, out_dir)
     return PARTIAL_FAILURE_EXIT if failures else 0
+
+
+def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:
+    """The trimap for one input, if the user gave a folder and it holds one."""
+    if not folder:
+        return None
+    path = (Path(folder) / rel_key).with_suffix(".png")
+    return path.read_bytes() if path.is_file() else None
 
 
 def _failed_record(uri: str, error, timings=None):

@@ -252,10 +252,16 @@ class Pipeline:
             results.append(result)
         return results
 
-    def process_batch(self, items: list[tuple[str, bytes]]) -> list[ItemOutcome]:
-        """Bytes in, encoded outputs out; every item gets an outcome, good or bad."""
+    def process_batch(
+        self, items: list[tuple[str, bytes]], trimaps: list[bytes | None] | None = None
+    ) -> list[ItemOutcome]:
+        """Bytes in, encoded outputs out; every item gets an outcome, good or bad.
+
+        ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap.
+        """
         from workers.decode import decode_image
         from workers.encode import encode_image
+        from workers.trimap import load_trimap
 
         outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
         decoded = {}
@@ -272,7 +278,10 @@ class Pipeline:
         for index, mask in masks.items():
             outcome, image = outcomes[index], decoded[index]
             try:
-                result = self.finish(image.rgb, mask, input_alpha=image.alpha)
+                trimap = None
+                if trimaps and trimaps[index] is not None:
+                    trimap = load_trimap(trimaps[index], shape=image.rgb.shape[:2])
+                result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
                 outcome.timings.update(result.timings)
                 with _Timer(outcome.timings)("encode"):
                     outcome.data = encode_image(
