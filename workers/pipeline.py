@@ -356,10 +356,8 @@ def remove_background(
     """
     from workers.decode import decode_image
 
-    opts = (options or PipelineOptions()).model_copy(update=overrides) if overrides else (
-        options or PipelineOptions()
-    )
-    opts = PipelineOptions.model_validate(opts.model_dump())  # re-validate overrides
+    base = options or PipelineOptions()
+    opts = PipelineOptions(**{**base.model_dump(), **overrides}) if overrides else base
     key = (opts.config_hash(), device)
     pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
     input_alpha = None
