@@ -137,13 +137,14 @@ class WorkerFleet:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[int, Path] = {}
 
-    def start_one(self) -> subprocess.Popen:
+    def start_one(self, pool: str = "solo", queues: str | None = None) -> subprocess.Popen:
         name = f"w{len(self.logs)}-{uuid.uuid4().hex[:6]}@%h"
         log_path = self.log_dir / f"worker-{len(self.logs)}.log"
+        extra = ["--queues", queues] if queues else []
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", "--pool", "solo", "--concurrency", "1",
-                 "--hostname", name, "--loglevel", "INFO"],
+                [sys.executable, "-m", "jobs.cli", "worker", "--pool", pool, "--concurrency", "1",
+                 "--hostname", name, "--loglevel", "INFO", *extra],
                 cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -422,6 +423,56 @@ def test_kill_minus_nine_mid_job_loses_and_duplicates_nothing(fleet, services, b
     assert_exactly_once(records, {f"s3://{source_bucket}/in/{k}" for k in files})
     assert all(r["status"] == "done" for r in records)
     fleet.ensure(2)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (a prefork worker's pool children), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def test_prefork_child_killed_mid_shard_is_redelivered_at_once(fleet, services, bucket):
+    """The production pool: the OOM killer takes a pool child, not the whole worker. With
+    acks_late + reject_on_worker_lost the parent requeues the shard at once (no visibility
+    timeout wait) and a fresh child redoes it."""
+    files = generated_objects(24, side=640, seed=5)
+    source_bucket, dest_bucket = bucket("src"), bucket("dst")
+    upload(source_bucket, "in/", files)
+    spec = make_spec([f"s3://{source_bucket}/in/"], f"s3://{dest_bucket}/out")
+    spec = spec.model_copy(update={"shard_size": 6, "queue": "cutout-prefork-test"})
+    parent = fleet.start_one(pool="prefork", queues="cutout-prefork-test")
+    try:
+        fleet.wait_ready(parent)
+        result = submit(spec, services["redis_url"])
+        deadline = time.monotonic() + 60
+        in_flight: list[str] = []
+        while time.monotonic() < deadline and not in_flight:
+            log = fleet.log(parent)
+            in_flight = [t for t in _received_tasks(log) if t not in _succeeded_tasks(log)]
+            time.sleep(0.02)
+        assert in_flight, f"the prefork worker never held a shard:\n{fleet.log(parent)}"
+        (child,) = _children(parent.pid)
+        os.kill(child, signal.SIGKILL)
+        wait_for_job(result.job_prefix, result.shards_total, fleet)
+        log = fleet.log(parent)
+        assert "exited with 'signal 9 (SIGKILL)'" in log
+        assert _received_tasks(log).count(in_flight[0]) >= 2, "the killed child's shard was not redelivered"
+        assert in_flight[0] in _succeeded_tasks(log)
+        records = read_manifest(result.job_prefix)
+        assert_exactly_once(records, {f"s3://{source_bucket}/in/{k}" for k in files})
+        assert all(r["status"] == "done" for r in records)
+    finally:
+        parent.terminate()
+        parent.wait(timeout=30)
+        fleet.procs.remove(parent)
 
 
 def test_resume_after_redis_flushall_finishes_from_durable_records(fleet, services, bucket):
