@@ -8,6 +8,7 @@ Workers are started and warmed up before the clock starts (a fleet is long-lived
 loads its model once. Prints both wall times and the overhead %; no asserts (goal ≤ 10 %).
 
     python benchmarks/bench_job_throughput.py [--images 200] [--model threshold] [--matting closed-form]
+        [--workers 1,2] [--s3]
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each side (shared machines are noisy)")
     parser.add_argument("--s3", action="store_true", help="bucket to bucket through a local moto server")
+    parser.add_argument("--workers", default="1,2", help="worker counts to time, comma-separated")
     args = parser.parse_args()
     os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".cache" / "numba"))
 
@@ -131,7 +133,7 @@ def main() -> None:
         source, dest = "s3://bench-in/", "s3://bench-out/out"
     timings: dict[int, float] = {}
     try:
-        for count in (1, 2):
+        for count in (int(n) for n in args.workers.split(",")):
             workers = start_workers(env, count, work)
             try:
                 warm_dir = work / f"warm{count}"

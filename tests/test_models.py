@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import subprocess
 import sys
 import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,11 @@ from jobs.spec import PipelineOptions
 from workers.models import registry
 from workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source
 from workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
+from workers.models.weights import locate_weights
 from workers.segment import choose_runtime, translate_oom
 
 EXPECTED_MODELS = {
-    "isnet-general", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
+    "isnet-general", "isnet-general-fp32", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
     "maskrcnn", "threshold", "grabcut",
 }  # fmt: skip
 
@@ -31,7 +35,7 @@ def test_registry_lists_every_family():
     assert PipelineOptions().model in list_models()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
+@pytest.mark.parametrize("name", list_models())  # walks the registry: a new entry is checked too
 def test_every_registered_model_has_complete_metadata(name):
     spec = get_model_spec(name)
     assert spec.name == name and spec.family and spec.description and callable(spec.builder)
@@ -43,6 +47,7 @@ def test_every_registered_model_has_complete_metadata(name):
     assert registry.is_hex_digest(weights.sha256)
     assert len(weights.sha256) == 64 or 8 <= len(weights.sha256) < 64
     assert weights.sources and all(s.startswith(("https://", "npm:")) for s in weights.sources)
+    assert weights.md5 is None or (len(weights.md5) == 32 and registry.is_hex_digest(weights.md5))
     assert weights.licence
     assert weights.input_size >= 64 and spec.input_size == weights.input_size
     assert len(weights.mean) == 3 and len(weights.std) == 3 and all(s > 0 for s in weights.std)
@@ -224,6 +229,56 @@ def test_parse_npm_source():
     assert parse_npm_source(FAKE_PACKAGE) == ("@test/fake-weights@0.0.1", "/models/medium")
     with pytest.raises(ConfigError):
         parse_npm_source("npm:@test/fake-weights@0.0.1")
+
+
+# --- plain https sources (IS-Net's fp32 release, torchvision) -------------------------------------
+@pytest.fixture()
+def served_weights(tmp_path, monkeypatch):
+    """isnet-general-fp32's spec pointed at a file served over HTTP on loopback."""
+    payload = b"fp32 weights " * 500
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "isnet-general-use.onnx").write_bytes(payload)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CUTOUT_MODELS_DIR", str(tmp_path / "models"))
+    spec = get_model_spec("isnet-general-fp32")
+    url = f"http://127.0.0.1:{server.server_address[1]}/isnet-general-use.onnx"
+
+    def pin(sha256: str, md5: str):
+        weights = dataclasses.replace(spec.weights, sources=(url,), sha256=sha256, md5=md5)
+        monkeypatch.setitem(registry._SPECS, spec.name, dataclasses.replace(spec, weights=weights))
+
+    pin(hashlib.sha256(payload).hexdigest(), hashlib.md5(payload).hexdigest())
+    yield payload, pin, tmp_path / "models"
+    server.shutdown()
+
+
+def test_url_source_is_downloaded_and_verified_by_sha256_and_md5(served_weights):
+    payload, _, models = served_weights
+    messages = []
+    path = fetch_model("isnet-general-fp32", notify=messages.append)
+    assert path == models / "isnet-general-use.onnx" and path.read_bytes() == payload
+    assert any("Apache-2.0" in m for m in messages) and any("downloading http://" in m for m in messages)
+    assert locate_weights(get_model_spec("isnet-general-fp32")) == path
+
+
+@pytest.mark.parametrize("wrong", ["sha256", "md5"])
+def test_url_source_with_a_wrong_digest_writes_nothing(served_weights, wrong):
+    payload, pin, models = served_weights
+    sha256, md5 = hashlib.sha256(payload).hexdigest(), hashlib.md5(payload).hexdigest()
+    pin("0" * 64 if wrong == "sha256" else sha256, "0" * 32 if wrong == "md5" else md5)
+    with pytest.raises(WeightsChecksumError, match=f"{wrong} [0-9a-f]+, expected 0000"):
+        fetch_model("isnet-general-fp32")
+    assert not models.exists() or not any(models.glob("*.onnx"))
+
+
+def test_a_file_with_the_right_sha256_but_wrong_md5_is_refused_at_load(served_weights):
+    payload, pin, models = served_weights
+    fetch_model("isnet-general-fp32")
+    pin(hashlib.sha256(payload).hexdigest(), "f" * 32)
+    with pytest.raises(WeightsChecksumError, match="md5 .* cutout models fetch isnet-general-fp32"):
+        locate_weights(get_model_spec("isnet-general-fp32"))
 
 
 # --- CLI ------------------------------------------------------------------------------------------

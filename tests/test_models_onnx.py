@@ -23,6 +23,7 @@ from workers.models.onnx_torch import (
     size_alignment,
     topologically_sorted,
 )
+from workers.models.isnet import mask_output_name
 from workers.segment import clear_segmenter_cache, get_segmenter
 
 EXPORT_SIZE = 64
@@ -218,3 +219,26 @@ def test_isnet_from_models_dir_checks_the_sha(tiny_weights, tmp_path, monkeypatc
     monkeypatch.setitem(registry._SPECS, "isnet-general", patched)
     masks = get_segmenter(PipelineOptions(seg_size=64), device="cpu").predict(_images())
     assert len(masks) == 2
+
+
+def test_an_export_without_an_output_named_output_uses_its_first_output(tiny_weights, tmp_path, monkeypatch):
+    """rembg's fp32 export (isnet-general-fp32) names its outputs by number, the mask first."""
+    renamed = onnx.load(str(tiny_weights))
+    for node in renamed.graph.node:
+        node.output[:] = ["d1" if name == "output" else name for name in node.output]
+    for output in renamed.graph.output:  # the mask first, then the side output
+        output.name = "d1" if output.name == "output" else output.name
+    assert [o.name for o in renamed.graph.output] == ["d1", "side"]
+    assert mask_output_name(renamed) == "d1"
+    side_first = onnx.load(str(tiny_weights))
+    side_first.graph.output.reverse()
+    assert mask_output_name(side_first) == "output"  # a named mask wins over the order
+    path = tmp_path / "renamed.onnx"
+    onnx.save(renamed, str(path))
+    monkeypatch.setenv("CUTOUT_RUNTIME", "onnxruntime")
+    original = get_segmenter(PipelineOptions(weights=str(tiny_weights), seg_size=64), device="cpu")
+    fp32 = get_segmenter(
+        PipelineOptions(model="isnet-general-fp32", weights=str(path), seg_size=64), device="cpu"
+    )
+    for a, b in zip(original.predict(_images()), fp32.predict(_images())):
+        np.testing.assert_allclose(a, b, atol=1e-6)

