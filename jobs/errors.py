@@ -74,6 +74,13 @@ class OutOfMemoryError(ModelError):
     permanent = False
 
 
+class WorkerCrashError(CutoutError):
+    """The worker process died (native crash, OOM killer) each time this input was on the model
+    alone; it is recorded instead of taking its shard down with it forever."""
+
+    stage = "pipeline"
+
+
 # --- storage ---------------------------------------------------------------------------------
 class StorageError(CutoutError):
     stage = "storage"

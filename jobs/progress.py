@@ -9,9 +9,12 @@ of inactivity:
   completions list  "time items" of the latest finished shards (for the rate)
   workers     zset  worker -> last heartbeat time
   cancel      flag
+  inflight    hash  shard id -> JSON {worker, uris}: the inputs on the model now (cleared after)
+  crashes:<shard> hash  input -> times a worker died with it alone on the model (0: in a batch)
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,6 +45,24 @@ return added
 """
 
 
+# A marker left in ``inflight`` means the attempt that set it died with that batch on the model:
+# take it (so it is counted once) and charge each of its inputs; return the shard's history.
+# KEYS: inflight, crashes  ARGV: shard, ttl
+_CRASH_HISTORY_SCRIPT = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local uris = cjson.decode(raw)['uris']
+  local alone = (#uris == 1) and 1 or 0
+  for _, uri in ipairs(uris) do
+    redis.call('HINCRBY', KEYS[2], uri, alone)
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return redis.call('HGETALL', KEYS[2])
+"""
+
+
 @dataclass
 class ProgressSnapshot:
     total: int  # inputs in the job (0 until submit has set it)
@@ -69,6 +90,7 @@ class LiveProgress:
         self.job_id = job_id
         self.ttl_s = ttl_s
         self._finish = redis_client.register_script(_FINISH_SCRIPT)
+        self._crash_history = redis_client.register_script(_CRASH_HISTORY_SCRIPT)
 
     def key(self, name: str) -> str:
         return f"cutout:job:{self.job_id}:{name}"
@@ -106,6 +128,30 @@ class LiveProgress:
 
     def cancel(self) -> None:
         self.redis.set(self.key("cancel"), "1", ex=self.ttl_s)
+
+    # --- inputs that kill workers (see workers.shard.CrashGuard) ------------------------------------
+    def batch_on_model(self, shard_id: str, uris: list[str], worker: str = "?") -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key("inflight"), shard_id, json.dumps({"worker": worker, "uris": uris}))
+        pipe.expire(self.key("inflight"), self.ttl_s)
+        pipe.execute()
+
+    def batch_off_model(self, shard_id: str) -> None:
+        self.redis.hdel(self.key("inflight"), shard_id)
+
+    def crash_history(self, shard_id: str) -> dict[str, int]:
+        """Inputs of this shard that were on the model when an attempt died, each with how
+        often it was there alone. Consumes the marker a dead attempt left (counted once)."""
+        flat = self._crash_history(keys=[self.key("inflight"), self.key(f"crashes:{shard_id}")],
+                                   args=[shard_id, self.ttl_s])
+        return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    def forget_crashes(self, shard_id: str) -> None:
+        """A user retry starts the shard's crash history afresh."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key(f"crashes:{shard_id}"))
+        pipe.hdel(self.key("inflight"), shard_id)
+        pipe.execute()
 
     def is_cancelled(self) -> bool:
         return bool(self.redis.exists(self.key("cancel")))

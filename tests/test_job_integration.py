@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -470,6 +471,67 @@ def test_prefork_child_killed_mid_shard_is_redelivered_at_once(fleet, services, 
         assert_exactly_once(records, {f"s3://{source_bucket}/in/{k}" for k in files})
         assert all(r["status"] == "done" for r in records)
     finally:
+        parent.terminate()
+        parent.wait(timeout=30)
+        fleet.procs.remove(parent)
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    """Incompressible pixels: slow enough to encode that the input stays on the model a while."""
+    return _png(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+class PoisonKiller(threading.Thread):
+    """Stands in for a decoder segfault or the OOM killer: SIGKILLs the worker process whose
+    in-flight mark (Redis) holds an input named ``poison``, once per process."""
+
+    def __init__(self, redis_url: str, job_id: str):
+        super().__init__(daemon=True)
+        import redis
+
+        self.redis = redis.Redis.from_url(redis_url)
+        self.key = f"cutout:job:{job_id}:inflight"
+        self.killed: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.002):
+            for raw in self.redis.hvals(self.key):
+                entry = json.loads(raw)
+                pid = int(entry["worker"].rsplit(":", 1)[1])
+                if any("poison" in uri for uri in entry["uris"]) and pid not in self.killed:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+
+
+def test_an_input_that_kills_its_worker_is_recorded_and_its_neighbours_finish(fleet, services, bucket):
+    """Without isolation such an input would take its shard down on every redelivery, forever."""
+    files = generated_objects(11, side=64, seed=13)
+    files["generated/00/poison.png"] = _noise_png(900, seed=1)
+    source_bucket, dest_bucket = bucket("src"), bucket("dst")
+    upload(source_bucket, "in/", files)
+    spec = make_spec([f"s3://{source_bucket}/in/"], f"s3://{dest_bucket}/out")
+    spec = spec.model_copy(update={"shard_size": 6, "queue": "cutout-poison-test"})
+    parent = fleet.start_one(pool="prefork", queues="cutout-poison-test")
+    killer = None
+    try:
+        fleet.wait_ready(parent)
+        result = submit(spec, services["redis_url"])
+        killer = PoisonKiller(services["redis_url"], result.job_id)
+        killer.start()
+        wait_for_job(result.job_prefix, result.shards_total, fleet)
+        # died once in a batch (its neighbours then ran alone), twice alone: then recorded
+        assert len(killer.killed) == 3, f"kills: {killer.killed}\n{fleet.log(parent)}"
+        records = read_manifest(result.job_prefix)
+        assert_exactly_once(records, {f"s3://{source_bucket}/in/{k}" for k in files})
+        by_key = {r["input_uri"].split("/in/", 1)[1]: r for r in records}
+        poison = by_key.pop("generated/00/poison.png")
+        assert (poison["status"], poison["error_class"], poison["stage"]) == ("failed", "WorkerCrashError", "pipeline")
+        assert poison["output_uris"] == [] and "died 2 times" in poison["error"]
+        assert all(r["status"] == "done" for r in by_key.values()), by_key
+    finally:
+        if killer is not None:
+            killer.stop.set()
         parent.terminate()
         parent.wait(timeout=30)
         fleet.procs.remove(parent)

@@ -179,6 +179,25 @@ def test_workers_cancel_and_ttl(redis_client):
     assert redis_client.keys("cutout:job:job43:*") == []
 
 
+def test_crash_history_counts_each_dead_attempt_once(redis_client):
+    progress = LiveProgress(redis_client, "job45", ttl_s=1000)
+    assert progress.crash_history("s000000") == {}
+    progress.batch_on_model("s000000", ["a.png", "b.png"])
+    progress.batch_off_model("s000000")  # a batch that finished: no crash
+    assert progress.crash_history("s000000") == {}
+
+    progress.batch_on_model("s000000", ["a.png", "b.png"])  # the attempt dies here
+    assert progress.crash_history("s000000") == {"a.png": 0, "b.png": 0}  # suspects, not alone
+    assert progress.crash_history("s000000") == {"a.png": 0, "b.png": 0}  # read twice, counted once
+    progress.batch_on_model("s000000", ["b.png"])  # the next attempt dies with b alone
+    progress.batch_on_model("s000001", ["c.png"])  # another shard's marker is its own
+    assert progress.crash_history("s000000") == {"a.png": 0, "b.png": 1}
+    assert 0 < redis_client.ttl(progress.key("crashes:s000000")) <= 1000
+    progress.forget_crashes("s000000")
+    assert progress.crash_history("s000000") == {}
+    assert progress.crash_history("s000001") == {"c.png": 1}
+
+
 def test_rate_and_eta(redis_client, monkeypatch):
     import jobs.progress as progress_module
 

@@ -178,6 +178,61 @@ def test_a_transient_write_error_fails_the_shard_without_a_done_marker(job, monk
     assert manifest.read_shard_records(result.job_prefix, first) == []
 
 
+def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job, monkeypatch):
+    """What SIGKILLed attempts leave behind (their in-flight marks), replayed by hand."""
+    from jobs import manifest
+    from jobs.progress import LiveProgress
+    from workers import shard as shard_module
+    from workers.pipeline import Pipeline
+
+    batch_sizes: list[int] = []
+    real_process_batch = Pipeline.process_batch
+
+    def logged_process_batch(self, inputs):
+        batch_sizes.append(len(inputs))
+        return real_process_batch(self, inputs)
+
+    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
+    monkeypatch.setattr(shard_module, "MAX_ITEM_CRASHES", 2)
+    result = submit(job)
+    progress = LiveProgress(job["redis"], result.job_id)
+    first, second = manifest.all_shard_ids(result.job_prefix)[:2]
+
+    def attempt(shard_id, **kwargs):
+        batch_sizes.clear()
+        shard_module.process_shard(result.job_prefix, shard_id, worker_name="test", progress=progress, **kwargs)
+        return {r.input_uri: r for r in manifest.read_shard_records(result.job_prefix, shard_id)}
+
+    def ok(uri: str) -> bool:
+        return Path(uri).name not in job["bad"]
+
+    # an attempt died with three inputs on the model: they run alone, the fourth as usual
+    uris = [item.uri for item in read_shard_items(result.job_prefix, first)]
+    progress.batch_on_model(first, uris[:3])
+    records = attempt(first)
+    assert batch_sizes == [1, 1, 1, 1]
+    assert all((records[u].status == "done") == ok(u) for u in uris)
+    assert progress.crash_history(first) == {u: 0 for u in uris[:3]}
+
+    # attempts died twice with one input alone on the model: it is recorded, not run again
+    uris = [item.uri for item in read_shard_items(result.job_prefix, second)]
+    for _ in range(2):
+        progress.batch_on_model(second, [uris[0]])
+        progress.crash_history(second)  # what the next attempt reads when it starts
+    records = attempt(second)
+    assert batch_sizes == [3]
+    assert records[uris[0]].status == "failed" and records[uris[0]].error_class == "WorkerCrashError"
+    assert records[uris[0]].stage == "pipeline" and "died 2 times" in records[uris[0]].error
+    assert all((records[u].status == "done") == ok(u) for u in uris[1:])
+
+    # the user retries it: the crash history is forgotten and the input runs
+    records = attempt(second, redo_failed=True, error_class="WorkerCrashError")
+    assert batch_sizes == [1] and len(records) == 4
+    assert (records[uris[0]].status == "done") == ok(uris[0])
+    assert records[uris[0]].error_class != "WorkerCrashError"
+    assert progress.crash_history(second) == {}
+
+
 def read_shard_items(prefix: str, shard_id: str):
     from jobs import sharding
 

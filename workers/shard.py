@@ -19,10 +19,7 @@ from typing import Callable, Iterator, TypeVar
 from redis.exceptions import RedisError
 
 from jobs import manifest, sharding, storage
-from jobs.errors import (
-    CutoutError,
-    TransientStorageError,
-)
+from jobs.errors import CutoutError, TransientStorageError, WorkerCrashError
 from jobs.records import CappedCounter, ItemRecord, ShardStats
 from jobs.spec import JobSpec
 
@@ -33,7 +30,9 @@ T = TypeVar("T")
 BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
 MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))
 IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes per shard
-ITEM_STORAGE_ATTEMPTS = 3  # transient storage errors on one item, before the shard is retried
+ITEM_STORAGE_ATTEMPTS = 3
+# Times a worker may die with one input alone on the model before that input is recorded failed.
+MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))  # transient storage errors on one item, before the shard is retried
 HEARTBEAT_INTERVAL_S = float(os.environ.get("CUTOUT_HEARTBEAT_INTERVAL", "5"))
 
 _SPECS: dict[str, JobSpec] = {}
@@ -102,9 +101,12 @@ def process_shard(
     started = time.time()
     if progress is not None:
         _safe(lambda: progress.shard_started(shard_id, worker_name))
+        if redo_failed:
+            _safe(lambda: progress.forget_crashes(shard_id))
+    guard = CrashGuard.for_shard(progress, shard_id, worker_name)
     with heartbeat(progress, worker_name):
         todo = [item for item in shard.items if item.uri not in kept]
-        fresh = _process_items(spec, shard_id, todo, worker_name)
+        fresh = _process_items(spec, shard_id, todo, worker_name, guard)
     records = [kept.get(item.uri) or fresh[item.uri] for item in shard.items]
     stats = _shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
@@ -119,7 +121,61 @@ def _wants_redo(record: ItemRecord, error_class: str | None) -> bool:
     return error_class is None or record.error_class == error_class
 
 
-def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str) -> dict[str, ItemRecord]:
+class CrashGuard:
+    """Keeps an input that kills the worker process (a native crash in a decoder, the OOM
+    killer) from taking its shard, and so its neighbours, down on every redelivery.
+
+    Each batch is marked in Redis while it is on the model and unmarked after; a mark found
+    when the shard starts again means the last attempt died with that batch. Its inputs then
+    run one at a time, and one that was alone on the model at ``MAX_ITEM_CRASHES`` deaths is
+    recorded as failed (``WorkerCrashError``). Best effort: without Redis nothing is isolated.
+    Two live workers on one shard (a visibility timeout shorter than the shard) can mistake
+    each other's marks for deaths, one more reason to keep that timeout above the slowest shard.
+    """
+
+    def __init__(self, progress=None, shard_id: str = "", worker: str = "?",
+                 history: dict[str, int] | None = None):
+        self.progress = progress
+        self.shard_id = shard_id
+        self.worker = worker
+        self.history = history or {}
+
+    @classmethod
+    def for_shard(cls, progress, shard_id: str, worker: str) -> "CrashGuard":
+        if progress is None:
+            return cls()
+        history = _safe(lambda: progress.crash_history(shard_id), default={}) or {}
+        if history:
+            log.warning("shard %s: earlier attempts died with %d input(s) on the model; "
+                        "running them one at a time", shard_id, len(history))
+        return cls(progress, shard_id, worker, history)
+
+    def crashes(self, uri: str) -> int:
+        return self.history.get(uri, 0)
+
+    def batches(self, items: list) -> list[list]:
+        """Suspects alone, the rest in BATCH_SIZE batches (condemned inputs are not batched)."""
+        suspects = [item for item in items if item.uri in self.history and self.crashes(item.uri) < MAX_ITEM_CRASHES]
+        normal = [item for item in items if item.uri not in self.history]
+        return [[item] for item in suspects] + [normal[i : i + BATCH_SIZE] for i in range(0, len(normal), BATCH_SIZE)]
+
+    def condemned(self, items: list) -> list:
+        return [item for item in items if self.crashes(item.uri) >= MAX_ITEM_CRASHES]
+
+    @contextmanager
+    def on_model(self, uris: list[str]) -> Iterator[None]:
+        if self.progress is None:
+            yield
+            return
+        _safe(lambda: self.progress.batch_on_model(self.shard_id, uris, self.worker))
+        try:
+            yield
+        finally:  # a SIGKILL skips this: the mark stays, and the next attempt reads it
+            _safe(lambda: self.progress.batch_off_model(self.shard_id))
+
+
+def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
+                   guard: CrashGuard | None = None) -> dict[str, ItemRecord]:
     """Read, run and write in batches, with storage I/O overlapping the model.
 
     While batch i runs through the pipeline, batch i+1 is downloaded and batch i-1's outputs
@@ -127,8 +183,15 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str) -> dic
     bounded by about three batches. A transient storage error on any item fails the shard
     (it is retried whole, nothing of it recorded); a permanent one fails only that item.
     """
+    guard = guard or CrashGuard()
     records: dict[str, ItemRecord] = {}
-    batches = [items[start : start + BATCH_SIZE] for start in range(0, len(items), BATCH_SIZE)]
+    for item in guard.condemned(items):
+        record = records[item.uri] = _base_record(spec, shard_id, item, worker_name)
+        _mark_failed(record, WorkerCrashError(
+            f"{item.uri}: the worker process died {guard.crashes(item.uri)} times while this input "
+            "was alone on the model (a crash in a decoder or the model, or the OOM killer); not retried"
+        ), default_stage="pipeline")
+    batches = guard.batches(items)
     if not batches:
         return records
     with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cutout-io") as io_pool:
@@ -151,7 +214,9 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str) -> dic
                     _mark_failed(record, exc, default_stage="read")
             writes = []
             if readable:
-                outcomes = get_pipeline(spec).process_batch([(item.uri, data) for item, data, _ in readable])
+                pipeline = get_pipeline(spec)  # loading the model is not the inputs' fault
+                with guard.on_model([item.uri for item, _, _ in readable]):
+                    outcomes = pipeline.process_batch([(item.uri, data) for item, data, _ in readable])
                 writes = [
                     io_pool.submit(_apply_outcome, spec, item, record, outcome)
                     for (item, _, record), outcome in zip(readable, outcomes)
