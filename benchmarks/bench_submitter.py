@@ -52,8 +52,8 @@ def main() -> None:
     print(f"submit wall time:  {seconds:.1f} s ({result.items_total / seconds:,.0f} URIs/s)")
     print(f"messages in queue: {queued:,}")
     print(f"peak RSS:          {peak:.0f} MB (python + imports before submit: {rss_before:.0f} MB)")
-    print(f"resubmit (no work): {resubmit_s:.1f} s, {again.shards_enqueued:,} shards re-enqueued "
-          "(none done, so all again; a finished job enqueues 0)")
+    print(f"resubmit:          {resubmit_s:.1f} s, {again.shards_enqueued:,} shards re-enqueued "
+          "(the job is still queued: its messages are in the broker, none is sent twice)")
 
 
 if __name__ == "__main__":
