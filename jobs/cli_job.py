@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     retry = subparsers.add_parser("retry-failed", help="reprocess failed inputs only")
     _add_job_args(retry)
     retry.add_argument("--error-class", default=None, help="only failures of this class, e.g. TransientStorageError")
+    retry.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
+                       help="only this failed input (repeatable), as the manifest names it")
     retry.set_defaults(func=cmd_retry_failed)
 
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
@@ -192,7 +194,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     from jobs.submit import retry_failed
 
     result = retry_failed(
-        args.job, error_class=args.error_class, destination=args.dest,
+        args.job, error_class=args.error_class, inputs=tuple(args.inputs), destination=args.dest,
         broker_url=args.broker, redis_url=args.redis,
     )
     print(f"job {result.job_id}: {result.items_to_retry} failed inputs in {result.shards_enqueued} shards re-enqueued")

@@ -88,11 +88,14 @@ def send_process_shard(
     queue: str,
     redo_failed: bool = False,
     error_class: str | None = None,
+    inputs: list[str] | None = None,
     producer=None,
 ) -> None:
-    """Enqueue one shard; the message carries references only, never image bytes."""
+    """Enqueue one shard; the message carries references only, never image bytes (a retry
+    names the failed input URIs to redo)."""
     kwargs: dict = {"job_prefix": job_prefix, "shard_id": shard_id}
     if redo_failed:
         kwargs["redo_failed"] = True
         kwargs["error_class"] = error_class
+        kwargs["inputs"] = inputs
     app.send_task(TASK_PROCESS_SHARD, kwargs=kwargs, queue=queue, producer=producer)

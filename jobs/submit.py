@@ -241,39 +241,62 @@ def retry_failed(
     job_id: str,
     *,
     error_class: str | None = None,
+    inputs: tuple[str, ...] = (),
     destination: str | None = None,
     broker_url: str | None = None,
     redis_url: str | None = None,
 ) -> RetryResult:
-    """Reprocess only the failed inputs (optionally of one error class) in their own shards.
+    """Reprocess only the failed inputs (optionally of one error class, or just ``inputs``) in
+    their own shards.
 
     Each affected shard loses its done-marker and is re-enqueued with ``redo_failed``: the worker
-    keeps the shard's good records and redoes the failed ones, so the manifest still lists each
-    input exactly once, with its latest status.
+    keeps the shard's good records and redoes the chosen failed ones, so the manifest still lists
+    each input exactly once, with its latest status. Nothing is changed when one of ``inputs``
+    is not a failed input of the job.
     """
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     spec = load_job_spec(ref)
+    plan = _plan_retry(ref.prefix, error_class, set(inputs))
     client = redis_client(redis_url)
     progress = live_progress(client, job_id)
     app = submitter_app(broker_url or default_broker_url())
-    shards = items = 0
     with app.producer_or_acquire() as producer:
-        for stats in manifest.iter_shard_stats(ref.prefix):
-            wanted = _failures_matching(stats, error_class)
-            if not wanted:
-                continue
-            storage.delete(stats_uri(ref.prefix, stats.shard_id))  # the shard is not done again
+        for shard_id, shard_inputs in plan.items():
+            storage.delete(stats_uri(ref.prefix, shard_id))  # the shard is not done again
             send_process_shard(
-                app, ref.prefix, stats.shard_id, queue=spec.queue, redo_failed=True,
-                error_class=error_class, producer=producer,
+                app, ref.prefix, shard_id, queue=spec.queue, redo_failed=True,
+                error_class=error_class, inputs=shard_inputs if inputs else None, producer=producer,
             )
-            shards += 1
-            items += wanted
-    if shards:  # recount live progress without the shards being redone (counted once each)
+    if plan:  # recount live progress without the shards being redone (counted once each)
         progress.clear()
         progress.rebuild_from_durable(ref.prefix)
         progress.mark_queued()
-    return RetryResult(job_id, shards, items)
+    items = sum(len(shard_inputs) for shard_inputs in plan.values())
+    return RetryResult(job_id, len(plan), items)
+
+
+def _plan_retry(prefix: str, error_class: str | None, inputs: set[str]) -> dict[str, list[str]]:
+    """Shard id -> the failed inputs to redo there (all of them, for a whole-class retry)."""
+    plan: dict[str, list[str]] = {}
+    for stats in manifest.iter_shard_stats(prefix):
+        if not _failures_matching(stats, error_class):
+            continue
+        chosen = [
+            record.input_uri
+            for record in manifest.read_shard_records(prefix, stats.shard_id)
+            if record.status == "failed" and (error_class is None or record.error_class == error_class)
+            and (not inputs or record.input_uri in inputs)
+        ]
+        if chosen:
+            plan[stats.shard_id] = chosen
+    missing = inputs - {uri for chosen in plan.values() for uri in chosen}
+    if missing:
+        raise ConfigError(
+            f"not failed inputs of this job{f' with error class {error_class}' if error_class else ''}: "
+            f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''} "
+            "(give input URIs exactly as the manifest lists them)"
+        )
+    return plan
 
 
 def _failures_matching(stats: ShardStats, error_class: str | None) -> int:

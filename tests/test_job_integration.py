@@ -346,41 +346,51 @@ def test_resubmitting_a_finished_job_does_no_work(finished_bucket_job, services,
     assert stamps() == before
 
 
-def test_retry_failed_after_fixing_an_input_reprocesses_only_failures(finished_bucket_job, services, fleet):
+def test_retry_failed_after_fixing_an_input_reprocesses_only_that_input(finished_bucket_job, services, fleet):
     from jobs.storage import s3_client
     from jobs.submit import retry_failed
 
     job = finished_bucket_job
     prefix = job["result"].job_prefix
     client = s3_client()
-    good_outputs = {
-        o["Key"]: o["LastModified"]
-        for o in client.list_objects_v2(Bucket=job["dest_bucket"], Prefix="out/photos/")["Contents"]
-    }
+
+    def outputs() -> dict[str, object]:
+        listing = client.list_objects_v2(Bucket=job["dest_bucket"], Prefix="out/photos/")["Contents"]
+        return {o["Key"]: o["LastModified"] for o in listing}
+
+    good_outputs = outputs()
+    failed_before = {r["input_uri"]: r for r in read_manifest(prefix) if r["status"] == "failed"}
     fixed_key = "bad/truncated_jpeg.jpg"
+    fixed_uri = job["source"] + fixed_key
     fixed_image = generated_objects(1, seed=99)["generated/00/object_000.png"]
     source_bucket = job["source"].split("/")[2]
     client.put_object(Bucket=source_bucket, Key=f"in/{fixed_key}", Body=_jpeg(np.asarray(Image.open(io.BytesIO(fixed_image)))))
+    urls = {"redis_url": services["redis_url"], "broker_url": services["redis_url"]}
 
-    nothing = retry_failed(job["result"].job_id, error_class="NoSuchErrorClass", redis_url=services["redis_url"],
-                           broker_url=services["redis_url"])
+    nothing = retry_failed(job["result"].job_id, error_class="NoSuchErrorClass", **urls)
     assert nothing.shards_enqueued == 0
-    result = retry_failed(job["result"].job_id, redis_url=services["redis_url"], broker_url=services["redis_url"])
-    assert result.items_to_retry == len(job["bad"])
+    result = retry_failed(job["result"].job_id, inputs=(fixed_uri,), **urls)
+    assert (result.items_to_retry, result.shards_enqueued) == (1, 1)
     wait_for_job(prefix, job["result"].shards_total, fleet)
 
     records = read_manifest(prefix)
     assert_exactly_once(records, {job["source"] + key for key in job["files"]})
     by_uri = {r["input_uri"]: r for r in records}
-    assert by_uri[job["source"] + fixed_key]["status"] == "done"
+    assert by_uri[fixed_uri]["status"] == "done"
     assert client.head_object(Bucket=job["dest_bucket"], Key="out/bad/truncated_jpeg.png")
-    still_bad = [k for k in job["bad"] if k != fixed_key]
-    assert all(by_uri[job["source"] + k]["status"] == "failed" for k in still_bad)
-    after = {
-        o["Key"]: o["LastModified"]
-        for o in client.list_objects_v2(Bucket=job["dest_bucket"], Prefix="out/photos/")["Contents"]
-    }
-    assert after == good_outputs, "good outputs were rewritten by retry-failed"
+    for uri, before in failed_before.items():  # the other failures were not run again
+        if uri != fixed_uri:
+            assert by_uri[uri] == before, uri
+    assert outputs() == good_outputs, "good outputs were rewritten by retry-failed"
+
+    everything = retry_failed(job["result"].job_id, **urls)  # all remaining failures, once more
+    assert everything.items_to_retry == len(job["bad"]) - 1
+    wait_for_job(prefix, job["result"].shards_total, fleet)
+    records = read_manifest(prefix)
+    assert_exactly_once(records, {job["source"] + key for key in job["files"]})
+    by_uri = {r["input_uri"]: r for r in records}
+    assert all(by_uri[job["source"] + k]["status"] == "failed" for k in job["bad"] if k != fixed_key)
+    assert by_uri[fixed_uri]["status"] == "done" and outputs() == good_outputs
 
 
 _TASK_EVENT = re.compile(r"cutout\.process_shard\[([0-9a-f-]+)\] (received|succeeded)")

@@ -291,6 +291,33 @@ def test_retry_failed_redoes_failed_items_and_keeps_each_input_once(job):
     assert all(r.worker == "test" for r in untouched), "good items were reprocessed"
 
 
+def test_retry_failed_for_named_inputs_redoes_only_those(job):
+    from jobs import manifest
+    from jobs.errors import ConfigError
+    from jobs.submit import retry_failed
+    from workers.shard import process_shard
+
+    result = submit(job)
+    run_all_shards(result.job_prefix)
+    job["redis"].delete(QUEUE)
+    failed = sorted(r.input_uri for r in manifest.iter_records(result.job_prefix) if r.status == "failed")
+    assert len(failed) == 2
+    with pytest.raises(ConfigError, match="not failed inputs of this job: /nowhere.png"):
+        retry_failed(result.job_id, inputs=(failed[0], "/nowhere.png"), redis_url=job["url"], broker_url=job["url"])
+    assert job["redis"].llen(QUEUE) == 0  # refused before anything changed
+    assert manifest.done_shard_ids(result.job_prefix) == set(manifest.all_shard_ids(result.job_prefix))
+
+    retry = retry_failed(result.job_id, inputs=(failed[0],), redis_url=job["url"], broker_url=job["url"])
+    assert (retry.items_to_retry, retry.shards_enqueued) == (1, 1)
+    (kwargs,) = [message_kwargs(m) for m in job["redis"].lrange(QUEUE, 0, -1)]
+    assert kwargs["inputs"] == [failed[0]] and kwargs["redo_failed"] is True
+    process_shard(result.job_prefix, kwargs["shard_id"], worker_name="retry", redo_failed=True,
+                  inputs=kwargs["inputs"])
+    by_uri = {r.input_uri: r for r in manifest.iter_records(result.job_prefix)}
+    assert by_uri[failed[0]].worker == "retry"
+    assert all(r.worker == "test" for uri, r in by_uri.items() if uri != failed[0])
+
+
 def test_cancelled_job_skips_its_shards(job):
     from jobs.submit import cancel_job, live_progress
     from workers.shard import process_shard

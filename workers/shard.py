@@ -78,12 +78,14 @@ def process_shard(
     attempt: int = 1,
     redo_failed: bool = False,
     error_class: str | None = None,
+    inputs: list[str] | None = None,
     progress=None,
 ) -> ShardRun:
     """Run one shard end to end and write its durable records; safe to call any number of times.
 
     ``redo_failed`` reprocesses only the items that failed last time (optionally only those of
-    ``error_class``) and keeps every other record, so the shard still lists each input once.
+    ``error_class``, or only ``inputs``) and keeps every other record, so the shard still lists
+    each input once.
     """
     spec = load_spec_cached(job_prefix)
     if progress is not None and _safe(progress.is_cancelled, default=False):
@@ -96,7 +98,7 @@ def process_shard(
         kept = {
             record.input_uri: record
             for record in manifest.read_shard_records(job_prefix, shard_id)
-            if not _wants_redo(record, error_class)
+            if not _wants_redo(record, error_class, inputs)
         }
     started = time.time()
     if progress is not None:
@@ -115,8 +117,10 @@ def process_shard(
     return ShardRun(shard_id, stats)
 
 
-def _wants_redo(record: ItemRecord, error_class: str | None) -> bool:
+def _wants_redo(record: ItemRecord, error_class: str | None, inputs: list[str] | None) -> bool:
     if record.status != "failed":
+        return False
+    if inputs and record.input_uri not in inputs:
         return False
     return error_class is None or record.error_class == error_class
 

@@ -49,7 +49,7 @@ def live_progress(job_id: str):
     max_retries=int(os.environ.get("CUTOUT_TASK_MAX_RETRIES", "10")),
 )
 def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool = False,
-                       error_class: str | None = None) -> dict:
+                       error_class: str | None = None, inputs: list[str] | None = None) -> dict:
     worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
     try:
         spec = load_spec_cached(job_prefix)
@@ -60,6 +60,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
             attempt=self.request.retries + 1,
             redo_failed=redo_failed,
             error_class=error_class,
+            inputs=inputs,
             progress=live_progress(spec.job_id),
         )
     except CutoutError as exc:
