@@ -20,7 +20,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--score-threshold", type=float, default=0.5)
     group.add_argument("--seg-size", type=int, help="model input side (default: the model's)")
     group.add_argument("--refine", default="auto", choices=["auto", "none", "grabcut"],
-                       help="GrabCut refinement of the mask (auto: on for isnet-general)")
+                       help="GrabCut refinement of the mask (auto: on for the IS-Net models)")
     group.add_argument("--matting", default="closed-form", choices=["none", "closed-form", "knn"])
     group.add_argument("--trimap-band", type=float, default=0.01,
                        help="unknown band half-width as a fraction of the long side")

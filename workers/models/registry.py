@@ -55,10 +55,6 @@ class WeightsSpec:
     notes: str = ""
     md5: str | None = None
 
-    @property
-    def sha256_is_full(self) -> bool:
-        return len(self.sha256) == 64
-
     def digest_mismatch(self, sha256_hex: str, md5_hex: str) -> str | None:
         """What is wrong with a file of these digests, or None when it is the right file."""
         if not sha256_hex.lower().startswith(self.sha256.lower()):
