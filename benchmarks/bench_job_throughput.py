@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each side (shared machines are noisy)")
     parser.add_argument("--s3", action="store_true", help="bucket to bucket through a local moto server")
     parser.add_argument("--workers", default="1,2", help="worker counts to time, comma-separated")
+    parser.add_argument("--s3-latency-ms", type=float, default=0.0,
+                        help="with --s3: delay every worker request to S3 by this much (a far-away store)")
     args = parser.parse_args()
     os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".cache" / "numba"))
 
@@ -126,6 +128,12 @@ def main() -> None:
         env.update(S3_TEST_ENV)
         from jobs.storage import s3_client
 
+        if args.s3_latency_ms:
+            from tests.faultproxy import FaultProxy
+
+            proxy = FaultProxy(moto.endpoint, latency_s=args.s3_latency_ms / 1000).start()
+            services.append(proxy)
+            env["AWS_ENDPOINT_URL"] = proxy.url  # the workers' requests only; uploads here stay fast
         for name in ("bench-in", "bench-out", "bench-warm"):
             s3_client().create_bucket(Bucket=name)
         for path in sorted(inputs.rglob("*.jpg")):
@@ -153,7 +161,8 @@ def main() -> None:
             service.stop()
     shutil.rmtree(work, ignore_errors=True)
     print(f"images: {items} ({args.side}px wide), model {args.model}, matting {args.matting}, "
-          f"storage {'s3 (moto)' if args.s3 else 'file://'}, shard size {args.shard_size}")
+          f"storage {'s3 (moto)' if args.s3 else 'file://'}"
+          f"{f' +{args.s3_latency_ms:g} ms per request' if args.s3_latency_ms else ''}, shard size {args.shard_size}")
     print(f"cutout run (1 process):       {local_s:7.1f} s  {items / local_s:6.2f} img/s")
     for count, job_s in timings.items():
         print(f"job, {count} worker{'s' if count > 1 else ' '} (submit→done): {job_s:7.1f} s  {items / job_s:6.2f} img/s  "

@@ -18,6 +18,7 @@ As a separate process, steered by a JSON control file (re-read whenever it chang
     echo '{"fail_seconds": 5}' > /tmp/ctl.json
 
 ``methods`` and ``path_contains`` narrow which requests fail (e.g. only uploads).
+``latency_s`` (constructor) delays every forwarded request, like a far-away object store.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, port: int = 0, control_file: str | None = None):
+    def __init__(self, upstream: str, *, port: int = 0, control_file: str | None = None,
+                 latency_s: float = 0.0):
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
         self.control_file = control_file
+        self.latency_s = latency_s
         self._lock = threading.Lock()
         self._fail_left = 0
         self._fail_until = 0.0
@@ -156,6 +159,8 @@ class FaultProxy:
                 if proxy._should_fail(self.command, self.path):
                     self._reply(503, [("Content-Type", "application/xml")], SLOWDOWN_BODY)
                     return
+                if proxy.latency_s:
+                    time.sleep(proxy.latency_s)
                 upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
