@@ -1,7 +1,10 @@
 """``cutout worker``: start a Celery worker with sane defaults for this machine.
 
-One pool process per GPU when GPUs are present (each pinned to its own GPU); otherwise about
-one process per two CPU cores, with torch's threads split between them. Importing this module
+One pool process per GPU when GPUs are present (each pinned to its own GPU, round robin), or
+``--processes-per-gpu N`` of them: the CPU stages after the model (refine, matte, foreground,
+encode: about 0.25 s per 800-px photo on one core, docs/results.md) take far longer than a
+GPU's model pass, so several processes per GPU keep it busy. Without GPUs, about one process
+per two CPU cores, with torch's threads split between them. Importing this module
 is cheap: torch is never imported here.
 """
 from __future__ import annotations
@@ -20,6 +23,9 @@ def register(subparsers) -> None:
                         help="comma-separated queues to consume (default: %(default)s)")
     parser.add_argument("--concurrency", "-c", type=int, default=None,
                         help="pool processes (default: one per GPU, else one per 2 CPU cores)")
+    parser.add_argument("--processes-per-gpu", type=int,
+                        default=int(os.environ.get("CUTOUT_PROCESSES_PER_GPU", "1")),
+                        help="pool processes sharing each GPU (default: %(default)s)")
     parser.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork")
     parser.add_argument("--loglevel", "-l", default="INFO")
     parser.add_argument("--hostname", "-n", default=None, help="worker node name (celery -n)")
@@ -41,11 +47,12 @@ def count_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int) -> dict[str, str]:
+def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int,
+                processes_per_gpu: int = 1) -> dict[str, str]:
     """Concurrency and the environment its pool processes inherit."""
     env: dict[str, str] = {}
     if gpu_count > 0:
-        processes = concurrency or gpu_count
+        processes = concurrency or gpu_count * max(1, processes_per_gpu)
         env["CUTOUT_WORKER_GPUS"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(
             str(i) for i in range(gpu_count)
         )
@@ -61,7 +68,7 @@ def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int) -> dict
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    plan = worker_plan(args.concurrency, os.cpu_count() or 1, count_gpus())
+    plan = worker_plan(args.concurrency, os.cpu_count() or 1, count_gpus(), args.processes_per_gpu)
     os.environ.update(plan)
     if args.max_tasks_per_child:
         os.environ["CUTOUT_MAX_TASKS_PER_CHILD"] = str(args.max_tasks_per_child)
