@@ -30,9 +30,9 @@ T = TypeVar("T")
 BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
 MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))
 IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes per shard
-ITEM_STORAGE_ATTEMPTS = 3
+ITEM_STORAGE_ATTEMPTS = 3  # transient storage errors on one item, before the shard is retried
 # Times a worker may die with one input alone on the model before that input is recorded failed.
-MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))  # transient storage errors on one item, before the shard is retried
+MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))
 HEARTBEAT_INTERVAL_S = float(os.environ.get("CUTOUT_HEARTBEAT_INTERVAL", "5"))
 
 _SPECS: dict[str, JobSpec] = {}
@@ -159,7 +159,8 @@ class CrashGuard:
 
     def batches(self, items: list) -> list[list]:
         """Suspects alone, the rest in BATCH_SIZE batches (condemned inputs are not batched)."""
-        suspects = [item for item in items if item.uri in self.history and self.crashes(item.uri) < MAX_ITEM_CRASHES]
+        condemned = {item.uri for item in self.condemned(items)}
+        suspects = [item for item in items if item.uri in self.history and item.uri not in condemned]
         normal = [item for item in items if item.uri not in self.history]
         return [[item] for item in suspects] + [normal[i : i + BATCH_SIZE] for i in range(0, len(normal), BATCH_SIZE)]
 
