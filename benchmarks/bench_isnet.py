@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.spec import PipelineOptions
-from workers.models.isnet import build_isnet
-from workers.models.registry import get_model_spec
-from workers.segment import cpu_threads
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.models.isnet import build_isnet
+from cutout.workers.models.registry import get_model_spec
+from cutout.workers.segment import cpu_threads
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

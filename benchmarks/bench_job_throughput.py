@@ -50,7 +50,7 @@ def run_local(inputs: Path, out: Path, args) -> float:
     """Seconds `cutout run` reports for the images, after its model is loaded (as the workers')."""
     import re
 
-    command = [sys.executable, "-m", "jobs.cli", "run", str(inputs), "--out", str(out), "--no-progress",
+    command = [sys.executable, "-m", "cutout.jobs.cli", "run", str(inputs), "--out", str(out), "--no-progress",
                "--model", args.model, "--matting", args.matting, "--device", "cpu"]
     done = subprocess.run(command, cwd=REPO_ROOT, check=False, capture_output=True, text=True)
     match = re.search(r"of \d+ in ([0-9.]+) s", done.stdout)
@@ -67,7 +67,7 @@ def start_workers(env: dict, count: int, log_dir: Path) -> list[subprocess.Popen
     for i in range(count):
         log = open(log_dir / f"worker-{i}.log", "wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "worker", "--pool", "solo", "--hostname", f"bench{i}@%h",
+            [sys.executable, "-m", "cutout.jobs.cli", "worker", "--pool", "solo", "--hostname", f"bench{i}@%h",
              "--loglevel", "WARNING"],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
@@ -75,7 +75,7 @@ def start_workers(env: dict, count: int, log_dir: Path) -> list[subprocess.Popen
 
 
 def wait_done(prefix: str, total: int, timeout: float = 1800) -> None:
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     deadline = time.monotonic() + timeout
     while len(manifest.done_shard_ids(prefix)) < total:
@@ -85,8 +85,8 @@ def wait_done(prefix: str, total: int, timeout: float = 1800) -> None:
 
 
 def run_job(source: str, dest: str, redis_url: str, args, shard_size: int) -> tuple[float, int]:
-    from jobs.spec import JobSpec, PipelineOptions
-    from jobs.submit import submit_job
+    from cutout.jobs.spec import JobSpec, PipelineOptions
+    from cutout.jobs.submit import submit_job
 
     spec = JobSpec(sources=(source,), destination=dest, shard_size=shard_size,
                    pipeline=PipelineOptions(model=args.model, matting=args.matting))
@@ -126,7 +126,7 @@ def main() -> None:
         services.append(moto)
         os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = moto.endpoint
         env.update(S3_TEST_ENV)
-        from jobs.storage import s3_client
+        from cutout.jobs.storage import s3_client
 
         if args.s3_latency_ms:
             from tests.faultproxy import FaultProxy

@@ -33,8 +33,8 @@ def main() -> None:
             handle.write(f"s3://bench-bucket/photos/{i // 1000:04d}/img_{i:07d}.jpg\n")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    from jobs.spec import JobSpec, PipelineOptions
-    from jobs.submit import submit_job
+    from cutout.jobs.spec import JobSpec, PipelineOptions
+    from cutout.jobs.submit import submit_job
 
     with RedisServer() as redis_server:
         spec = JobSpec(sources=(str(list_file),), destination=(workdir / "out").as_uri(),

@@ -117,6 +117,9 @@ install_python_packages() {
         say "pinned torch not available here; letting pip pick torch and torchvision"
         "${pip[@]}" install torch torchvision
     fi
+    # Before 0.2 the distribution was called "cutout" and put top-level jobs/ and workers/
+    # packages on the path; an old venv must not keep them.
+    "${pip[@]}" uninstall -y cutout >/dev/null 2>&1 || true
     say "installing the project: pip install -e '.[worker,dev]'"
     "${pip[@]}" install -e '.[worker,dev]'
     echo "$want" >"$STAMP"

@@ -14,6 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY workers ./workers
+COPY cutout ./cutout
 # The base install only: the submitter sends tasks by name and never imports torch.
 RUN pip install . \
     && cutout --help >/dev/null

@@ -10,8 +10,8 @@ if [ -n "${CUTOUT_WEIGHTS_URI:-}" ]; then
 import os
 import sys
 
-from jobs import storage
-from workers.models.weights import models_dir, write_atomically
+from cutout.jobs import storage
+from cutout.workers.models.weights import models_dir, write_atomically
 
 for uri in filter(None, (u.strip() for u in sys.argv[1].split(","))):
     target = models_dir() / os.path.basename(uri.rstrip("/"))

@@ -34,6 +34,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY workers ./workers
+COPY cutout ./cutout
 RUN pip install '.[worker]' \
     && if [ -n "$ONNXRUNTIME_PACKAGE" ] && [ "$ONNXRUNTIME_PACKAGE" != onnxruntime ]; then \
          pip uninstall -y onnxruntime && pip install "$ONNXRUNTIME_PACKAGE"; \

@@ -10,10 +10,10 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "workers.cli_local",  # run, eval
-    "workers.models.cli",  # models list|fetch|info
-    "workers.cli_worker",  # worker
-    "jobs.cli_job",  # submit, status, resume, retry-failed, report, cancel
+    "cutout.workers.cli_local",  # run, eval
+    "cutout.workers.models.cli",  # models list|fetch|info
+    "cutout.workers.cli_worker",  # worker
+    "cutout.jobs.cli_job",  # submit, status, resume, retry-failed, report, cancel
 )
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from jobs.errors import CutoutError
+    from cutout.jobs.errors import CutoutError
 
     try:
         return int(args.func(args) or 0)

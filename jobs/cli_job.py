@@ -13,8 +13,8 @@ import time
 
 from pydantic import ValidationError
 
-from jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
-from jobs.errors import ConfigError
+from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
+from cutout.jobs.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -71,7 +71,7 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 
 # --- submit -------------------------------------------------------------------------------------
 def build_spec(args: argparse.Namespace):
-    from jobs.spec import JobSpec
+    from cutout.jobs.spec import JobSpec
 
     pipeline = options_from_args(args)
     try:
@@ -99,7 +99,7 @@ def _local_weights_sha256(weights: str | None) -> str | None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import submit_job
+    from cutout.jobs.submit import submit_job
 
     spec = build_spec(args)
     result = submit_job(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
@@ -115,7 +115,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # --- status -------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    from jobs.submit import find_job, live_progress, redis_client
+    from cutout.jobs.submit import find_job, live_progress, redis_client
 
     ref = find_job(args.job, destination=args.dest, redis_url=args.redis)
     progress = live_progress(redis_client(args.redis), ref.job_id)
@@ -131,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _error_classes(ref) -> dict[str, int]:
     """Failure classes from the durable stats (Redis keeps counts by status only)."""
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     return manifest.summarise(ref.prefix).error_classes
 
@@ -180,7 +180,7 @@ def _watch(ref, progress, interval: float) -> int:
 
 # --- resume / retry / cancel --------------------------------------------------------------------
 def cmd_resume(args: argparse.Namespace) -> int:
-    from jobs.submit import resume_job
+    from cutout.jobs.submit import resume_job
 
     result = resume_job(args.job, destination=args.dest, broker_url=args.broker, redis_url=args.redis)
     print(
@@ -191,7 +191,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from jobs.submit import retry_failed
+    from cutout.jobs.submit import retry_failed
 
     result = retry_failed(
         args.job, error_class=args.error_class, inputs=tuple(args.inputs), destination=args.dest,
@@ -202,7 +202,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from jobs.submit import cancel_job
+    from cutout.jobs.submit import cancel_job
 
     ref = cancel_job(args.job, destination=args.dest, redis_url=args.redis)
     print(f"job {ref.job_id} cancelled; `cutout resume {ref.job_id}` starts it again")
@@ -211,7 +211,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 # --- report -------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from jobs.submit import job_report
+    from cutout.jobs.submit import job_report
 
     report = job_report(args.job, destination=args.dest, redis_url=args.redis,
                         manifest_format=args.manifest_format)

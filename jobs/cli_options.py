@@ -1,6 +1,6 @@
 """Pipeline options on the command line, shared by ``run``, ``eval`` and ``submit``.
 
-Flag names match ``jobs.spec.PipelineOptions`` fields; validation errors become ConfigError.
+Flag names match ``cutout.jobs.spec.PipelineOptions`` fields; validation errors become ConfigError.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 
 from pydantic import ValidationError
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from jobs.spec import PipelineOptions
+    from cutout.jobs.spec import PipelineOptions
 
     fields = {
         "model": args.model, "classes": args.classes, "weights": args.weights,

@@ -4,7 +4,7 @@ Layout under ``job_prefix`` (= ``DEST/_cutout/jobs/<job_id>``)::
 
     spec.json                the JobSpec
     totals.json              number of inputs and shards, written by submit
-    shards/<shard>.jsonl     inputs of each shard (jobs.sharding)
+    shards/<shard>.jsonl     inputs of each shard (cutout.jobs.sharding)
     records/<shard>.jsonl    one ItemRecord per input
     stats/<shard>.json       ShardStats, written after the records: the shard's done-marker
     manifest.jsonl|parquet   every record in shard order, assembled at the end
@@ -20,11 +20,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from jobs import storage
-from jobs.errors import NotFoundError
-from jobs.records import ItemRecord, ShardStats
-from jobs.sharding import shard_index
-from jobs.spec import JobSpec
+from cutout.jobs import storage
+from cutout.jobs.errors import NotFoundError
+from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.sharding import shard_index
+from cutout.jobs.spec import JobSpec
 
 TOP_ERRORS_LIMIT = 20
 OTHER_MESSAGES = "(other messages)"
@@ -161,7 +161,7 @@ def _write_parquet(records: Iterator[ItemRecord], path: str, batch_size: int = 1
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:
-        from jobs.errors import ConfigError
+        from cutout.jobs.errors import ConfigError
 
         raise ConfigError("a parquet manifest needs pyarrow: pip install 'cutout[parquet]'") from exc
     schema = _parquet_schema()

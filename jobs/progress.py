@@ -129,7 +129,7 @@ class LiveProgress:
     def cancel(self) -> None:
         self.redis.set(self.key("cancel"), "1", ex=self.ttl_s)
 
-    # --- inputs that kill workers (see workers.shard.CrashGuard) ------------------------------------
+    # --- inputs that kill workers (see cutout.workers.shard.CrashGuard) ------------------------------------
     def batch_on_model(self, shard_id: str, uris: list[str], worker: str = "?") -> None:
         pipe = self.redis.pipeline()
         pipe.hset(self.key("inflight"), shard_id, json.dumps({"worker": worker, "uris": uris}))
@@ -203,7 +203,7 @@ class LiveProgress:
         Uses the same count-once script as workers, so it is safe while workers are running
         and when run twice. Returns the number of shards newly counted.
         """
-        from jobs import manifest
+        from cutout.jobs import manifest
 
         totals = manifest.load_totals(job_prefix)
         if totals is not None:

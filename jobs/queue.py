@@ -1,7 +1,7 @@
 """The queue contract shared by the submitter and the workers: broker settings and task names.
 
 The submitter builds a light Celery app from this module and sends tasks *by name*, so it
-never imports ``workers`` (or torch). ``workers.celery_app`` builds the worker's app from the
+never imports ``workers`` (or torch). ``cutout.workers.celery_app`` builds the worker's app from the
 same configuration, so both sides always agree on serialisation, queues and timeouts.
 """
 from __future__ import annotations

@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from jobs import storage
-from jobs.errors import StorageError, UnsafeKeyError
-from jobs.sources import SourceItem
+from cutout.jobs import storage
+from cutout.jobs.errors import StorageError, UnsafeKeyError
+from cutout.jobs.sources import SourceItem
 
 CONTROL_PREFIX = "_cutout"
 SHARD_ID_WIDTH = 6

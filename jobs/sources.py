@@ -35,8 +35,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from jobs import storage
-from jobs.errors import ConfigError, NotFoundError
+from cutout.jobs import storage
+from cutout.jobs.errors import ConfigError, NotFoundError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 LIST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl", ".parquet"})

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 
 MattingMethod = Literal["none", "closed-form", "knn"]
 OutputFormat = Literal["png", "webp", "webp-lossy", "jpeg"]

@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
-from jobs.errors import (
+from cutout.jobs.errors import (
     InputTooLargeError,
     NotFoundError,
     StorageError,

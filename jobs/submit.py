@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import redis
 
-from jobs import manifest, sharding, storage
-from jobs.errors import ConfigError, NotFoundError
-from jobs.queue import broker_url as default_broker_url
-from jobs.queue import redis_url as default_redis_url
-from jobs.queue import send_process_shard, submitter_app
-from jobs.records import ShardStats
-from jobs.sources import iter_source_items
-from jobs.spec import JobSpec
+from cutout.jobs import manifest, sharding, storage
+from cutout.jobs.errors import ConfigError, NotFoundError
+from cutout.jobs.queue import broker_url as default_broker_url
+from cutout.jobs.queue import redis_url as default_redis_url
+from cutout.jobs.queue import send_process_shard, submitter_app
+from cutout.jobs.records import ShardStats
+from cutout.jobs.sources import iter_source_items
+from cutout.jobs.spec import JobSpec
 
 JOB_INDEX_KEY = "cutout:job-destinations"  # hash: job id → destination
 PROGRESS_EVERY_SHARDS = 200
@@ -54,7 +54,7 @@ def redis_client(url: str | None = None) -> redis.Redis:
 
 
 def live_progress(client: redis.Redis, job_id: str):
-    from jobs.progress import LiveProgress
+    from cutout.jobs.progress import LiveProgress
 
     return LiveProgress(client, job_id)
 

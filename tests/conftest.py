@@ -84,7 +84,7 @@ def s3_endpoint(s3_server) -> str:
 @pytest.fixture
 def bucket(s3_server):
     """Factory: ``bucket()`` creates a fresh, empty bucket and returns its name."""
-    from jobs.storage import s3_client
+    from cutout.jobs.storage import s3_client
 
     def make(prefix: str = "test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -40,7 +40,7 @@ def _make_tree(root: Path) -> None:
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "run", *args], cwd=REPO, env=env,
+        [sys.executable, "-m", "cutout.jobs.cli", "run", *args], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300,
     )
 

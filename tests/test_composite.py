@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.errors import ConfigError
-from jobs.spec import Background
+from cutout.jobs.errors import ConfigError
+from cutout.jobs.spec import Background
 from tests import images
-from workers.composite import composite, cover_fit
-from workers.foreground import estimate_foreground
+from cutout.workers.composite import composite, cover_fit
+from cutout.workers.foreground import estimate_foreground
 
 RED, BLUE = (220, 30, 30), (20, 40, 200)
 
@@ -86,7 +86,7 @@ def test_naive_blur_would_bleed():
     """The measurement above can fail: blurring the whole image puts red next to the subject."""
     import cv2
 
-    from workers.composite import blur_sigma
+    from cutout.workers.composite import blur_sigma
 
     rgb, alpha = _scene()
     sigma = blur_sigma(rgb.shape[:2], 200)

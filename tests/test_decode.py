@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import ImageFile
 
-from jobs.errors import (
+from cutout.jobs.errors import (
     ConfigError,
     DecodeError,
     EmptyInputError,
@@ -15,7 +15,7 @@ from jobs.errors import (
     UnsupportedImageError,
 )
 from tests import images
-from workers.decode import decode_image
+from cutout.workers.decode import decode_image
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.errors import ConfigError, EncodeError
+from cutout.jobs.errors import ConfigError, EncodeError
 from tests import images
-from workers.encode import encode_image
+from cutout.workers.encode import encode_image
 
 
 def _arrays():

@@ -43,7 +43,7 @@ JOB_TIMEOUT_S = 150
 
 
 def pipeline_options(**overrides):
-    from jobs.spec import PipelineOptions
+    from cutout.jobs.spec import PipelineOptions
 
     return PipelineOptions(model="threshold", matting="none", max_pixels=MAX_PIXELS, **overrides)
 
@@ -144,7 +144,7 @@ class WorkerFleet:
         extra = ["--queues", queues] if queues else []
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", "--pool", pool, "--concurrency", "1",
+                [sys.executable, "-m", "cutout.jobs.cli", "worker", "--pool", pool, "--concurrency", "1",
                  "--hostname", name, "--loglevel", "INFO", *extra],
                 cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -216,7 +216,7 @@ def fleet(services, tmp_path_factory):
 
 # --- helpers -----------------------------------------------------------------------------------
 def new_bucket(prefix: str) -> str:
-    from jobs.storage import s3_client
+    from cutout.jobs.storage import s3_client
 
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
@@ -224,7 +224,7 @@ def new_bucket(prefix: str) -> str:
 
 
 def upload(bucket: str, prefix: str, files: dict[str, bytes]) -> None:
-    from jobs.storage import s3_client
+    from cutout.jobs.storage import s3_client
 
     client = s3_client()
     for key, data in files.items():
@@ -232,20 +232,20 @@ def upload(bucket: str, prefix: str, files: dict[str, bytes]) -> None:
 
 
 def make_spec(sources, destination, **pipeline_overrides):
-    from jobs.spec import JobSpec
+    from cutout.jobs.spec import JobSpec
 
     return JobSpec(sources=tuple(sources), destination=destination,
                    pipeline=pipeline_options(**pipeline_overrides), shard_size=8)
 
 
 def submit(spec, redis_url):
-    from jobs.submit import submit_job
+    from cutout.jobs.submit import submit_job
 
     return submit_job(spec, broker_url=redis_url, redis_url=redis_url)
 
 
 def shards_done(prefix: str) -> int:
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     return sum(1 for _ in manifest.done_shard_ids(prefix))
 
@@ -260,7 +260,7 @@ def wait_for_job(prefix: str, shards_total: int, fleet: WorkerFleet, timeout: fl
 
 
 def read_manifest(prefix: str) -> list[dict]:
-    from jobs import manifest, storage
+    from cutout.jobs import manifest, storage
 
     uri = manifest.assemble_manifest(prefix, fmt="jsonl")
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
@@ -295,8 +295,8 @@ def finished_bucket_job(fleet, services):
 
 
 def test_bucket_to_bucket_job_accounts_for_every_input(finished_bucket_job):
-    from jobs import storage
-    from workers.pipeline import Pipeline
+    from cutout.jobs import storage
+    from cutout.workers.pipeline import Pipeline
 
     job = finished_bucket_job
     records = read_manifest(job["result"].job_prefix)
@@ -328,7 +328,7 @@ def test_bucket_to_bucket_job_accounts_for_every_input(finished_bucket_job):
 
 
 def test_resubmitting_a_finished_job_does_no_work(finished_bucket_job, services, fleet):
-    from jobs.storage import s3_client
+    from cutout.jobs.storage import s3_client
 
     job = finished_bucket_job
     client = s3_client()
@@ -347,8 +347,8 @@ def test_resubmitting_a_finished_job_does_no_work(finished_bucket_job, services,
 
 
 def test_retry_failed_after_fixing_an_input_reprocesses_only_that_input(finished_bucket_job, services, fleet):
-    from jobs.storage import s3_client
-    from jobs.submit import retry_failed
+    from cutout.jobs.storage import s3_client
+    from cutout.jobs.submit import retry_failed
 
     job = finished_bucket_job
     prefix = job["result"].job_prefix
@@ -565,7 +565,7 @@ def test_resume_after_redis_flushall_finishes_from_durable_records(fleet, servic
 
     env = {**os.environ, "CUTOUT_BROKER_URL": services["redis_url"], "CUTOUT_REDIS_URL": services["redis_url"]}
     resumed = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "resume", result.job_id, "--dest", spec.destination],
+        [sys.executable, "-m", "cutout.jobs.cli", "resume", result.job_id, "--dest", spec.destination],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -575,7 +575,7 @@ def test_resume_after_redis_flushall_finishes_from_durable_records(fleet, servic
     assert all(r["status"] == "done" for r in records)
 
     report = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "report", result.job_id, "--json"],
+        [sys.executable, "-m", "cutout.jobs.cli", "report", result.job_id, "--json"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert report.returncode == 0, report.stderr
@@ -611,18 +611,18 @@ def test_local_file_job_through_the_cli(fleet, services, tmp_path):
         (source / key).write_bytes(data)
     env = {**os.environ, "CUTOUT_BROKER_URL": services["redis_url"], "CUTOUT_REDIS_URL": services["redis_url"]}
     submitted = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "submit", source.as_uri() + "/", "--to", dest.as_uri(),
+        [sys.executable, "-m", "cutout.jobs.cli", "submit", source.as_uri() + "/", "--to", dest.as_uri(),
          "--model", "threshold", "--matting", "none", "--max-pixels", str(MAX_PIXELS), "--shard-size", "6"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split()[0]
-    from jobs import manifest
-    from jobs.sharding import job_prefix
+    from cutout.jobs import manifest
+    from cutout.jobs.sharding import job_prefix
 
     prefix = job_prefix(dest.as_uri(), job_id)
     wait_for_job(prefix, manifest.load_totals(prefix)[1], fleet)
-    status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", job_id], cwd=REPO_ROOT, env=env,
+    status = subprocess.run([sys.executable, "-m", "cutout.jobs.cli", "status", job_id], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert f"{len(files)}/{len(files)} inputs" in status.stdout

@@ -1,4 +1,4 @@
-"""jobs.manifest (durable records, local and S3) and jobs.progress (live, real redis-server)."""
+"""cutout.jobs.manifest (durable records, local and S3) and cutout.jobs.progress (live, real redis-server)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from jobs import manifest, sharding, storage
-from jobs.errors import NotFoundError
-from jobs.progress import LiveProgress
-from jobs.records import ItemRecord, ShardStats
-from jobs.spec import JobSpec
+from cutout.jobs import manifest, sharding, storage
+from cutout.jobs.errors import NotFoundError
+from cutout.jobs.progress import LiveProgress
+from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.spec import JobSpec
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -199,7 +199,7 @@ def test_crash_history_counts_each_dead_attempt_once(redis_client):
 
 
 def test_rate_and_eta(redis_client, monkeypatch):
-    import jobs.progress as progress_module
+    import cutout.jobs.progress as progress_module
 
     clock = [1000.0]
     monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])

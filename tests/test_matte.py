@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.errors import ConfigError, MattingError
-from workers import matte
-from workers.matte import estimate_alpha
+from cutout.jobs.errors import ConfigError, MattingError
+from cutout.workers import matte
+from cutout.workers.matte import estimate_alpha
 
 
 def _synthetic(height: int = 60, width: int = 120):
@@ -109,7 +109,7 @@ def _alphamatting(name: str):
 
 @pytest.mark.parametrize("name", ["GT01", "GT02"])
 def test_closed_form_beats_naive_alpha_on_real_photos(name):
-    from workers.trimap import normalise_trimap
+    from cutout.workers.trimap import normalise_trimap
 
     rgb, raw_trimap, truth = _alphamatting(name)
     trimap = normalise_trimap(raw_trimap, shape=rgb.shape[:2])

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import ConfigError, MissingWeightsError, OutOfMemoryError, WeightsChecksumError
-from jobs.spec import PipelineOptions
-from workers.models import registry
-from workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source
-from workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
-from workers.models.weights import locate_weights
-from workers.segment import choose_runtime, translate_oom
+from cutout.jobs.errors import ConfigError, MissingWeightsError, OutOfMemoryError, WeightsChecksumError
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.models import registry
+from cutout.workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source
+from cutout.workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
+from cutout.workers.models.weights import locate_weights
+from cutout.workers.segment import choose_runtime, translate_oom
 
 EXPECTED_MODELS = {
     "isnet-general", "isnet-general-fp32", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
@@ -284,9 +284,9 @@ def test_a_file_with_the_right_sha256_but_wrong_md5_is_refused_at_load(served_we
 # --- CLI ------------------------------------------------------------------------------------------
 def test_models_cli_lists_and_describes_without_importing_torch(tmp_path):
     code = (
-        "import sys, jobs.cli\n"
-        "assert jobs.cli.main(['models', 'list']) == 0\n"
-        "assert jobs.cli.main(['models', 'info', 'isnet-general']) == 0\n"
+        "import sys, cutout.jobs.cli\n"
+        "assert cutout.jobs.cli.main(['models', 'list']) == 0\n"
+        "assert cutout.jobs.cli.main(['models', 'info', 'isnet-general']) == 0\n"
         "assert 'torch' not in sys.modules, 'models CLI imported torch'\n"
     )
     result = subprocess.run(

@@ -14,17 +14,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from jobs.errors import ModelError, WeightsChecksumError
-from jobs.spec import PipelineOptions
-from workers.models import registry
-from workers.models.onnx_torch import (
+from cutout.jobs.errors import ModelError, WeightsChecksumError
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.models import registry
+from cutout.workers.models.onnx_torch import (
     OnnxGraphModule,
     prepared_for_onnxruntime,
     size_alignment,
     topologically_sorted,
 )
-from workers.models.isnet import mask_output_name
-from workers.segment import clear_segmenter_cache, get_segmenter
+from cutout.workers.models.isnet import mask_output_name
+from cutout.workers.segment import clear_segmenter_cache, get_segmenter
 
 EXPORT_SIZE = 64
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.errors import ConfigError
-from jobs.spec import PipelineOptions
-from workers.models.maskrcnn import COCO_CATEGORIES, build_maskrcnn_module, collapse_instances
-from workers.models.torchvision_semantic import VOC_CATEGORIES, build_torchvision_module
-from workers.segment import clear_segmenter_cache, get_segmenter
+from cutout.jobs.errors import ConfigError
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.models.maskrcnn import COCO_CATEGORIES, build_maskrcnn_module, collapse_instances
+from cutout.workers.models.torchvision_semantic import VOC_CATEGORIES, build_torchvision_module
+from cutout.workers.segment import clear_segmenter_cache, get_segmenter
 
 SEMANTIC = ["deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3"]
 

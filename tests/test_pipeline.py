@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.errors import MattingError, OutOfMemoryError
-from jobs.spec import PipelineOptions
+from cutout.jobs.errors import MattingError, OutOfMemoryError
+from cutout.jobs.spec import PipelineOptions
 from tests import images
-from workers import pipeline as pipeline_module
-from workers.pipeline import Pipeline, remove_background
+from cutout.workers import pipeline as pipeline_module
+from cutout.workers.pipeline import Pipeline, remove_background
 
 
 def disk_on_plain(height: int = 120, width: int = 160) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_matting_failure_falls_back_to_the_mask_with_a_note(monkeypatch):
     def broken(*args, **kwargs):
         raise MattingError("solver diverged")
 
-    monkeypatch.setattr("workers.matte.estimate_alpha", broken)
+    monkeypatch.setattr("cutout.workers.matte.estimate_alpha", broken)
     rgb, _ = disk_on_plain()
     (outcome,) = Pipeline(THRESHOLD).process_batch([("disk", png(rgb))])
     assert outcome.ok
@@ -164,7 +164,7 @@ def test_out_of_memory_retries_one_by_one_at_a_smaller_size(monkeypatch):
         calls.append((options.seg_size, device))
         return _FlakyDevice(options)
 
-    monkeypatch.setattr("workers.segment.get_segmenter", fake_get_segmenter)
+    monkeypatch.setattr("cutout.workers.segment.get_segmenter", fake_get_segmenter)
     rgb, _ = disk_on_plain()
     masks = Pipeline(PipelineOptions(model="threshold", seg_size=1024)).segment_raw([rgb, rgb])
     assert len(masks) == 2 and all(m.shape == rgb.shape[:2] for m in masks)
@@ -183,7 +183,7 @@ def test_remove_background_accepts_arrays_paths_and_bytes(tmp_path):
 
 
 def test_remove_background_rejects_bad_arrays():
-    from jobs.errors import ConfigError
+    from cutout.jobs.errors import ConfigError
 
     with pytest.raises(ConfigError):
         remove_background(np.zeros((4, 4), np.float32), model="threshold")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.spec import PipelineOptions
-from workers.pipeline import Pipeline
-from workers.refine import refine_with_grabcut
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.pipeline import Pipeline
+from cutout.workers.refine import refine_with_grabcut
 
 
 def _scene(seed: int = 0):

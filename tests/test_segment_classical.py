@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from jobs.errors import ConfigError
-from jobs.spec import PipelineOptions
-from workers.segment import Segmenter, get_segmenter
+from cutout.jobs.errors import ConfigError
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.segment import Segmenter, get_segmenter
 
 
 def _disk_scene(seed: int, background=(235, 238, 240), subject=(180, 40, 60), height=240, width=320):

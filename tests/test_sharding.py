@@ -1,4 +1,4 @@
-"""jobs.sharding: safe, deterministic, collision-free output keys and shard files."""
+"""cutout.jobs.sharding: safe, deterministic, collision-free output keys and shard files."""
 from __future__ import annotations
 
 import itertools
@@ -6,9 +6,9 @@ import posixpath
 
 import pytest
 
-from jobs import sharding, storage
-from jobs.errors import UnsafeKeyError
-from jobs.sources import SourceItem
+from cutout.jobs import sharding, storage
+from cutout.jobs.errors import UnsafeKeyError
+from cutout.jobs.sources import SourceItem
 
 DEST = "s3://out-bucket/results"
 

@@ -1,4 +1,4 @@
-"""jobs.sources: folders, globs, S3 prefixes and list files, in a stable order."""
+"""cutout.jobs.sources: folders, globs, S3 prefixes and list files, in a stable order."""
 from __future__ import annotations
 
 import csv
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from jobs import storage
-from jobs.errors import ConfigError
-from jobs.sources import SourceItem, iter_source_items, rel_key_for_uri
+from cutout.jobs import storage
+from cutout.jobs.errors import ConfigError
+from cutout.jobs.sources import SourceItem, iter_source_items, rel_key_for_uri
 
 
 def _touch(root, *names):

@@ -1,4 +1,4 @@
-"""jobs.storage against real backends: local files, moto's S3 server (through a fault proxy
+"""cutout.jobs.storage against real backends: local files, moto's S3 server (through a fault proxy
 when faults are needed) and a local HTTP server."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs import storage
-from jobs.errors import InputTooLargeError, NotFoundError, StorageError, TransientStorageError
+from cutout.jobs import storage
+from cutout.jobs.errors import InputTooLargeError, NotFoundError, StorageError, TransientStorageError
 
 
 @pytest.fixture(params=["path", "file-uri", "s3"])

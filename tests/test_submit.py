@@ -1,7 +1,7 @@
 """The submitter and the plain shard function, on a real redis-server and local files (no workers).
 
 Messages stay in the Redis queue (nobody consumes them); shards are run by calling
-``workers.shard.process_shard`` directly, which is exactly what the Celery task does.
+``cutout.workers.shard.process_shard`` directly, which is exactly what the Celery task does.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def write_inputs(folder: Path, good: int, bad: dict[str, bytes]) -> list[Path]:
 
 @pytest.fixture
 def job(tmp_path, redis_client, redis_url):
-    from jobs.spec import JobSpec, PipelineOptions
+    from cutout.jobs.spec import JobSpec, PipelineOptions
 
     source = tmp_path / "in"
     bad = {"empty.png": images.empty_bytes(), "text.jpg": images.text_file()}
@@ -57,20 +57,20 @@ def job(tmp_path, redis_client, redis_url):
 
 
 def submit(job):
-    from jobs.submit import submit_job
+    from cutout.jobs.submit import submit_job
 
     return submit_job(job["spec"], broker_url=job["url"], redis_url=job["url"])
 
 
 def run_all_shards(prefix: str, **kwargs) -> list:
-    from jobs import manifest
-    from workers.shard import process_shard
+    from cutout.jobs import manifest
+    from cutout.workers.shard import process_shard
 
     return [process_shard(prefix, shard_id, worker_name="test", **kwargs) for shard_id in manifest.all_shard_ids(prefix)]
 
 
 def test_submit_writes_shards_and_enqueues_references_only(job):
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     result = submit(job)
     assert (result.items_total, result.shards_total, result.shards_enqueued) == (12, 3, 3)
@@ -94,7 +94,7 @@ def message_kwargs(raw: bytes) -> dict:
 
 
 def test_shard_runs_once_and_resubmit_does_no_work(job):
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     result = submit(job)
     runs = run_all_shards(result.job_prefix)
@@ -120,9 +120,9 @@ def test_shard_runs_once_and_resubmit_does_no_work(job):
 
 def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
     """The next batch downloads during the current batch's model pass (storage made slow here)."""
-    from jobs import manifest, storage
-    from workers import shard as shard_module
-    from workers.pipeline import Pipeline
+    from cutout.jobs import manifest, storage
+    from cutout.workers import shard as shard_module
+    from cutout.workers.pipeline import Pipeline
 
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
@@ -160,9 +160,9 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
 
 
 def test_a_transient_write_error_fails_the_shard_without_a_done_marker(job, monkeypatch):
-    from jobs import manifest, storage
-    from jobs.errors import TransientStorageError
-    from workers import shard as shard_module
+    from cutout.jobs import manifest, storage
+    from cutout.jobs.errors import TransientStorageError
+    from cutout.workers import shard as shard_module
 
     real_write = storage.write_bytes
 
@@ -183,10 +183,10 @@ def test_a_transient_write_error_fails_the_shard_without_a_done_marker(job, monk
 
 def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job, monkeypatch):
     """What SIGKILLed attempts leave behind (their in-flight marks), replayed by hand."""
-    from jobs import manifest
-    from jobs.progress import LiveProgress
-    from workers import shard as shard_module
-    from workers.pipeline import Pipeline
+    from cutout.jobs import manifest
+    from cutout.jobs.progress import LiveProgress
+    from cutout.workers import shard as shard_module
+    from cutout.workers.pipeline import Pipeline
 
     batch_sizes: list[int] = []
     real_process_batch = Pipeline.process_batch
@@ -237,15 +237,15 @@ def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job,
 
 
 def read_shard_items(prefix: str, shard_id: str):
-    from jobs import sharding
+    from cutout.jobs import sharding
 
     return sharding.read_shard(prefix, shard_id).items
 
 
 def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_files(job):
-    from jobs import manifest
-    from jobs.sharding import shard_uri
-    from workers.shard import process_shard
+    from cutout.jobs import manifest
+    from cutout.jobs.sharding import shard_uri
+    from cutout.workers.shard import process_shard
 
     result = submit(job)
     first = manifest.all_shard_ids(result.job_prefix)[0]
@@ -258,7 +258,7 @@ def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_file
     assert (again.shards_enqueued, again.shards_already_done) == (0, 1)
     assert job["redis"].llen(QUEUE) == queued
     job["redis"].delete(QUEUE)  # messages lost: `cutout resume` (force) re-enqueues what is missing
-    from jobs.submit import submit_job
+    from cutout.jobs.submit import submit_job
 
     forced = submit_job(job["spec"], broker_url=job["url"], redis_url=job["url"], force=True)
     assert (forced.shards_enqueued, forced.shards_already_done) == (2, 1)
@@ -267,8 +267,8 @@ def test_partial_job_resubmit_enqueues_only_missing_shards_and_reuses_shard_file
 
 
 def test_retry_failed_redoes_failed_items_and_keeps_each_input_once(job):
-    from jobs import manifest
-    from jobs.submit import retry_failed
+    from cutout.jobs import manifest
+    from cutout.jobs.submit import retry_failed
 
     result = submit(job)
     run_all_shards(result.job_prefix)
@@ -281,7 +281,7 @@ def test_retry_failed_redoes_failed_items_and_keeps_each_input_once(job):
     kwargs = [message_kwargs(m) for m in job["redis"].lrange(QUEUE, 0, -1)]
     assert len(kwargs) == retry.shards_enqueued
     assert all(k["redo_failed"] is True and k["error_class"] is None for k in kwargs)
-    from workers.shard import process_shard
+    from cutout.workers.shard import process_shard
 
     for shard_id in sorted(set(manifest.all_shard_ids(result.job_prefix)) - manifest.done_shard_ids(result.job_prefix)):
         process_shard(result.job_prefix, shard_id, worker_name="retry", redo_failed=True)
@@ -295,10 +295,10 @@ def test_retry_failed_redoes_failed_items_and_keeps_each_input_once(job):
 
 
 def test_retry_failed_for_named_inputs_redoes_only_those(job):
-    from jobs import manifest
-    from jobs.errors import ConfigError
-    from jobs.submit import retry_failed
-    from workers.shard import process_shard
+    from cutout.jobs import manifest
+    from cutout.jobs.errors import ConfigError
+    from cutout.jobs.submit import retry_failed
+    from cutout.workers.shard import process_shard
 
     result = submit(job)
     run_all_shards(result.job_prefix)
@@ -322,13 +322,13 @@ def test_retry_failed_for_named_inputs_redoes_only_those(job):
 
 
 def test_cancelled_job_skips_its_shards(job):
-    from jobs.submit import cancel_job, live_progress
-    from workers.shard import process_shard
+    from cutout.jobs.submit import cancel_job, live_progress
+    from cutout.workers.shard import process_shard
 
     result = submit(job)
     cancel_job(result.job_id, redis_url=job["url"])
     progress = live_progress(job["redis"], result.job_id)
-    from jobs import manifest
+    from cutout.jobs import manifest
 
     first = manifest.all_shard_ids(result.job_prefix)[0]
     run = process_shard(result.job_prefix, first, worker_name="test", progress=progress)
@@ -336,8 +336,8 @@ def test_cancelled_job_skips_its_shards(job):
 
 
 def test_job_lookup_without_redis_needs_the_destination(job):
-    from jobs.errors import NotFoundError
-    from jobs.submit import find_job, resume_job
+    from cutout.jobs.errors import NotFoundError
+    from cutout.jobs.submit import find_job, resume_job
 
     result = submit(job)
     job["redis"].flushall()
@@ -354,10 +354,10 @@ def test_cutout_submit_never_imports_torch(job):
     spec = job["spec"]
     code = (
         "import sys\n"
-        "from jobs.cli import main\n"
+        "from cutout.jobs.cli import main\n"
         f"rc = main(['submit', {spec.sources[0]!r}, '--to', {spec.destination!r}, '--model', 'threshold',"
         f" '--matting', 'none', '--broker', {job['url']!r}, '--redis', {job['url']!r}])\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'pymatting', 'workers.pipeline') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'pymatting', 'cutout.workers.pipeline') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
         "sys.exit(rc)\n"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 from tests import images
-from workers.trimap import band_radius, load_trimap, make_trimap, normalise_trimap
+from cutout.workers.trimap import band_radius, load_trimap, make_trimap, normalise_trimap
 
 
 def _disc_mask(size: int = 200, radius: int = 60) -> np.ndarray:

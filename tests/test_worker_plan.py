@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from workers.cli_worker import worker_plan
+from cutout.workers.cli_worker import worker_plan
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ def test_explicit_concurrency_wins():
 
 
 def test_pool_processes_are_pinned_to_gpus_round_robin(monkeypatch):
-    from workers.celery_app import _pin_gpu
+    from cutout.workers.celery_app import _pin_gpu
 
     monkeypatch.setenv("CUTOUT_WORKER_GPUS", "0,1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # so the pins below are undone after the test

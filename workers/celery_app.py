@@ -1,6 +1,6 @@
-"""The worker's Celery app: ``celery -A workers.celery_app worker`` (or ``cutout worker``).
+"""The worker's Celery app: ``celery -A cutout.workers.celery_app worker`` (or ``cutout worker``).
 
-Configuration comes from ``jobs.queue`` so the submitter and the workers cannot disagree.
+Configuration comes from ``cutout.jobs.queue`` so the submitter and the workers cannot disagree.
 Each pool process pins itself to one GPU when the worker was started with a GPU list.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ import os
 
 from celery.signals import worker_process_init
 
-from jobs.queue import make_app
+from cutout.jobs.queue import make_app
 
 log = logging.getLogger(__name__)
 
-app = make_app(include=("workers.tasks",))
+app = make_app(include=("cutout.workers.tasks",))
 if os.environ.get("CUTOUT_MAX_TASKS_PER_CHILD"):
     app.conf.worker_max_tasks_per_child = int(os.environ["CUTOUT_MAX_TASKS_PER_CHILD"])
 

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from jobs.cli_options import add_pipeline_arguments, options_from_args
+from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
 
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
 
@@ -52,12 +52,12 @@ def _batches(items, size: int):
 def run_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from jobs.errors import CutoutError
-    from jobs.records import ItemRecord
-    from jobs.sharding import output_uri
-    from jobs.sources import iter_source_items
-    from jobs.storage import read_bytes, write_bytes
-    from workers.pipeline import Pipeline
+    from cutout.jobs.errors import CutoutError
+    from cutout.jobs.records import ItemRecord
+    from cutout.jobs.sharding import output_uri
+    from cutout.jobs.sources import iter_source_items
+    from cutout.jobs.storage import read_bytes, write_bytes
+    from cutout.workers.pipeline import Pipeline
 
     options = options_from_args(args)
     pipeline = Pipeline(options, device=args.device)
@@ -109,7 +109,7 @@ def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:
 
 
 def _failed_record(uri: str, error, timings=None):
-    from jobs.records import ItemRecord
+    from cutout.jobs.records import ItemRecord
 
     return ItemRecord(input_uri=uri, status="failed", stage=error.stage,
                       error_class=error.error_class, error=str(error), timings=timings or {})
@@ -132,7 +132,7 @@ def _print_run_summary(records, failures: Counter, seconds: float, out_dir: Path
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from workers.evaluate import DEFAULT_DATA, run_eval
+    from cutout.workers.evaluate import DEFAULT_DATA, run_eval
 
     options = options_from_args(args)
     report = run_eval(options, Path(args.data or DEFAULT_DATA), Path(args.out), limit=args.limit,

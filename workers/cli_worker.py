@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 
-from jobs.queue import DEFAULT_QUEUE
+from cutout.jobs.queue import DEFAULT_QUEUE
 
 
 def register(subparsers) -> None:
@@ -61,7 +61,7 @@ def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int,
         processes = concurrency or max(1, cpu_count // 2)
         threads = max(1, cpu_count // processes)
         env["CUTOUT_DEVICE"] = os.environ.get("CUTOUT_DEVICE", "cpu")
-    env["CUTOUT_THREADS"] = os.environ.get("CUTOUT_THREADS", str(threads))  # read by workers.segment
+    env["CUTOUT_THREADS"] = os.environ.get("CUTOUT_THREADS", str(threads))  # read by cutout.workers.segment
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(threads))
     env["CUTOUT_CONCURRENCY"] = str(processes)
     return env
@@ -72,7 +72,7 @@ def run_worker(args: argparse.Namespace) -> int:
     os.environ.update(plan)
     if args.max_tasks_per_child:
         os.environ["CUTOUT_MAX_TASKS_PER_CHILD"] = str(args.max_tasks_per_child)
-    from workers.celery_app import app
+    from cutout.workers.celery_app import app
 
     argv = [
         "worker",

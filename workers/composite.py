@@ -17,8 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from jobs.errors import ConfigError
-from jobs.spec import Background
+from cutout.jobs.errors import ConfigError
+from cutout.jobs.spec import Background
 
 BLUR_REFERENCE_SIDE = 1000  # blur_radius is defined for an image of this long side
 _MAX_DIRECT_SIGMA = 6.0  # above this, blur a shrunk copy (same look, a fraction of the cost)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from jobs.errors import (
+from cutout.jobs.errors import (
     ConfigError,
     DecodeError,
     EmptyInputError,

@@ -12,13 +12,13 @@ import io
 import numpy as np
 from PIL import Image
 
-from jobs.errors import ConfigError, EncodeError
+from cutout.jobs.errors import ConfigError, EncodeError
 
 PNG_COMPRESS_LEVEL = 3
 
 
 def encode_image(array: np.ndarray, fmt: str, *, quality: int = 90) -> bytes:
-    """Encode ``array`` (uint8 HxW, HxWx3 or HxWx4) in ``fmt`` (a jobs.spec.OutputFormat)."""
+    """Encode ``array`` (uint8 HxW, HxWx3 or HxWx4) in ``fmt`` (a cutout.jobs.spec.OutputFormat)."""
     image = _to_pil(array)
     if not 1 <= quality <= 100:
         raise ConfigError(f"quality must be 1..100, got {quality}")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.spec import PipelineOptions
-from workers import metrics
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers import metrics
 
 DEFAULT_DATA = os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")
 STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
@@ -105,9 +105,9 @@ def _timed(timings: dict[str, float], stage: str, fn, *args, **kwargs):
 
 def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[EndToEndRow]:
     """Run each photo through the real pipeline one by one, timing every stage."""
-    from workers.decode import decode_image
-    from workers.encode import encode_image
-    from workers.pipeline import Pipeline
+    from cutout.workers.decode import decode_image
+    from cutout.workers.encode import encode_image
+    from cutout.workers.pipeline import Pipeline
 
     pipeline = Pipeline(options)
     pipeline.segment([decode_image(samples[0].data).rgb])  # load the model outside the timings
@@ -139,8 +139,8 @@ def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[E
 def matting_only(samples: list[MattingSample], method: str, max_side: int) -> dict:
     """Ours precise on the crop (what a user trimap gets), ours with the automatic pipeline's
     speed bounds, and plain pymatting over the full image, per benchmark trimap."""
-    from workers.decode import decode_image
-    from workers.matte import estimate_alpha
+    from cutout.workers.decode import decode_image
+    from cutout.workers.matte import estimate_alpha
 
     results: dict = {}
     for trimap_name in ("trimap1", "trimap2"):
@@ -193,8 +193,8 @@ def _mean_scores(rows: list[dict]) -> dict:
 
 
 def segmentation_iou(options: PipelineOptions, samples: list[SegmentationSample]) -> dict:
-    from workers.decode import decode_image
-    from workers.pipeline import Pipeline
+    from cutout.workers.decode import decode_image
+    from cutout.workers.pipeline import Pipeline
 
     pipeline = Pipeline(options)
     scores: dict[str, dict[str, float]] = {"raw": {}, "calibrated": {}, "refined": {}}
@@ -204,7 +204,7 @@ def segmentation_iou(options: PipelineOptions, samples: list[SegmentationSample]
         calibrated = pipeline.calibrate(raw)
         refined = calibrated
         if pipeline.refine_method == "grabcut":
-            from workers.refine import refine_with_grabcut
+            from cutout.workers.refine import refine_with_grabcut
 
             refined, _ = refine_with_grabcut(rgb, calibrated)
         for variant, mask in (("raw", raw), ("calibrated", calibrated), ("refined", refined)):
@@ -222,8 +222,8 @@ def contact_sheet(options: PipelineOptions, samples: list[MattingSample], path: 
     import cv2
     from PIL import Image
 
-    from workers.decode import decode_image
-    from workers.pipeline import Pipeline
+    from cutout.workers.decode import decode_image
+    from cutout.workers.pipeline import Pipeline
 
     pipeline = Pipeline(options.model_copy(update={"background": "transparent"}))
     rows = []

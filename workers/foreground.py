@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 
 CROP_PADDING = 48  # px of opaque / transparent context the blurs draw colours from
 BLUR_RADII = (90, 6)  # coarse pass for far colours, fine pass for local ones (the paper's)

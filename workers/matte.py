@@ -18,7 +18,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from jobs.errors import ConfigError, MattingError
+from cutout.jobs.errors import ConfigError, MattingError
 
 Method = Literal["none", "closed-form", "knn"]
 

@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from jobs.errors import CutoutError, OutOfMemoryError
-from jobs.spec import PipelineOptions
+from cutout.jobs.errors import CutoutError, OutOfMemoryError
+from cutout.jobs.spec import PipelineOptions
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Pipeline:
     def mask_ramp(self) -> tuple[float, float]:
         if self.options.mask_ramp is not None:
             return self.options.mask_ramp
-        from workers.models.registry import get_model_spec
+        from cutout.workers.models.registry import get_model_spec
 
         return get_model_spec(self.options.model).mask_ramp
 
@@ -111,7 +111,7 @@ class Pipeline:
     def refine_method(self) -> str:
         if self.options.refine != "auto":
             return self.options.refine
-        from workers.models.registry import get_model_spec
+        from cutout.workers.models.registry import get_model_spec
 
         return get_model_spec(self.options.model).default_refine
 
@@ -120,13 +120,13 @@ class Pipeline:
         """One pass at the user's seg_size, else the model's ensemble sizes (or its default)."""
         if self.options.seg_size:
             return (self.options.seg_size,)
-        from workers.models.registry import get_model_spec
+        from cutout.workers.models.registry import get_model_spec
 
         return get_model_spec(self.options.model).ensemble_sizes or (None,)
 
     def load_models(self) -> float:
         """Load every segmenter this pipeline uses now rather than on the first image; seconds."""
-        from workers.segment import get_segmenter
+        from cutout.workers.segment import get_segmenter
 
         start = time.perf_counter()
         for size in self.seg_sizes:
@@ -142,7 +142,7 @@ class Pipeline:
 
     def segment_at(self, images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
         """One size; on device OOM retry one by one, then at half the size, then on CPU."""
-        from workers.segment import get_segmenter
+        from cutout.workers.segment import get_segmenter
 
         options = self.options.model_copy(update={"seg_size": size})
         try:
@@ -153,7 +153,7 @@ class Pipeline:
             return [self._segment_after_oom(images[0], options)]
 
     def _segment_after_oom(self, image: np.ndarray, options: PipelineOptions) -> np.ndarray:
-        from workers.segment import get_segmenter
+        from cutout.workers.segment import get_segmenter
 
         spec_size = options.seg_size or 1024
         smaller = options.model_copy(update={"seg_size": max(256, spec_size // 2)})
@@ -166,7 +166,7 @@ class Pipeline:
         if self.background.kind != "image":
             return None
         if self._background_image is None:
-            from workers.decode import decode_image
+            from cutout.workers.decode import decode_image
 
             read = self._read_uri or _default_reader()
             data = read(self.background.image_uri or "")
@@ -178,16 +178,16 @@ class Pipeline:
         trimap: np.ndarray | None = None,
     ) -> CutoutResult:
         """Trimap → matte → foreground → composite for one image whose mask is known."""
-        from workers.composite import composite
-        from workers.foreground import estimate_foreground
-        from workers.trimap import make_trimap
+        from cutout.workers.composite import composite
+        from cutout.workers.foreground import estimate_foreground
+        from cutout.workers.trimap import make_trimap
 
         opts = self.options
         notes: list[str] = []
         timings: dict[str, float] = {}
         timed = _Timer(timings)
         if self.refine_method == "grabcut" and trimap is None:
-            from workers.refine import refine_with_grabcut
+            from cutout.workers.refine import refine_with_grabcut
 
             with timed("refine"):
                 mask, skipped = refine_with_grabcut(rgb, mask)
@@ -219,8 +219,8 @@ class Pipeline:
         return CutoutResult(image, alpha, mask, trimap, notes, timings)
 
     def _matte(self, rgb, trimap, mask, notes: list[str], *, user_trimap: bool = False) -> np.ndarray:
-        from jobs.errors import CutoutError as _Err
-        from workers.matte import estimate_alpha
+        from cutout.jobs.errors import CutoutError as _Err
+        from cutout.workers.matte import estimate_alpha
 
         method = self.options.matting if self.options.matting != "none" else "closed-form"
         unknown_share = float((trimap == 128).mean())
@@ -259,9 +259,9 @@ class Pipeline:
 
         ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap.
         """
-        from workers.decode import decode_image
-        from workers.encode import encode_image
-        from workers.trimap import load_trimap
+        from cutout.workers.decode import decode_image
+        from cutout.workers.encode import encode_image
+        from cutout.workers.trimap import load_trimap
 
         outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
         decoded = {}
@@ -332,7 +332,7 @@ def _failing_stage(timings: dict[str, float]) -> str:
 
 
 def _default_reader() -> Callable[[str], bytes]:
-    from jobs import storage
+    from cutout.jobs import storage
 
     return storage.read_bytes
 
@@ -354,7 +354,7 @@ def remove_background(
     0 bg / 128 unknown / 255 fg) replaces the one built from the mask. Keyword overrides
     are PipelineOptions fields; the pipeline (and its model) is reused across calls.
     """
-    from workers.decode import decode_image
+    from cutout.workers.decode import decode_image
 
     base = options or PipelineOptions()
     opts = PipelineOptions(**{**base.model_dump(), **overrides}) if overrides else base
@@ -376,7 +376,7 @@ def remove_background(
     mask = pipeline.segment([rgb])[0]
     seconds = time.perf_counter() - start
     if trimap is not None:
-        from workers.trimap import normalise_trimap
+        from cutout.workers.trimap import normalise_trimap
 
         trimap = normalise_trimap(trimap, rgb.shape[:2])
     result = pipeline.finish(rgb, mask, input_alpha=input_alpha, trimap=trimap)
@@ -386,7 +386,7 @@ def remove_background(
 
 def _as_rgb_array(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        from jobs.errors import ConfigError
+        from cutout.jobs.errors import ConfigError
 
         raise ConfigError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
     return np.ascontiguousarray(array)

@@ -8,8 +8,8 @@ every shard). Models resize every image to one square input, so a batch is one t
 Knobs (environment, not job options, because they change speed, not pixels):
 ``CUTOUT_RUNTIME`` auto|torch|onnxruntime, ``CUTOUT_THREADS`` (CPU threads),
 ``CUTOUT_SEG_BATCH`` (images per forward pass; default 8 on CUDA, 1 on CPU).
-A CUDA out-of-memory becomes ``jobs.errors.OutOfMemoryError``; callers retry with a smaller
-``seg_size`` or ``device="cpu"`` (see ``workers.pipeline.Pipeline.segment``).
+A CUDA out-of-memory becomes ``cutout.jobs.errors.OutOfMemoryError``; callers retry with a smaller
+``seg_size`` or ``device="cpu"`` (see ``cutout.workers.pipeline.Pipeline.segment``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from jobs.errors import ConfigError, OutOfMemoryError
-from jobs.spec import PipelineOptions
+from cutout.jobs.errors import ConfigError, OutOfMemoryError
+from cutout.jobs.spec import PipelineOptions
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
@@ -47,7 +47,7 @@ def get_segmenter(options: PipelineOptions, device: str | None = None) -> Segmen
     with _cache_lock:
         segmenter = _cache.get(key)
         if segmenter is None:
-            from workers.models.registry import build_segmenter
+            from cutout.workers.models.registry import build_segmenter
 
             segmenter = build_segmenter(options, device)
             _cache[key] = segmenter

@@ -18,10 +18,10 @@ from typing import Callable, Iterator, TypeVar
 
 from redis.exceptions import RedisError
 
-from jobs import manifest, sharding, storage
-from jobs.errors import CutoutError, TransientStorageError, WorkerCrashError
-from jobs.records import CappedCounter, ItemRecord, ShardStats
-from jobs.spec import JobSpec
+from cutout.jobs import manifest, sharding, storage
+from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerCrashError
+from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
+from cutout.jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def get_pipeline(spec: JobSpec):
     key = spec.pipeline.config_hash()
     pipeline = _PIPELINES.get(key)
     if pipeline is None:
-        from workers.pipeline import Pipeline
+        from cutout.workers.pipeline import Pipeline
 
         pipeline = Pipeline(spec.pipeline, device=os.environ.get("CUTOUT_DEVICE") or None)
         _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model

@@ -1,4 +1,4 @@
-"""The one Celery task. It only decides ack, retry or reject; ``workers.shard`` does the work.
+"""The one Celery task. It only decides ack, retry or reject; ``cutout.workers.shard`` does the work.
 
 Policy: acks late and rejected-on-worker-lost (a killed worker's shard is redelivered; the shard
 is idempotent), automatic retries with jittered exponential backoff for transient errors only,
@@ -15,10 +15,10 @@ from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
-from jobs.queue import TASK_PROCESS_SHARD, redis_url
-from workers.celery_app import app
-from workers.shard import load_spec_cached, process_shard
+from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
+from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
+from cutout.workers.celery_app import app
+from cutout.workers.shard import load_spec_cached, process_shard
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _redis_client() -> redis.Redis:
 
 
 def live_progress(job_id: str):
-    from jobs.progress import LiveProgress
+    from cutout.jobs.progress import LiveProgress
 
     return LiveProgress(_redis_client(), job_id)
 

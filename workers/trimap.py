@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 
 BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
 
@@ -74,7 +74,7 @@ def normalise_trimap(array: np.ndarray, shape: tuple[int, int] | None = None) ->
 
 def load_trimap(data: bytes, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a trimap image (any format ``decode_image`` reads) and normalise it."""
-    from workers.decode import decode_image
+    from cutout.workers.decode import decode_image
 
     decoded = decode_image(data, name="trimap")
     return normalise_trimap(decoded.rgb, shape)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.errors import ConfigError
-from workers.models.registry import ModelSpec, register_model
+from cutout.jobs.errors import ConfigError
+from cutout.workers.models.registry import ModelSpec, register_model
 
 BORDER_FRACTION = 0.02  # border strip width, fraction of the short side
 MIN_COMPONENT_FRACTION = 0.05  # components smaller than this × the largest are specks
@@ -55,7 +55,7 @@ class ThresholdSegmenter:
     device = "cpu"
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from workers.segment import check_images
+        from cutout.workers.segment import check_images
 
         check_images(images)
         return [threshold_mask(image) for image in images]
@@ -69,7 +69,7 @@ class GrabCutSegmenter:
         self.input_size = work_size
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from workers.segment import check_images
+        from cutout.workers.segment import check_images
 
         check_images(images)
         return [grabcut_mask(image, self.input_size) for image in images]

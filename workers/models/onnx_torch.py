@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from jobs.errors import ModelError
+from cutout.jobs.errors import ModelError
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 

@@ -12,19 +12,19 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from jobs.errors import ConfigError
+from cutout.jobs.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from pathlib import Path
 
-    from jobs.spec import PipelineOptions
-    from workers.segment import Segmenter
+    from cutout.jobs.spec import PipelineOptions
+    from cutout.workers.segment import Segmenter
 
 _FAMILY_MODULES = (
-    "workers.models.isnet",
-    "workers.models.torchvision_semantic",
-    "workers.models.maskrcnn",
-    "workers.models.classical",
+    "cutout.workers.models.isnet",
+    "cutout.workers.models.torchvision_semantic",
+    "cutout.workers.models.maskrcnn",
+    "cutout.workers.models.classical",
 )
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -68,7 +68,7 @@ class WeightsSpec:
 class ModelSpec:
     """A named model: its family, weights (None for classical methods) and how to build it.
 
-    ``builder(spec, options, device)`` returns a ``workers.segment.Segmenter``.
+    ``builder(spec, options, device)`` returns a ``cutout.workers.segment.Segmenter``.
     ``default_classes`` is what an empty ``options.classes`` means for models that take classes.
     """
 
@@ -163,8 +163,8 @@ def _selectable(category: str) -> bool:
 
 
 def build_segmenter(options: "PipelineOptions", device: str | None = None) -> "Segmenter":
-    """Build (not cache: see ``workers.segment.get_segmenter``) the segmenter ``options`` names."""
-    from workers.segment import default_device
+    """Build (not cache: see ``cutout.workers.segment.get_segmenter``) the segmenter ``options`` names."""
+    from cutout.workers.segment import default_device
 
     spec = get_model_spec(options.model)
     resolve_classes(spec, options.classes)

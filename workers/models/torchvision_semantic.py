@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.models.registry import ModelSpec, WeightsSpec, register_model, resolve_classes
+from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model, resolve_classes
 
 VOC_CATEGORIES = (
     "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -118,8 +118,8 @@ def load_state_dict(path) -> dict:
 
 
 def build_semantic(spec: ModelSpec, options, device: str) -> "SemanticSegmenter":
-    from workers.models.weights import locate_weights
-    from workers.segment import prepare_torch
+    from cutout.workers.models.weights import locate_weights
+    from cutout.workers.segment import prepare_torch
 
     prepare_torch(device)
     classes = resolve_classes(spec, options.classes)
@@ -136,7 +136,7 @@ def class_probability(logits, indices: list[int]):
 
 class SemanticSegmenter:
     def __init__(self, spec: ModelSpec, module, indices: list[int], size: int, device: str):
-        from workers.segment import max_batch
+        from cutout.workers.segment import max_batch
 
         self.name = spec.name
         self.weights = spec.weights
@@ -147,7 +147,7 @@ class SemanticSegmenter:
         self.batch_size = max_batch(device)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
+        from cutout.workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
 
         batch = to_square_batch(images, self.input_size, self.weights.mean, self.weights.std)
         with translate_oom(self.device, f"{self.name} at {self.input_size}px"):

@@ -1,7 +1,7 @@
 """Where weights live on disk, and how a model finds and checks its own.
 
 Search order for a model's weights: ``options.weights`` (local path, ``file://``, or any URI
-``jobs.storage.read_bytes`` understands, e.g. ``s3://``), then ``$CUTOUT_MODELS_DIR`` (default
+``cutout.jobs.storage.read_bytes`` understands, e.g. ``s3://``), then ``$CUTOUT_MODELS_DIR`` (default
 ``~/.cache/cutout/models``), then torch hub's checkpoint cache for torchvision files.
 Weights from the models dir or torch hub must match their spec's sha256; an explicit
 ``options.weights`` is the user's own file and is not compared with the spec.
@@ -12,8 +12,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from jobs.errors import MissingWeightsError, WeightsChecksumError
-from workers.models.registry import ModelSpec, WeightsSpec
+from cutout.jobs.errors import MissingWeightsError, WeightsChecksumError
+from cutout.workers.models.registry import ModelSpec, WeightsSpec
 
 _digests: dict[tuple[str, int, int], tuple[str, str]] = {}  # (path, size, mtime_ns) -> (sha256, md5)
 
@@ -85,7 +85,7 @@ def _materialise_override(uri: str) -> Path:
         if not path.is_file():
             raise MissingWeightsError(f"weights file {path} does not exist (options.weights)")
         return path
-    from jobs import storage  # lazy: jobs.storage pulls in boto3
+    from cutout.jobs import storage  # lazy: cutout.jobs.storage pulls in boto3
 
     data = storage.read_bytes(uri)
     digest = hashlib.sha256(data).hexdigest()
