@@ -27,6 +27,23 @@ class ItemRecord(BaseModel):
     config_hash: str | None = None
     shard_id: str | None = None
     worker: str | None = None
+    job_id: str | None = None
+    # Quality signals of a done output (see cutout.workers.quality): measurements such as
+    # "alpha_coverage", "unknown_share", "confidence", and the names of the flags they raised
+    # (QUALITY_FLAGS), so a report can show and a retry can target doubtful outputs.
+    quality: dict[str, float] = Field(default_factory=dict)
+    flags: list[str] = Field(default_factory=list)
+
+
+# Flags a done output can carry; each names what a person should look at.
+QUALITY_FLAGS = (
+    "empty_alpha",  # (almost) nothing kept: the subject was probably missed
+    "full_frame_alpha",  # (almost) everything kept: the background was probably not removed
+    "wide_unknown_band",  # a large share of the image was uncertain
+    "low_confidence",  # the model's mean confidence was low
+    "matting_skipped",  # matting was not run (budget, option or fallback)
+    "matting_degraded",  # matting fell back to a cheaper method
+)
 
 
 class ShardStats(BaseModel):
@@ -39,6 +56,7 @@ class ShardStats(BaseModel):
     finished_at: float
     worker: str | None = None
     attempt: int = 1
+    flag_counts: dict[str, int] = Field(default_factory=dict)  # quality flags of done outputs
 
 
 class CappedCounter:
