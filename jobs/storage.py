@@ -22,6 +22,7 @@ import io
 import os
 import random
 import re
+import secrets
 import socket
 import tempfile
 import threading
@@ -257,11 +258,17 @@ def _local_copy(source: str, path: str) -> None:
 
 
 def _local_atomic(path: str, fill: Callable) -> None:
-    """Write into a hidden temp file beside ``path``, fsync, then rename over it."""
+    """Write into a hidden temp file beside ``path``, fsync, then rename over it.
+
+    The temp name is short and fixed in length (``.cutout-<12 hex>.tmp``), so any name the
+    file system accepts can be written (a ``.<name>.<random>`` temp name overflowed 255 bytes
+    for long names). The file is created with mode 0666 less the umask (0644 as usual), as
+    ``open`` would; ``mkstemp`` would leave every output 0600.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, temp = _create_temp(folder)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc}") from exc
     try:
@@ -275,6 +282,17 @@ def _local_atomic(path: str, fill: Callable) -> None:
         if isinstance(exc, OSError):
             raise StorageError(f"cannot write {path}: {exc}") from exc
         raise
+
+
+def _create_temp(folder: str) -> tuple[int, str]:
+    """A new, exclusive temp file in ``folder`` (permissions from the umask, like ``open``)."""
+    for _ in range(100):
+        temp = os.path.join(folder, f".cutout-{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name in {folder}")
 
 
 def _remove_quietly(path: str) -> None:
