@@ -104,6 +104,13 @@ class UnsafeKeyError(StorageError):
     """An output key would escape the destination prefix."""
 
 
+class OutputWriteError(StorageError):
+    """This input's output cannot be written (a name the file system refuses, a denied or
+    failed write); recorded for the item, its neighbours are written as usual."""
+
+    stage = "write"
+
+
 # --- matting / encoding ------------------------------------------------------------------------
 class MattingError(CutoutError):
     """The matting solver failed; the pipeline falls back to the soft mask and records a note."""

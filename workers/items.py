@@ -1,0 +1,310 @@
+"""The one item loop: read each input → pipeline batch → write its output → one record.
+
+``cutout run`` and the shard runner (``workers/shard.py``) both drive their inputs through
+``run_items``; they differ only in the sink that receives the records (a JSONL file in the
+output folder, flushed per item, or the shard's records written in one piece at the end).
+
+Every input gets exactly one record, whatever happens to it:
+  * a read that keeps failing transiently (HTTP 500, a host that never answers) is retried a
+    few times with backoff, within a total time cap, then recorded ``TransientStorageError``
+    (``retry-failed --error-class TransientStorageError`` redoes it); a permanent read error
+    (missing, too large) is recorded at once;
+  * a pipeline failure is recorded with its stage;
+  * an output that cannot be written (a name the file system refuses, a denied write) is
+    recorded ``OutputWriteError`` (or ``TransientStorageError`` after retries); its
+    neighbours are written as usual.
+
+Storage I/O overlaps the model: while batch i runs, batch i+1 is read and batch i-1's outputs
+are written on a small thread pool, so a GPU does not wait for S3 round trips; memory stays
+bounded by about three batches. ``CrashGuard`` keeps an input that kills the process from
+taking its neighbours down on every redelivery.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol, Sequence, TypeVar
+
+from redis.exceptions import RedisError
+
+from cutout.jobs import sharding, storage
+from cutout.jobs.errors import CutoutError, OutputWriteError, TransientStorageError, WorkerCrashError
+from cutout.jobs.records import ItemRecord
+from cutout.jobs.sharding import ShardItem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
+# One cap for every caller: a 64 MP 16-bit RGBA TIFF, stored raw, is about 490 MiB.
+MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(512 * 1024 * 1024)))
+IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes
+# Per item, on top of the storage layer's own retries: attempts, and seconds in all.
+ITEM_ATTEMPTS = int(os.environ.get("CUTOUT_ITEM_ATTEMPTS", "3"))
+ITEM_RETRY_MAX_S = float(os.environ.get("CUTOUT_ITEM_RETRY_MAX_S", "120"))
+ITEM_BACKOFF_S = float(os.environ.get("CUTOUT_ITEM_BACKOFF_S", "1"))
+# Times a worker may die with one input alone on the model before that input is recorded failed.
+MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))
+
+TrimapSource = Callable[[ShardItem], "bytes | None"]
+
+
+class RecordSink(Protocol):
+    """Where finished records go; ``emit`` is called once per input, never concurrently."""
+
+    def emit(self, record: ItemRecord) -> None: ...
+
+
+def run_items(
+    items: Sequence[ShardItem],
+    *,
+    pipeline: Callable[[], object],
+    sink: RecordSink,
+    record_fields: dict,
+    guard: "CrashGuard | None" = None,
+    trimaps: TrimapSource | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """Run every item and emit exactly one record for each.
+
+    ``pipeline`` makes (or returns the cached) ``Pipeline`` on first need, so a shard of
+    unreadable inputs never loads a model. ``record_fields`` fill every record (model,
+    config hash, shard, worker). A KeyboardInterrupt stops the loop: outputs being written
+    finish and their records are emitted; nothing else is started.
+    """
+    loop = _Loop(pipeline, sink, record_fields, guard or CrashGuard(), trimaps)
+    loop.record_condemned(items)
+    batches = loop.guard.batches(items, batch_size or BATCH_SIZE)
+    if batches:
+        loop.run(batches)
+
+
+class _Loop:
+    def __init__(self, pipeline, sink: RecordSink, record_fields: dict, guard: "CrashGuard",
+                 trimaps: TrimapSource | None):
+        self.pipeline = pipeline
+        self.sink = sink
+        self.record_fields = record_fields
+        self.guard = guard
+        self.trimaps = trimaps
+        self.emit_lock = threading.Lock()
+
+    def emit(self, record: ItemRecord) -> None:
+        with self.emit_lock:
+            self.sink.emit(record)
+
+    def new_record(self, item: ShardItem) -> ItemRecord:
+        return ItemRecord(input_uri=item.uri, status="failed", **self.record_fields)
+
+    def record_condemned(self, items: Sequence[ShardItem]) -> None:
+        for item in self.guard.condemned(items):
+            record = self.new_record(item)
+            mark_failed(record, WorkerCrashError(
+                f"{item.uri}: the worker process died {self.guard.crashes(item.uri)} times while this "
+                "input was alone on the model (a crash in a decoder or the model, or the OOM killer); "
+                "not retried"), default_stage="pipeline")
+            self.emit(record)
+
+    def run(self, batches: list[list[ShardItem]]) -> None:
+        io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cutout-io")
+        try:
+            next_reads = self.start_reads(io_pool, batches[0])
+            previous_writes: list[Future] = []
+            for index, batch in enumerate(batches):
+                reads = next_reads
+                if index + 1 < len(batches):
+                    next_reads = self.start_reads(io_pool, batches[index + 1])  # read-ahead
+                writes = self.run_batch(io_pool, batch, reads)
+                _wait_all(previous_writes)  # at most two batches of outputs in memory
+                previous_writes = writes
+            _wait_all(previous_writes)
+        finally:  # on Ctrl-C: unstarted reads are dropped, writes under way finish and emit
+            io_pool.shutdown(wait=True, cancel_futures=True)
+
+    def start_reads(self, io_pool: ThreadPoolExecutor, batch: list[ShardItem]) -> list[Future]:
+        return [io_pool.submit(read_input, item.uri) for item in batch]
+
+    def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
+        readable = []
+        for item, read in zip(batch, reads):
+            record = self.new_record(item)
+            try:
+                data, record.timings["read"] = read.result()
+                readable.append((item, data, record))
+            except CutoutError as exc:  # transient ones too: retried per item already
+                mark_failed(record, exc, default_stage="read")
+                self.emit(record)
+        if not readable:
+            return []
+        pipeline = self.pipeline()  # loading the model is not the inputs' fault
+        inputs = [(item.uri, data) for item, data, _ in readable]
+        with self.guard.on_model([item.uri for item, _, _ in readable]):
+            if self.trimaps is None:
+                outcomes = pipeline.process_batch(inputs)
+            else:
+                outcomes = pipeline.process_batch(inputs, [self.trimaps(item) for item, _, _ in readable])
+        return [io_pool.submit(self.finish, item, record, outcome)
+                for (item, _, record), outcome in zip(readable, outcomes)]
+
+    def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
+        apply_outcome(item, record, outcome)
+        self.emit(record)
+
+
+def read_input(uri: str) -> tuple[bytes, float]:
+    t0 = time.perf_counter()
+    data = with_item_retries(f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
+    return data, time.perf_counter() - t0
+
+
+def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
+    """Copy the pipeline's outcome into the record and write the output (one item's fate)."""
+    record.timings.update(outcome.timings)
+    record.width, record.height = outcome.width, outcome.height
+    record.notes = list(outcome.notes)
+    record.quality = dict(getattr(outcome, "quality", None) or {})
+    record.flags = list(getattr(outcome, "flags", None) or [])
+    if not outcome.ok:
+        mark_failed(record, outcome.error, default_stage="pipeline")
+        return
+    target = item.output_uri
+    if outcome.extension and not target.endswith(outcome.extension):
+        target = sharding.with_extension(target, outcome.extension)  # keeps collision renames
+    t0 = time.perf_counter()
+    try:
+        write_output(target, outcome.data)
+    except CutoutError as exc:
+        mark_failed(record, exc, default_stage="write")
+        return
+    record.timings["write"] = time.perf_counter() - t0
+    record.output_uris = [target]
+    record.status = "done"
+
+
+def write_output(target: str, data: bytes) -> None:
+    """Write with per-item retries; any failure becomes a typed error for this item's record."""
+    try:
+        with_item_retries(f"write {target}",
+                          lambda: storage.write_bytes(target, data, content_type=_content_type(target)))
+    except TransientStorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one unwritable output must never fail its neighbours
+        raise OutputWriteError(f"cannot write the output {target}: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, CutoutError) else f"{type(exc).__name__}: {exc}"
+
+
+def mark_failed(record: ItemRecord, exc: Exception | None, *, default_stage: str) -> None:
+    record.status = "failed"
+    record.output_uris = []
+    if exc is None:
+        record.stage, record.error_class, record.error = default_stage, "UnknownError", "no outcome"
+        return
+    record.stage = getattr(exc, "stage", None) or default_stage
+    record.error_class = getattr(exc, "error_class", type(exc).__name__)
+    record.error = str(exc)[:1000]
+
+
+def with_item_retries(what: str, call: Callable[[], T]) -> T:
+    """A few retries of one item with doubling backoff, within ``ITEM_RETRY_MAX_S`` in all.
+
+    The storage layer already retries each call; this outer loop rides out a longer blip
+    (a server restarting) without holding the shard: after it, the item is recorded.
+    """
+    started = time.monotonic()
+    for attempt in range(1, ITEM_ATTEMPTS + 1):
+        try:
+            return call()
+        except TransientStorageError as exc:
+            elapsed = time.monotonic() - started
+            delay = ITEM_BACKOFF_S * 2 ** (attempt - 1)
+            if attempt >= ITEM_ATTEMPTS or elapsed + delay > ITEM_RETRY_MAX_S:
+                raise TransientStorageError(
+                    f"{what}: gave up after {attempt} attempt(s) in {elapsed:.1f}s: {exc}") from exc
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _wait_all(futures: list[Future]) -> None:
+    """Wait for every future, then raise the first error (none is left running unseen)."""
+    wait(futures)
+    for future in futures:
+        future.result()
+
+
+_CONTENT_TYPES = {".png": "image/png", ".webp": "image/webp", ".jpg": "image/jpeg"}
+
+
+def _content_type(uri: str) -> str | None:
+    return _CONTENT_TYPES.get(os.path.splitext(uri)[1].lower())
+
+
+class CrashGuard:
+    """Keeps an input that kills the worker process (a native crash in a decoder, the OOM
+    killer) from taking its shard, and so its neighbours, down on every redelivery.
+
+    Each batch is marked in Redis while it is on the model and unmarked after; a mark found
+    when the shard starts again means the last attempt died with that batch. Its inputs then
+    run one at a time, and one that was alone on the model at ``MAX_ITEM_CRASHES`` deaths is
+    recorded as failed (``WorkerCrashError``). Best effort: without Redis nothing is isolated.
+    Two live workers on one shard (a visibility timeout shorter than the shard) can mistake
+    each other's marks for deaths, one more reason to keep that timeout above the slowest shard.
+    ``CrashGuard()`` (no progress store) isolates nothing: what ``cutout run`` uses.
+    """
+
+    def __init__(self, progress=None, shard_id: str = "", worker: str = "?",
+                 history: dict[str, int] | None = None):
+        self.progress = progress
+        self.shard_id = shard_id
+        self.worker = worker
+        self.history = history or {}
+
+    @classmethod
+    def for_shard(cls, progress, shard_id: str, worker: str) -> "CrashGuard":
+        if progress is None:
+            return cls()
+        history = best_effort(lambda: progress.crash_history(shard_id), default={}) or {}
+        if history:
+            log.warning("shard %s: earlier attempts died with %d input(s) on the model; "
+                        "running them one at a time", shard_id, len(history))
+        return cls(progress, shard_id, worker, history)
+
+    def crashes(self, uri: str) -> int:
+        return self.history.get(uri, 0)
+
+    def batches(self, items: Sequence[ShardItem], size: int = BATCH_SIZE) -> list[list[ShardItem]]:
+        """Suspects alone, the rest in batches of ``size`` (condemned inputs are not batched)."""
+        condemned = {item.uri for item in self.condemned(items)}
+        suspects = [item for item in items if item.uri in self.history and item.uri not in condemned]
+        normal = [item for item in items if item.uri not in self.history]
+        return [[item] for item in suspects] + [normal[i : i + size] for i in range(0, len(normal), size)]
+
+    def condemned(self, items: Sequence[ShardItem]) -> list[ShardItem]:
+        return [item for item in items if self.crashes(item.uri) >= MAX_ITEM_CRASHES]
+
+    @contextmanager
+    def on_model(self, uris: list[str]) -> Iterator[None]:
+        if self.progress is None:
+            yield
+            return
+        best_effort(lambda: self.progress.batch_on_model(self.shard_id, uris, self.worker))
+        try:
+            yield
+        finally:  # a SIGKILL skips this: the mark stays, and the next attempt reads it
+            best_effort(lambda: self.progress.batch_off_model(self.shard_id))
+
+
+def best_effort(call: Callable[[], T], default: T | None = None) -> T | None:
+    """Live progress must never fail a shard: a Redis hiccup is logged, the records still land."""
+    try:
+        return call()
+    except RedisError as exc:
+        log.warning("live progress update failed (records are still written): %s", exc)
+        return default
