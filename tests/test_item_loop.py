@@ -139,6 +139,7 @@ def test_outputs_that_cannot_be_written_are_recorded_and_neighbours_written(tmp_
     blocked by a file in the destination: two records, the other outputs written."""
     source, out = tmp_path / "in", tmp_path / "out"
     stem = "n" * 251
+    source.mkdir()
     (source / f"{stem}.jpg").write_bytes(images.jpeg_bytes())  # first in order: N.png
     colliding = write_good(source, [f"{stem}.png"])[0]  # then N.png.png: 259 bytes
     good = write_good(source, ["ok.png"]) + [str(source / f"{stem}.jpg")]
