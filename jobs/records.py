@@ -28,6 +28,9 @@ class ItemRecord(BaseModel):
     shard_id: str | None = None
     worker: str | None = None
     job_id: str | None = None
+    # What the input was when it was read ("size:mtime_ns" of a local file), so `cutout run`
+    # can tell an unchanged input from an edited one and skip only the former.
+    input_fingerprint: str | None = None
     # Quality signals of a done output (see cutout.workers.quality): measurements such as
     # "alpha_coverage", "unknown_share", "confidence", and the names of the flags they raised
     # (QUALITY_FLAGS), so a report can show and a retry can target doubtful outputs.

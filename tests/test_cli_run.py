@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "cutout.jobs.cli", "run", *args], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022),
     )
 
 
@@ -55,6 +57,8 @@ def test_run_mirrors_folders_and_reports_bad_files(tmp_path):
     for path in written:
         with Image.open(out / path) as image:
             assert image.mode == "RGBA"
+    for path in (out / "top.png", out / "a/b/deep.png", out / "_cutout_run.jsonl"):
+        assert path.stat().st_mode & 0o777 == 0o644  # as `open` makes them, not mkstemp's 0600
     with Image.open(out / "a/left.png") as rotated:  # EXIF orientation 6 applied: 50x30 -> 30x50
         assert rotated.size == (30, 50)
     records = [json.loads(line) for line in (out / "_cutout_run.jsonl").read_text().splitlines()]
@@ -112,3 +116,128 @@ def test_run_uses_hand_made_trimaps_from_a_folder(tmp_path):
     assert (guided_alpha[:, :60] == 0).all()  # the trimap's background is honoured
     assert auto_alpha[:, 30:60].max() == 255  # ...where the automatic mask kept the disk
     assert guided_alpha[45, 90] == 255
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "_cutout_run.jsonl").read_text().splitlines()]
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+
+def test_run_gives_every_odd_name_one_record_and_writes_the_rest(tmp_path):
+    """Tab and newline in names, a `_cutout/` folder, a 250-byte name: mapped or recorded,
+    never the end of the run (it used to stop at the first with no output and no record)."""
+    source, out = tmp_path / "photos", tmp_path / "out"
+    (source / "_cutout").mkdir(parents=True)
+    names = ["tab\tname.png", "new\nline.png", "_cutout/inside.png", "l" * 246 + ".png", "good.png",
+             "ünïcode ✓.png"]
+    for name in names:
+        (source / name).write_bytes(_disk_png())
+    # a 251-byte stem twice: the second's collision name (N.png.png) is over 255 bytes
+    (source / ("c" * 251 + ".jpg")).write_bytes(images.jpeg_bytes())
+    (source / ("c" * 251 + ".png")).write_bytes(_disk_png())
+    result = _run(str(source), "--out", str(out), "--model", "threshold", "--no-progress")
+    assert result.returncode == 3, result.stderr
+    records = {r["input_uri"]: r for r in _records(out)}
+    assert sorted(records) == sorted(str(p) for p in source.rglob("*.*") if p.is_file())
+    failed = {uri: r for uri, r in records.items() if r["status"] == "failed"}
+    assert list(failed) == [str(source / ("c" * 251 + ".png"))]
+    assert failed[str(source / ("c" * 251 + ".png"))]["error_class"] == "OutputWriteError"
+    outputs = [Path(r["output_uris"][0]) for r in records.values() if r["status"] == "done"]
+    assert all(path.is_file() and out in path.parents for path in outputs)
+    assert (out / ("l" * 246 + ".png")).is_file() and (out / "ünïcode ✓.png").is_file()
+    unnamed = sorted(p.parent.name for p in outputs if "\t" in str(p) or "\n" in str(p) or "_cutout" in str(p))
+    assert unnamed == []  # unsafe names were mapped to _unnamed/<hash>
+    assert len(list((out / "_unnamed").glob("*.png"))) == 3
+
+
+def test_run_resumes_skips_done_inputs_and_redoes_changed_ones(tmp_path):
+    source, out = tmp_path / "photos", tmp_path / "out"
+    source.mkdir()
+    for index in range(3):
+        (source / f"p{index}.png").write_bytes(_disk_png(index * 5))
+    (source / "bad.png").write_bytes(images.text_file())
+    base = [str(source), "--out", str(out), "--model", "threshold", "--no-progress"]
+    first = _run(*base)
+    assert first.returncode == 3, first.stderr
+    stamps = _stamps(out)
+    assert len(stamps) == 3 and len(_records(out)) == 4
+
+    again = _run(*base)  # nothing changed: the done inputs are skipped, the failed one retried
+    assert again.returncode == 3, again.stderr
+    assert "already done with these settings (skipped; --overwrite redoes them): 3" in again.stdout
+    assert _stamps(out) == stamps
+    assert len(_records(out)) == 4  # still one line per input
+
+    (source / "p1.png").write_bytes(_disk_png(20))  # an edited input is redone, alone
+    edited = _run(*base)
+    changed = {k for k, v in _stamps(out).items() if stamps[k] != v}
+    assert changed == {"p1.png"}, edited.stderr
+
+    stamps = _stamps(out)
+    other_config = _run(*base, "--background", "color:#00ff00")
+    assert "skipped" not in other_config.stdout
+    assert all(_stamps(out)[k] != v for k, v in stamps.items())
+    assert len({r["config_hash"] for r in _records(out)}) == 1 and len(_records(out)) == 4
+
+    stamps = _stamps(out)
+    forced = _run(*base, "--background", "color:#00ff00", "--overwrite")
+    assert forced.returncode == 3 and "skipped" not in forced.stdout
+    assert all(_stamps(out)[k] != v for k, v in stamps.items())
+    assert len(_records(out)) == 4
+
+
+def test_run_output_inside_the_input_folder_is_never_read_back(tmp_path):
+    source = tmp_path / "photos"
+    source.mkdir()
+    (source / "a.png").write_bytes(_disk_png())
+    (source / "a.jpg").write_bytes(images.jpeg_bytes())  # same output name: both are kept
+    out = source / "cutouts"
+    for _ in range(2):
+        result = _run(str(source), "--out", str(out), "--model", "threshold", "--no-progress", "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert sorted(r["input_uri"] for r in _records(out)) == [str(source / "a.jpg"), str(source / "a.png")]
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a.png.png"]
+
+
+def test_run_refuses_an_object_store_output_before_anything_runs(tmp_path):
+    photo = tmp_path / "one.png"
+    photo.write_bytes(_disk_png())
+    result = _run(str(photo), "--out", "s3://some-bucket/out/", "--model", "threshold")
+    assert result.returncode == 1
+    assert "cutout run writes to a local folder" in result.stderr and "cutout submit" in result.stderr
+    assert "loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_keeps_the_records_so_far_and_a_rerun_finishes(tmp_path):
+    source, out = tmp_path / "photos", tmp_path / "out"
+    source.mkdir()
+    for index in range(60):
+        (source / f"img_{index:03d}.png").write_bytes(_disk_png(index % 30))
+    args = [sys.executable, "-m", "cutout.jobs.cli", "run", str(source), "--out", str(out), "--model",
+            "threshold", "--no-progress", "--batch-size", "1", "--matting", "closed-form"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records_file = out / "_cutout_run.jsonl"
+    deadline = time.monotonic() + 120
+    while not (records_file.exists() and records_file.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "interrupted:" in stdout and "run the same command again" in stdout
+    partial = _records(out)  # every line is a whole, valid record
+    assert 3 <= len(partial) < 60
+    assert all(r["status"] == "done" and Path(r["output_uris"][0]).is_file() for r in partial)
+
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped; --overwrite redoes them): {len(partial)}" in rerun.stdout
+    assert sorted(r["input_uri"] for r in _records(out)) == sorted(str(p) for p in source.glob("*.png"))
+    assert len(list(out.glob("*.png"))) == 60
+    nothing_left = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert nothing_left.returncode == 0 and "skipped; --overwrite redoes them): 60" in nothing_left.stdout
+    assert "loaded" not in nothing_left.stderr  # nothing for the model to do: it is never loaded

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from pathlib import Path
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
 
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
+INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports it
 
 
 def register(subparsers) -> None:
@@ -25,6 +27,8 @@ def register(subparsers) -> None:
     run.add_argument("--batch-size", type=int, default=4)
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--overwrite", action="store_true",
+                     help="redo every input (default: skip inputs already done with the same settings)")
     add_pipeline_arguments(run)
     run.set_defaults(func=run_command)
 
@@ -38,66 +42,113 @@ def register(subparsers) -> None:
     evaluate.set_defaults(func=eval_command)
 
 
-def _batches(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def run_command(args: argparse.Namespace) -> int:
+    """Run every input through the one item loop into a local folder; resumable, stoppable.
+
+    Exit codes: 0 all written, 3 some inputs failed (the others were written), 130 stopped
+    by Ctrl-C (the records so far are kept; a rerun does the rest).
+    """
     from tqdm import tqdm
 
-    from cutout.jobs.errors import CutoutError
-    from cutout.jobs.records import ItemRecord
-    from cutout.jobs.sharding import output_uri
-    from cutout.jobs.sources import iter_source_items
-    from cutout.jobs.storage import read_bytes, write_bytes
-    from cutout.workers.pipeline import Pipeline
+    from cutout.workers.items import FolderRecords, run_items
 
     options = options_from_args(args)
-    pipeline = Pipeline(options, device=args.device)
-    items = list(iter_source_items(args.inputs))
-    out_dir = Path(args.out).resolve()
-    print(f"model {options.model} loaded in {pipeline.load_models():.1f} s", file=sys.stderr)
-    records: list[ItemRecord] = []
-    failures: Counter[str] = Counter()
-    start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="img", disable=args.no_progress, file=sys.stderr)
-    for batch in _batches(items, max(1, args.batch_size)):
-        loaded, records_batch = [], []
-        for item in batch:
-            try:
-                loaded.append((item, read_bytes(item.uri, max_bytes=512 * 1024 * 1024)))
-            except CutoutError as exc:
-                records_batch.append(_failed_record(item.uri, exc))
-        trimaps = [_user_trimap(args.trimaps, item.rel_key) for item, _ in loaded]
-        outcomes = pipeline.process_batch([(item.uri, data) for item, data in loaded], trimaps)
-        for (item, _), outcome in zip(loaded, outcomes):
-            if outcome.ok:
-                target = output_uri(str(out_dir), item.rel_key, options.extension)
-                write_bytes(target, outcome.data)
-                records_batch.append(ItemRecord(
-                    input_uri=item.uri, output_uris=[target], status="done", notes=outcome.notes,
-                    timings=outcome.timings, width=outcome.width, height=outcome.height,
-                    model=options.model, config_hash=options.config_hash()))
-            else:
-                records_batch.append(_failed_record(item.uri, outcome.error, outcome.timings))
-        for record in records_batch:
-            if record.status == "failed":
-                failures[record.error_class or "Error"] += 1
-                tqdm.write(f"failed: {record.input_uri}: {record.error_class}: {record.error}",
-                           file=sys.stderr)
-        records.extend(records_batch)
-        bar.update(len(batch))
-    bar.close()
-    _write_run_manifest(out_dir, records)
-    _print_run_summary(records, failures, time.perf_counter() - start, out_dir)
-    return PARTIAL_FAILURE_EXIT if failures else 0
+    out_dir = _local_out_dir(args.out)
+    items = _run_items_plan(args.inputs, out_dir, options.extension)
+    started = time.perf_counter()
+    bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
+    summary = _RunSummary(bar)
+    sink = FolderRecords(out_dir, on_record=summary.add)
+    todo = _not_done(items, sink, options.config_hash(), overwrite=args.overwrite)
+    summary.skipped = len(items) - len(todo)
+    bar.total = len(todo)
+    try:
+        run_items(
+            todo,
+            pipeline=_lazy_pipeline(options, args.device),
+            sink=sink,
+            record_fields={"model": options.model, "config_hash": options.config_hash()},
+            trimaps=(lambda item: _user_trimap(args.trimaps, item.rel_key)) if args.trimaps else None,
+            batch_size=max(1, args.batch_size),
+        )
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        sink.close()
+    summary.print(len(items), time.perf_counter() - started, out_dir, sink.path)
+    if summary.interrupted:
+        return INTERRUPTED_EXIT
+    return PARTIAL_FAILURE_EXIT if summary.failures else 0
+
+
+def _local_out_dir(out: str) -> str:
+    """``--out`` as an absolute local folder; object stores are refused before anything runs."""
+    from cutout.jobs.errors import ConfigError
+    from cutout.jobs.storage import _local_path, scheme_of
+
+    if scheme_of(out) != "local":
+        raise ConfigError(
+            f"cutout run writes to a local folder, not {out!r}: for a bucket use "
+            f"`cutout submit SOURCE --to {out}` (with `cutout worker`), or run into a folder and copy it")
+    return os.path.realpath(_local_path(out))
+
+
+def _run_items_plan(inputs: list[str], out_dir: str, extension: str) -> list:
+    """The inputs with collision-free output keys, as ``submit`` gives them (``jobs.sharding``).
+
+    Inputs inside ``out_dir`` are left out (an output folder inside an input folder is never
+    read back), and a name that cannot be an output key gets ``_unnamed/<hash>``.
+    """
+    from cutout.jobs.sharding import iter_shards
+    from cutout.jobs.sources import iter_source_items
+
+    inside_out = out_dir.rstrip(os.sep) + os.sep
+    sources = (item for item in iter_source_items(inputs)
+               if not os.path.realpath(item.uri).startswith(inside_out))
+    shards = iter_shards(sources, destination=out_dir, extension=extension, shard_size=10_000)
+    return [item for shard in shards for item in shard.items]
+
+
+def _not_done(items: list, sink, config_hash: str, *, overwrite: bool) -> list:
+    """Items to run: all with ``--overwrite``, else those not already done with these settings."""
+    todo = []
+    for item in items:
+        fingerprint = _fingerprint(item.uri)
+        sink.fingerprints[item.uri] = fingerprint
+        if overwrite or not sink.already_done(item, fingerprint, config_hash):
+            todo.append(item)
+    return todo
+
+
+def _fingerprint(uri: str) -> str | None:
+    """Size and modification time of a local input (None for a remote one: always redone)."""
+    from cutout.jobs.storage import _local_path, scheme_of
+
+    if scheme_of(uri) != "local":
+        return None
+    try:
+        stat = os.stat(_local_path(uri))
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _lazy_pipeline(options, device: str | None):
+    """The pipeline, made and loaded on the first batch that needs it (a rerun with nothing
+    left to do never loads a model)."""
+    made = []
+
+    def get():
+        if not made:
+            from cutout.workers.pipeline import Pipeline
+
+            pipeline = Pipeline(options, device=device)
+            print(f"model {options.model} loaded in {pipeline.load_models():.1f} s", file=sys.stderr)
+            made.append(pipeline)
+        return made[0]
+
+    return get
 
 
 def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:
@@ -108,27 +159,36 @@ def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _failed_record(uri: str, error, timings=None):
-    from cutout.jobs.records import ItemRecord
+class _RunSummary:
+    """Counts and failure lines as records arrive; the closing summary."""
 
-    return ItemRecord(input_uri=uri, status="failed", stage=error.stage,
-                      error_class=error.error_class, error=str(error), timings=timings or {})
+    def __init__(self, bar):
+        self.bar = bar
+        self.done = 0
+        self.failures: Counter[str] = Counter()
+        self.skipped = 0
+        self.interrupted = False
 
+    def add(self, record) -> None:
+        if record.status == "done":
+            self.done += 1
+        else:
+            self.failures[record.error_class or "Error"] += 1
+            self.bar.write(f"failed: {record.input_uri!r}: {record.error_class}: {record.error}",
+                           file=sys.stderr)
+        self.bar.update(1)
 
-def _write_run_manifest(out_dir: Path, records) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "_cutout_run.jsonl", "w") as handle:
-        for record in records:
-            handle.write(record.model_dump_json() + "\n")
-
-
-def _print_run_summary(records, failures: Counter, seconds: float, out_dir: Path) -> None:
-    done = sum(1 for r in records if r.status == "done")
-    print(f"processed {done}, failed {len(records) - done} of {len(records)} "
-          f"in {seconds:.2f} s -> {out_dir}")
-    for error_class, count in failures.most_common():
-        print(f"  {count:6d}  {error_class}")
-    print(f"per-item records: {out_dir / '_cutout_run.jsonl'}")
+    def print(self, total: int, seconds: float, out_dir: str, records_path: str) -> None:
+        failed = sum(self.failures.values())
+        if self.interrupted:
+            print(f"interrupted: {total - self.skipped - self.done - failed} input(s) not processed "
+                  "(run the same command again to finish)")
+        print(f"processed {self.done}, failed {failed} of {total} in {seconds:.2f} s -> {out_dir}")
+        if self.skipped:
+            print(f"already done with these settings (skipped; --overwrite redoes them): {self.skipped}")
+        for error_class, count in self.failures.most_common():
+            print(f"  {count:6d}  {error_class}")
+        print(f"per-item records: {records_path}")
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -60,6 +60,75 @@ class RecordSink(Protocol):
     def emit(self, record: ItemRecord) -> None: ...
 
 
+class JobRecords:
+    """The job-records sink: a shard keeps its records until it writes them in one piece."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ItemRecord] = {}
+
+    def emit(self, record: ItemRecord) -> None:
+        self.records[record.input_uri] = record
+
+
+class FolderRecords:
+    """The local-folder sink of ``cutout run``: ``OUT/_cutout_run.jsonl``.
+
+    Each record is appended and flushed as its item finishes, so a stopped run keeps what it
+    did; ``close`` rewrites the file with one line per input (the latest). The records of an
+    earlier run tell a rerun which inputs are already done with this configuration.
+    """
+
+    FILE_NAME = "_cutout_run.jsonl"
+
+    def __init__(self, out_dir: str, on_record: Callable[[ItemRecord], None] | None = None):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, self.FILE_NAME)
+        self.latest = self._load()
+        self.fingerprints: dict[str, str] = {}
+        self.on_record = on_record
+        self.handle = open(self.path, "a", encoding="utf-8")
+
+    def _load(self) -> dict[str, ItemRecord]:
+        """Records of earlier runs, the last line per input winning; a torn line is ignored."""
+        latest: dict[str, ItemRecord] = {}
+        if not os.path.exists(self.path):
+            return latest
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = ItemRecord.model_validate_json(line)
+                except ValueError:
+                    continue  # the last line of a killed run may be half written
+                latest.pop(record.input_uri, None)
+                latest[record.input_uri] = record
+        return latest
+
+    def already_done(self, item: ShardItem, fingerprint: str | None, config_hash: str) -> bool:
+        """Done earlier from the same input bytes with the same settings, output still there."""
+        record = self.latest.get(item.uri)
+        return bool(
+            record is not None and record.status == "done" and record.output_uris
+            and fingerprint is not None and record.input_fingerprint == fingerprint
+            and record.config_hash == config_hash
+            and all(storage.exists(uri) for uri in record.output_uris)
+        )
+
+    def emit(self, record: ItemRecord) -> None:
+        record.input_fingerprint = self.fingerprints.get(record.input_uri)
+        self.handle.write(record.model_dump_json() + "\n")
+        self.handle.flush()
+        self.latest.pop(record.input_uri, None)
+        self.latest[record.input_uri] = record
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def close(self) -> None:
+        """One line per input from now on (reruns appended newer lines for the same inputs)."""
+        self.handle.close()
+        body = "".join(record.model_dump_json() + "\n" for record in self.latest.values())
+        storage.write_bytes(self.path, body.encode())
+
+
 def run_items(
     items: Sequence[ShardItem],
     *,

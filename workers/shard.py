@@ -18,7 +18,7 @@ from typing import Iterator
 from cutout.jobs import manifest, sharding
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
 from cutout.jobs.spec import JobSpec
-from cutout.workers.items import CrashGuard, best_effort, run_items
+from cutout.workers.items import CrashGuard, JobRecords, best_effort, run_items
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _wants_redo(record: ItemRecord, error_class: str | None, inputs: list[str] |
 def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
                    guard: CrashGuard | None = None) -> dict[str, ItemRecord]:
     """The shard's records by input URI, from the one item loop (``workers/items.py``)."""
-    sink = JobRecords()
+    sink = JobRecords()  # the shard writes them in one piece, then its done-marker
     run_items(
         items,
         pipeline=lambda: get_pipeline(spec),
@@ -127,16 +127,6 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
         guard=guard,
     )
     return sink.records
-
-
-class JobRecords:
-    """The job-records sink: a shard keeps its records until it writes them in one piece."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, ItemRecord] = {}
-
-    def emit(self, record: ItemRecord) -> None:
-        self.records[record.input_uri] = record
 
 
 def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
