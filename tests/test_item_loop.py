@@ -17,10 +17,12 @@ from tests import images
 
 class HostileHost:
     """A loopback HTTP server: ``/good.png`` is served, ``/fail.png`` always 500s, and
-    ``/hang.png`` accepts the connection and never answers (until the server stops)."""
+    ``/hang.png`` accepts the connection and never answers (until the server stops); once
+    ``healthy`` is set, every path is served."""
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
+        self.healthy = False
         self.release = threading.Event()
         host = self
 
@@ -30,10 +32,10 @@ class HostileHost:
 
             def do_GET(self) -> None:
                 host.requests[self.path] = host.requests.get(self.path, 0) + 1
-                if self.path.startswith("/hang"):
+                if not host.healthy and self.path.startswith("/hang"):
                     host.release.wait(60)
                     return
-                if self.path.startswith("/fail"):
+                if not host.healthy and self.path.startswith("/fail"):
                     self.send_error(500, "Internal Server Error")
                     return
                 body = images.png_rgb_bytes()

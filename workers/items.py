@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -32,7 +33,13 @@ from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 from redis.exceptions import RedisError
 
 from cutout.jobs import sharding, storage
-from cutout.jobs.errors import CutoutError, OutputWriteError, TransientStorageError, WorkerCrashError
+from cutout.jobs.errors import (
+    CutoutError,
+    OutputWriteError,
+    StorageError,
+    TransientStorageError,
+    WorkerCrashError,
+)
 from cutout.jobs.records import ItemRecord
 from cutout.jobs.sharding import ShardItem
 
@@ -227,8 +234,27 @@ class _Loop:
 
 def read_input(uri: str) -> tuple[bytes, float]:
     t0 = time.perf_counter()
-    data = with_item_retries(f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
+    _refuse_special_file(uri)
+    try:
+        data = with_item_retries(f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
+    except OSError as exc:  # anything the storage layer did not type is still this item's error
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
     return data, time.perf_counter() - t0
+
+
+def _refuse_special_file(uri: str) -> None:
+    """A local input must be a regular file: opening a FIFO with no writer blocks forever, and
+    a symlink loop raises an untyped error."""
+    if storage.scheme_of(uri) != "local":
+        return
+    try:
+        mode = os.stat(storage._local_path(uri)).st_mode
+    except FileNotFoundError:
+        return  # the read says "not found", with its own typed error
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise StorageError(f"{uri} is not a regular file (a folder, FIFO, device or socket); not read")
 
 
 def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
