@@ -27,6 +27,7 @@ from cutout.jobs.errors import ConfigError
 
 ENV_PREFIX = "CUTOUT_"
 MiB = 1024 * 1024
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 
 
 def _field(default, what: str, shown: str | None = None):
@@ -80,6 +81,13 @@ class Settings(BaseSettings):
     matting_budget: int = _field(12000, "unknown pixels solved at most (larger bands solve downscaled)")
     eval_data: str = _field("../shared/testdata", "test data folder of `cutout eval`")
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value):
+        if value is not None and not DEVICE_PATTERN.match(value):
+            raise ValueError("expected cpu, cuda or cuda:N")
+        return value
+
     @field_validator("runtime", mode="before")
     @classmethod
     def _normalise_runtime(cls, value):
@@ -110,7 +118,7 @@ def _one_line(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else "settings"
-        parts.append(f"{name}={error.get('input')!r}: {error['msg']}")
+        parts.append(f"{name}={error.get('input')!r}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
