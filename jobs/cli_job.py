@@ -19,9 +19,9 @@ from cutout.jobs.errors import ConfigError
 
 def register(subparsers) -> None:
     submit = subparsers.add_parser("submit", help="submit a job: SOURCE... --to DEST")
-    submit.add_argument("sources", nargs="+", metavar="SOURCE",
+    submit.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
-    submit.add_argument("--to", dest="destination", required=True, help="destination prefix (file:// or s3://)")
+    submit.add_argument("--to", dest="destination", help="destination prefix (file:// or s3://); required")
     submit.add_argument("--shard-size", type=int, default=32)
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
@@ -125,8 +125,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         snapshot = progress.snapshot()
     if not args.watch:
         print(format_snapshot(ref.job_id, snapshot, _error_classes(ref)))
-        return 0
+        return job_exit_code(_finished(snapshot), snapshot.counts.get("failed", 0))
     return _watch(ref, progress, args.interval)
+
+
+def _finished(snap) -> bool:
+    return bool(snap.shards_total) and snap.shards_done >= snap.shards_total
+
+
+def job_exit_code(complete: bool, failed: int) -> int:
+    """0 all done, 3 finished with failed inputs, 4 not finished (README, "Exit codes")."""
+    from cutout.jobs.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_SOME_FAILED
+
+    if not complete:
+        return EXIT_INCOMPLETE
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _error_classes(ref) -> dict[str, int]:
@@ -172,10 +185,10 @@ def _watch(ref, progress, interval: float) -> int:
                 break
             if snap.cancelled:
                 print("job cancelled", file=sys.stderr)
-                return 1
+                return job_exit_code(False, 0)
             time.sleep(interval)
     print(format_snapshot(ref.job_id, snap, _error_classes(ref)))
-    return 0
+    return job_exit_code(True, snap.counts.get("failed", 0))
 
 
 # --- resume / retry / cancel --------------------------------------------------------------------
@@ -219,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_report(report))
-    return 0
+    return job_exit_code(report["complete"], report["counts"].get("failed", 0))
 
 
 def format_report(report: dict) -> str:

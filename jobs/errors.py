@@ -115,3 +115,11 @@ class EncodeError(CutoutError):
     """The array cannot be written in the requested format (e.g. RGBA as JPEG)."""
 
     stage = "encode"
+
+
+# --- services ----------------------------------------------------------------------------------
+class ServiceUnavailableError(CutoutError):
+    """Redis (broker or live progress) cannot be reached; the CLI exits 5 with a hint."""
+
+    stage = "queue"
+    permanent = False

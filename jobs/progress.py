@@ -15,12 +15,13 @@ of inactivity:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
-TTL_S = int(os.environ.get("CUTOUT_PROGRESS_TTL_S", str(3 * 24 * 3600)))
-WORKER_ALIVE_S = float(os.environ.get("CUTOUT_WORKER_ALIVE_S", "60"))
+from cutout.jobs.settings import settings
+
+TTL_S = settings().progress_ttl_s
+WORKER_ALIVE_S = settings().worker_alive_s
 RATE_WINDOW = 200  # completions kept for the rate
 RATE_WINDOW_S = 600.0  # and only those younger than this
 

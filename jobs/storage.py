@@ -39,6 +39,7 @@ from cutout.jobs.errors import (
     StorageError,
     TransientStorageError,
 )
+from cutout.jobs.settings import settings
 
 T = TypeVar("T")
 
@@ -146,11 +147,11 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> "RetryPolicy":
-        env = os.environ
+        env = settings()
         return cls(
-            attempts=max(1, int(env.get("CUTOUT_STORAGE_RETRIES", cls.attempts))),
-            max_total_s=float(env.get("CUTOUT_STORAGE_RETRY_MAX_S", cls.max_total_s)),
-            base_delay_s=float(env.get("CUTOUT_STORAGE_BACKOFF_S", cls.base_delay_s)),
+            attempts=max(1, env.storage_retries),
+            max_total_s=env.storage_retry_max_s,
+            base_delay_s=env.storage_backoff_s,
         )
 
     def delay(self, attempt: int) -> float:
@@ -178,11 +179,11 @@ def _with_retries(what: str, call: Callable[[], T]) -> T:
 
 
 def _connect_timeout() -> float:
-    return float(os.environ.get("CUTOUT_STORAGE_CONNECT_TIMEOUT", "5"))
+    return settings().storage_connect_timeout
 
 
 def _read_timeout() -> float:
-    return float(os.environ.get("CUTOUT_STORAGE_READ_TIMEOUT", "60"))
+    return settings().storage_read_timeout
 
 
 # --- URI parsing --------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def _s3_read(bucket: str, key: str, uri: str, max_bytes: int | None) -> bytes:
 
 
 def multipart_threshold() -> int:
-    return int(os.environ.get("CUTOUT_S3_MULTIPART_THRESHOLD", str(64 * 1024 * 1024)))
+    return settings().s3_multipart_threshold
 
 
 def _s3_write(bucket: str, key: str, data: bytes, content_type: str | None) -> None:

@@ -11,18 +11,19 @@ import os
 from celery.signals import worker_process_init
 
 from cutout.jobs.queue import make_app
+from cutout.jobs.settings import settings
 
 log = logging.getLogger(__name__)
 
 app = make_app(include=("cutout.workers.tasks",))
-if os.environ.get("CUTOUT_MAX_TASKS_PER_CHILD"):
-    app.conf.worker_max_tasks_per_child = int(os.environ["CUTOUT_MAX_TASKS_PER_CHILD"])
+if settings().max_tasks_per_child:
+    app.conf.worker_max_tasks_per_child = settings().max_tasks_per_child
 
 
 @worker_process_init.connect
 def _pin_gpu(**_kwargs) -> None:
     """One pool process per GPU: the i-th child sees only the i-th GPU (before torch starts CUDA)."""
-    gpus = [g for g in os.environ.get("CUTOUT_WORKER_GPUS", "").split(",") if g]
+    gpus = [g for g in settings().worker_gpus.split(",") if g]
     if not gpus:
         return
     from billiard.process import current_process

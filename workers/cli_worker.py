@@ -14,17 +14,17 @@ import os
 import shutil
 import subprocess
 
-from cutout.jobs.queue import DEFAULT_QUEUE
+from cutout.jobs.settings import settings
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("worker", help="start a Celery worker that processes shards")
-    parser.add_argument("--queues", "-Q", default=os.environ.get("CUTOUT_QUEUES", DEFAULT_QUEUE),
+    parser.add_argument("--queues", "-Q", default=settings().queues,
                         help="comma-separated queues to consume (default: %(default)s)")
     parser.add_argument("--concurrency", "-c", type=int, default=None,
                         help="pool processes (default: one per GPU, else one per 2 CPU cores)")
     parser.add_argument("--processes-per-gpu", type=int,
-                        default=int(os.environ.get("CUTOUT_PROCESSES_PER_GPU", "1")),
+                        default=settings().processes_per_gpu,
                         help="pool processes sharing each GPU (default: %(default)s)")
     parser.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork")
     parser.add_argument("--loglevel", "-l", default="INFO")
@@ -60,8 +60,8 @@ def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int,
     else:
         processes = concurrency or max(1, cpu_count // 2)
         threads = max(1, cpu_count // processes)
-        env["CUTOUT_DEVICE"] = os.environ.get("CUTOUT_DEVICE", "cpu")
-    env["CUTOUT_THREADS"] = os.environ.get("CUTOUT_THREADS", str(threads))  # read by cutout.workers.segment
+        env["CUTOUT_DEVICE"] = settings().device or "cpu"
+    env["CUTOUT_THREADS"] = str(settings().threads or threads)  # read by cutout.workers.segment
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(threads))
     env["CUTOUT_CONCURRENCY"] = str(processes)
     return env

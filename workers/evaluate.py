@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers import metrics
 
-DEFAULT_DATA = os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")
+DEFAULT_DATA = settings().eval_data
 STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
 
 

@@ -21,19 +21,20 @@ from redis.exceptions import RedisError
 from cutout.jobs import manifest, sharding, storage
 from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerCrashError
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
-MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))
-IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes per shard
+BATCH_SIZE = settings().batch_size
+MAX_INPUT_BYTES = settings().max_input_bytes
+IO_THREADS = settings().io_threads  # concurrent reads and writes per shard
 ITEM_STORAGE_ATTEMPTS = 3  # transient storage errors on one item, before the shard is retried
 # Times a worker may die with one input alone on the model before that input is recorded failed.
-MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))
-HEARTBEAT_INTERVAL_S = float(os.environ.get("CUTOUT_HEARTBEAT_INTERVAL", "5"))
+MAX_ITEM_CRASHES = settings().max_item_crashes
+HEARTBEAT_INTERVAL_S = settings().heartbeat_interval
 
 _SPECS: dict[str, JobSpec] = {}
 _PIPELINES: dict[str, object] = {}
@@ -64,7 +65,7 @@ def get_pipeline(spec: JobSpec):
     if pipeline is None:
         from cutout.workers.pipeline import Pipeline
 
-        pipeline = Pipeline(spec.pipeline, device=os.environ.get("CUTOUT_DEVICE") or None)
+        pipeline = Pipeline(spec.pipeline, device=settings().device)
         _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model
         _PIPELINES[key] = pipeline
     return pipeline

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
+from cutout.jobs.settings import settings
 from cutout.workers.celery_app import app
 from cutout.workers.shard import load_spec_cached, process_shard
 
@@ -46,7 +47,7 @@ def live_progress(job_id: str):
     retry_backoff=2,
     retry_backoff_max=300,
     retry_jitter=True,
-    max_retries=int(os.environ.get("CUTOUT_TASK_MAX_RETRIES", "10")),
+    max_retries=settings().task_max_retries,
 )
 def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool = False,
                        error_class: str | None = None, inputs: list[str] | None = None) -> dict:
