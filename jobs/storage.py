@@ -14,10 +14,12 @@ Tuning (environment, read at call time):
   CUTOUT_STORAGE_BACKOFF_S        first backoff delay, default 0.25 (doubles, jittered, max 10 s)
   CUTOUT_STORAGE_CONNECT_TIMEOUT  seconds, default 5
   CUTOUT_STORAGE_READ_TIMEOUT     seconds, default 60
+  CUTOUT_STORAGE_HTTP_DEADLINE    total seconds for one HTTP request, default 4 × the read timeout
   CUTOUT_S3_MULTIPART_THRESHOLD   bytes, default 64 MiB
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -488,12 +490,104 @@ def _s3_list(prefix_uri: str) -> Iterator[str]:
 _USER_AGENT = "cutout/0.1 (+https://github.com/)"
 
 
+def _http_deadline_s() -> float:
+    """Total seconds one HTTP request may take, headers and body together."""
+    return float(os.environ.get("CUTOUT_STORAGE_HTTP_DEADLINE") or _read_timeout() * 4)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket reader, with every read's timeout shrunk to what is left of the
+    request's total deadline: a server that trickles a byte at a time (headers or body) cannot
+    hold a worker past it, while a steady fast download is never cut by the per-read timeout."""
+
+    def __init__(self, raw, sock: socket.socket, deadline: float, total_s: float):
+        super().__init__()
+        self.raw, self.sock, self.deadline, self.total_s = raw, sock, deadline, total_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"total deadline of {self.total_s:g}s passed")
+        self.sock.settimeout(min(_read_timeout(), left))
+        try:
+            return self.raw.readinto(buffer)
+        except TimeoutError as exc:
+            if time.monotonic() >= self.deadline:
+                raise TimeoutError(f"total deadline of {self.total_s:g}s passed") from exc
+            raise
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, deadline: float, total_s: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        raw = self.fp.detach()  # keep the socket's reader (it holds the socket open), wrap it
+        self.fp = io.BufferedReader(_DeadlineReader(raw, sock, deadline, total_s))
+
+
+class _Guarded:
+    """Mixed into http.client's connections: the connect and every read fit in the deadline."""
+
+    def __init__(self, *args, deadline: float, total_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, total_s=total_s)
+        self._create_connection = self._connect_in_time
+
+    def _connect_in_time(self, address, timeout, source_address=None):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("total deadline passed before connecting")
+        return socket.create_connection(address, min(timeout, left), source_address)
+
+
+class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, total_s: float):
+        super().__init__()
+        self.guard = {"deadline": deadline, "total_s": total_s}
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTPConnection, **self.guard), req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, total_s: float):
+        super().__init__()
+        self.guard = {"deadline": deadline, "total_s": total_s}
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTPSConnection, **self.guard), req,
+                            context=self._context)
+
+
+def _http_opener() -> urllib.request.OpenerDirector:
+    """An opener whose every connection (redirects included) shares one total deadline."""
+    total_s = _http_deadline_s()
+    deadline = time.monotonic() + total_s
+    return urllib.request.build_opener(_GuardedHTTPHandler(deadline, total_s),
+                                       _GuardedHTTPSHandler(deadline, total_s))
+
+
 def _http_open(uri: str, method: str = "GET"):
     request = urllib.request.Request(uri, method=method, headers={"User-Agent": _USER_AGENT})
     try:
-        # urllib has one timeout for connect and for each socket read; use the connect one to
-        # open, then widen it to the read timeout for the body.
-        response = urllib.request.urlopen(request, timeout=_connect_timeout())
+        # urllib's timeout is the connect one here; each read then gets the read timeout,
+        # shrunk to what is left of the total deadline (see _DeadlineReader)
+        return _http_opener().open(request, timeout=_connect_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
@@ -503,20 +597,10 @@ def _http_open(uri: str, method: str = "GET"):
         raise StorageError(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
-    _set_socket_timeout(response, _read_timeout())
-    return response
-
-
-def _set_socket_timeout(response, seconds: float) -> None:
-    sock = getattr(getattr(response, "fp", None), "raw", None)
-    sock = getattr(sock, "_sock", None)
-    if isinstance(sock, socket.socket):
-        sock.settimeout(seconds)
 
 
 def _http_read(uri: str, max_bytes: int | None) -> bytes:
     response = _http_open(uri)
-    deadline = time.monotonic() + _read_timeout() * 4  # a trickling server cannot hold us forever
     with response:
         length = response.headers.get("Content-Length")
         if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
@@ -528,8 +612,6 @@ def _http_read(uri: str, max_bytes: int | None) -> bytes:
                 total += len(chunk)
                 if max_bytes is not None and total > max_bytes:
                     raise InputTooLargeError(f"{uri} is over the cap of {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise TransientStorageError(f"{uri}: body took longer than {_read_timeout() * 4:.0f}s")
         except (OSError, http.client.HTTPException) as exc:
             raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     return b"".join(chunks)
