@@ -115,3 +115,23 @@ class EncodeError(CutoutError):
     """The array cannot be written in the requested format (e.g. RGBA as JPEG)."""
 
     stage = "encode"
+
+
+# --- hostile inputs and forged messages (appended) -----------------------------------------------
+class NotARegularFileError(StorageError):
+    """A named pipe, socket or device where a file was expected: refused, never read (a read
+    from a pipe would block the worker forever, one from /dev/zero would never end)."""
+
+
+class SourceNotAllowedError(StorageError):
+    """The input is outside the worker's allowlist of sources (``CUTOUT_ALLOWED_SOURCES``), or
+    an HTTP request or redirect goes to a loopback, private or link-local address."""
+
+    stage = "read"
+
+
+class InvalidIdError(CutoutError):
+    """A job or shard id that the submitter could not have produced (a forged or corrupt task
+    message): refused before anything is read or written."""
+
+    stage = "task"

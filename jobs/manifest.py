@@ -50,9 +50,10 @@ def load_spec(job_prefix: str) -> JobSpec:
     return JobSpec.model_validate_json(data)
 
 
-def save_totals(job_prefix: str, n_items: int, n_shards: int) -> None:
-    """Written by submit once every shard file is written (live progress can be rebuilt from it)."""
-    body = json.dumps({"items": n_items, "shards": n_shards}).encode()
+def save_totals(job_prefix: str, n_items: int, n_shards: int, *, skipped: dict[str, int] | None = None) -> None:
+    """Written by submit once every shard file is written (live progress can be rebuilt from it).
+    ``skipped``: source entries the listing passed over (named pipes, symlink loops), by reason."""
+    body = json.dumps({"items": n_items, "shards": n_shards, "skipped": skipped or {}}).encode()
     storage.write_bytes(_uri(job_prefix, "totals.json"), body, content_type="application/json")
 
 

@@ -80,3 +80,76 @@ def test_http_total_deadline_fires_against_a_trickling_server(mode, monkeypatch)
     finally:
         server.close()
     assert elapsed < 10, f"the 2 s deadline fired only after {elapsed:.1f} s"
+
+
+# --- named pipes, devices, sockets, symlink loops ----------------------------------------------
+def _in_thread(call, timeout: float = 10.0):
+    """Run ``call`` on a thread; return (finished, result or exception). A blocked call is left
+    behind (daemon) and reported as not finished, so the test fails instead of hanging."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["value"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive(), box.get("value")
+
+
+def _unblock_fifo(path: str) -> None:
+    """Open the pipe's write end once, so a reader stuck in open() (the bug) is released."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """Two images beside a FIFO, a unix socket, a broken link, a self-loop and a link to an ancestor."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"a")
+    (root / "sub" / "b.png").write_bytes(b"b")
+    os.mkfifo(root / "pipe.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "sock.png"))
+    (root / "broken.png").symlink_to(root / "nowhere.png")
+    (root / "self.png").symlink_to(root / "self.png")
+    (root / "sub" / "up").symlink_to(root)
+    yield root
+    server.close()
+    _unblock_fifo(str(root / "pipe.png"))
+
+
+def test_listing_skips_and_counts_what_is_not_a_regular_file(odd_folder):
+    skips = storage.ListingSkips()
+    finished, listed = _in_thread(lambda: list(storage.list_uris(str(odd_folder), skips=skips)))
+    assert finished, "listing blocked"
+    assert not isinstance(listed, BaseException), listed
+    assert listed == [str(odd_folder / "a.png"), str(odd_folder / "sub" / "b.png")]  # each once
+    assert skips.total == 5
+    assert skips.counts == {"not a regular file": 2, "broken symlink": 1, "symlink loop": 2}
+
+
+def test_a_listing_without_a_skip_counter_still_skips(odd_folder):
+    finished, listed = _in_thread(lambda: list(storage.list_uris(odd_folder.as_uri())))
+    assert finished and listed == [f"{odd_folder.as_uri()}/a.png", f"{odd_folder.as_uri()}/sub/b.png"]
+
+
+@pytest.mark.parametrize("name", ["pipe.png", "sock.png", "/dev/zero", "/dev/null", "self.png"])
+def test_reading_an_odd_file_fails_fast_with_a_typed_permanent_error(odd_folder, name):
+    from cutout.jobs.errors import NotARegularFileError
+
+    path = name if name.startswith("/") else str(odd_folder / name)
+    finished, outcome = _in_thread(lambda: storage.read_bytes(path, max_bytes=1024))
+    if not finished:
+        _unblock_fifo(path)
+    assert finished, f"reading {name} blocked"
+    expected = StorageError if name == "self.png" else NotARegularFileError
+    assert isinstance(outcome, expected), repr(outcome)
+    assert outcome.permanent
