@@ -16,6 +16,7 @@ import redis
 
 from cutout.jobs import manifest, sharding, storage
 from cutout.jobs.errors import ConfigError, CutoutError, NotFoundError
+from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
@@ -48,8 +49,12 @@ class JobRef:
     destination: str
 
     @property
+    def layout(self) -> JobLayout:
+        return JobLayout(self.destination, self.job_id)
+
+    @property
     def prefix(self) -> str:
-        return sharding.job_prefix(self.destination, self.job_id)
+        return self.layout.prefix
 
 
 # --- Redis helpers ------------------------------------------------------------------------------
@@ -330,7 +335,7 @@ def _failures_matching(stats: ShardStats, error_class: str | None) -> int:
 
 
 def stats_uri(prefix: str, shard_id: str) -> str:
-    return storage.join_uri(prefix, "stats", f"{shard_id}.json")
+    return JobLayout.from_prefix(prefix).stats(shard_id)
 
 
 # --- cancel -------------------------------------------------------------------------------------

@@ -80,3 +80,46 @@ def test_submit_skips_pipes_and_symlink_loops_and_says_how_many(job):
     assert totals["skipped"] == result.skipped
     run_all_shards(result.job_prefix)
     _assert_every_input_once(job)
+
+
+# --- forged task messages -----------------------------------------------------------------------
+def _tree(root) -> dict[str, tuple[int, int]]:
+    import os
+
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            status = os.stat(os.path.join(folder, name))
+            found[os.path.join(folder, name)] = (status.st_size, status.st_mtime_ns)
+    return found
+
+
+@pytest.mark.parametrize("forge", ["shard-traversal", "shard-nested", "prefix-traversal", "shard-newline"])
+def test_a_forged_task_is_refused_before_anything_is_read_or_written(job, tmp_path, forge):
+    """A task naming ``../../../../../outside/evil`` as its shard made the worker read a shard
+    file planted outside the job, write its output there and overwrite the planted file."""
+    import json
+
+    from celery.exceptions import Reject
+
+    from cutout.workers.tasks import process_shard_task
+
+    result = submit(job)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.jsonl").write_text(json.dumps(
+        {"uri": str(job["paths"][0]), "rel_key": "x.png", "output_uri": str(outside / "evil_out.png")}) + "\n")
+    prefix, shard_id = result.job_prefix, "s000000"
+    if forge == "shard-traversal":
+        shard_id = "../../../../../outside/evil"  # prefix/shards/<this>.jsonl is outside/evil.jsonl
+    elif forge == "shard-nested":
+        shard_id = "s000000/../../../../../../outside/evil"
+    elif forge == "prefix-traversal":
+        prefix = prefix.replace("/_cutout/", "/../outside/../out/_cutout/")
+    else:
+        shard_id = "s000000\n"
+    before = _tree(tmp_path)
+    with pytest.raises(Reject, match="InvalidIdError"):
+        process_shard_task(prefix, shard_id)
+    assert _tree(tmp_path) == before  # nothing written anywhere, the planted file untouched
+    assert not (outside / "evil_out.png").exists()
