@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from cutout.jobs.errors import CutoutError
+    from cutout.jobs.redact import install_log_redaction, redact
 
+    install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except CutoutError as exc:
-        print(f"cutout: error: {exc}", file=sys.stderr)
+        print(f"cutout: error: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,8 @@ say which stage failed, why, and whether retrying could ever help (``permanent``
 """
 from __future__ import annotations
 
+from cutout.jobs.redact import redact
+
 
 class CutoutError(Exception):
     """Base class: ``stage`` names the pipeline stage, ``permanent`` says retrying is useless."""
@@ -13,7 +15,7 @@ class CutoutError(Exception):
     permanent: bool = True
 
     def __init__(self, message: str, *, stage: str | None = None):
-        super().__init__(message)
+        super().__init__(redact(str(message)))  # no password or signature reaches a record or log
         if stage is not None:
             self.stage = stage
 

@@ -21,6 +21,7 @@ from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
+from cutout.jobs.redact import redact
 from cutout.jobs.sources import iter_source_items
 from cutout.jobs.spec import JobSpec
 
@@ -75,7 +76,7 @@ def find_job(job_id: str, *, destination: str | None = None, redis_url: str | No
     stored = redis_client(redis_url).hget(JOB_INDEX_KEY, job_id)
     if stored is None:
         raise NotFoundError(
-            f"job {job_id} is not known to Redis ({redis_url or default_redis_url()}); "
+            f"job {job_id} is not known to Redis ({redact(redis_url or default_redis_url())}); "
             "pass --dest DEST (the job's destination) to use its durable records"
         )
     return JobRef(job_id, stored.decode())

@@ -18,10 +18,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
 from cutout.jobs.layout import check_task
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
+from cutout.jobs.redact import install_log_redaction
 from cutout.workers.celery_app import app
 from cutout.workers.shard import load_spec_cached, process_shard
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
 
 TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
 
