@@ -76,6 +76,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cutout.jobs.redact import install_log_redaction
+
+    install_log_redaction()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or _debug_setting()
     try:
@@ -108,7 +111,7 @@ def _debug_setting() -> bool:
 def describe_error(exc: BaseException) -> tuple[int, str]:
     """Exit code and one line (secrets removed) for an error that reached the top."""
     from cutout.jobs.errors import ConfigError, CutoutError, ServiceUnavailableError
-    from cutout.jobs.settings import redact_url
+    from cutout.jobs.redact import redact as redact_url
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, ServiceUnavailableError):

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from cutout.jobs import storage
-from cutout.jobs.errors import NotFoundError
+from cutout.jobs.errors import InvalidIdError, NotFoundError
+from cutout.jobs.layout import SHARD_ID, JobLayout
 from cutout.jobs.records import ItemRecord, ShardStats
 from cutout.jobs.sharding import shard_index
 from cutout.jobs.spec import JobSpec
@@ -30,36 +31,41 @@ TOP_ERRORS_LIMIT = 20
 OTHER_MESSAGES = "(other messages)"
 
 
-def _uri(job_prefix: str, *parts: str) -> str:
-    return storage.join_uri(job_prefix, *parts)
+def _layout(job_prefix: str) -> JobLayout:
+    """Every path below comes from the job's layout (ids checked), never from joined strings."""
+    return JobLayout.from_prefix(job_prefix)
 
 
 # --- spec and totals ----------------------------------------------------------------------------
 def save_spec(job_prefix: str, spec: JobSpec) -> None:
-    storage.write_bytes(_uri(job_prefix, "spec.json"), spec.model_dump_json(indent=2).encode(),
+    storage.write_bytes(_layout(job_prefix).spec, spec.model_dump_json(indent=2).encode(),
                         content_type="application/json")
 
 
 def load_spec(job_prefix: str) -> JobSpec:
     """The stored spec; ``NotFoundError`` names the URI when there is no job there."""
-    uri = _uri(job_prefix, "spec.json")
+    layout = _layout(job_prefix)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(layout.spec)
     except NotFoundError as exc:
-        raise NotFoundError(f"no job spec at {uri} (wrong destination or job id?)") from exc
-    return JobSpec.model_validate_json(data)
+        raise NotFoundError(f"no job spec at {layout.spec} (wrong destination or job id?)") from exc
+    spec = JobSpec.model_validate_json(data)
+    if spec.job_id != layout.job_id:  # a spec copied or forged into another job's folder
+        raise InvalidIdError(f"the spec at {layout.spec} is job {spec.job_id}, not {layout.job_id}")
+    return spec
 
 
-def save_totals(job_prefix: str, n_items: int, n_shards: int) -> None:
-    """Written by submit once every shard file is written (live progress can be rebuilt from it)."""
-    body = json.dumps({"items": n_items, "shards": n_shards}).encode()
-    storage.write_bytes(_uri(job_prefix, "totals.json"), body, content_type="application/json")
+def save_totals(job_prefix: str, n_items: int, n_shards: int, *, skipped: dict[str, int] | None = None) -> None:
+    """Written by submit once every shard file is written (live progress can be rebuilt from it).
+    ``skipped``: source entries the listing passed over (named pipes, symlink loops), by reason."""
+    body = json.dumps({"items": n_items, "shards": n_shards, "skipped": skipped or {}}).encode()
+    storage.write_bytes(_layout(job_prefix).totals, body, content_type="application/json")
 
 
 def load_totals(job_prefix: str) -> tuple[int, int] | None:
     """``(items, shards)``, or None when submit has not finished writing shards."""
     try:
-        data = json.loads(storage.read_bytes(_uri(job_prefix, "totals.json")))
+        data = json.loads(storage.read_bytes(_layout(job_prefix).totals))
     except NotFoundError:
         return None
     return int(data["items"]), int(data["shards"])
@@ -68,35 +74,35 @@ def load_totals(job_prefix: str) -> tuple[int, int] | None:
 # --- shard results ------------------------------------------------------------------------------
 def write_shard_result(job_prefix: str, shard_id: str, records: list[ItemRecord], stats: ShardStats) -> None:
     """Records first, stats last: the stats file is the done-marker."""
+    layout = _layout(job_prefix)
     body = "".join(record.model_dump_json() + "\n" for record in records).encode()
-    storage.write_bytes(_uri(job_prefix, "records", f"{shard_id}.jsonl"), body,
-                        content_type="application/x-ndjson")
-    storage.write_bytes(_uri(job_prefix, "stats", f"{shard_id}.json"), stats.model_dump_json().encode(),
+    storage.write_bytes(layout.records(shard_id), body, content_type="application/x-ndjson")
+    storage.write_bytes(layout.stats(shard_id), stats.model_dump_json().encode(),
                         content_type="application/json")
 
 
 def shard_done(job_prefix: str, shard_id: str) -> bool:
-    return storage.exists(_uri(job_prefix, "stats", f"{shard_id}.json"))
+    return storage.exists(_layout(job_prefix).stats(shard_id))
 
 
 def read_shard_records(job_prefix: str, shard_id: str) -> list[ItemRecord]:
     """The shard's records, or ``[]`` when it has none yet."""
     try:
-        data = storage.read_bytes(_uri(job_prefix, "records", f"{shard_id}.jsonl"))
+        data = storage.read_bytes(_layout(job_prefix).records(shard_id))
     except NotFoundError:
         return []
     return [ItemRecord.model_validate_json(line) for line in data.decode().splitlines() if line.strip()]
 
 
 def read_shard_stats(job_prefix: str, shard_id: str) -> ShardStats:
-    return ShardStats.model_validate_json(storage.read_bytes(_uri(job_prefix, "stats", f"{shard_id}.json")))
+    return ShardStats.model_validate_json(storage.read_bytes(_layout(job_prefix).stats(shard_id)))
 
 
 def _ids_under(job_prefix: str, folder: str, extension: str) -> list[str]:
     ids = []
-    for uri in storage.list_uris(_uri(job_prefix, folder) + "/"):
+    for uri in storage.list_uris(_layout(job_prefix).folder(folder) + "/"):
         name = uri.rsplit("/", 1)[-1]
-        if name.endswith(extension) and name.startswith("s") and name[1:-len(extension)].isdigit():
+        if name.endswith(extension) and SHARD_ID.fullmatch(name[: -len(extension)]):
             ids.append(name[: -len(extension)])
     return sorted(ids, key=shard_index)
 
@@ -124,9 +130,7 @@ def iter_records(job_prefix: str) -> Iterator[ItemRecord]:
 # --- the assembled manifest ---------------------------------------------------------------------
 def assemble_manifest(job_prefix: str, *, fmt: str = "jsonl") -> str:
     """Write ``manifest.<fmt>`` (records of every done shard, in shard order); returns its URI."""
-    if fmt not in ("jsonl", "parquet"):
-        raise ValueError(f"manifest format must be jsonl or parquet, not {fmt!r}")
-    uri = _uri(job_prefix, f"manifest.{fmt}")
+    uri = _layout(job_prefix).manifest(fmt)
     fd, temp = tempfile.mkstemp(suffix=f".{fmt}")
     os.close(fd)
     try:
@@ -219,7 +223,7 @@ def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> J
     except NotFoundError:
         destination = None
     manifest = next((u for f in ("jsonl", "parquet")
-                     if storage.exists(u := _uri(job_prefix, f"manifest.{f}"))), None)
+                     if storage.exists(u := _layout(job_prefix).manifest(f))), None)
     return JobSummary(
         job_prefix=job_prefix, destination=destination, shards_done=shards_done,
         shards_total=shards_total, items_total=totals[0] if totals else None, counts=counts,

@@ -25,9 +25,9 @@ from typing import Iterable, Iterator
 
 from cutout.jobs import storage
 from cutout.jobs.errors import StorageError, UnsafeKeyError
+from cutout.jobs.layout import CONTROL_PREFIX, JobLayout
 from cutout.jobs.sources import SourceItem
 
-CONTROL_PREFIX = "_cutout"
 SHARD_ID_WIDTH = 6
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -146,11 +146,12 @@ def iter_shards(
 
 # --- durable shard files ------------------------------------------------------------------------
 def job_prefix(destination: str, job_id: str) -> str:
-    return storage.join_uri(destination, CONTROL_PREFIX, "jobs", job_id)
+    return JobLayout(destination, job_id).prefix
 
 
 def shard_uri(job_prefix: str, shard_id: str) -> str:
-    return storage.join_uri(job_prefix, "shards", f"{shard_id}.jsonl")
+    """Checked ids only (cutout.jobs.layout): a shard id from a message is never joined raw."""
+    return JobLayout.from_prefix(job_prefix).shard(shard_id)
 
 
 def write_shard(job_prefix: str, shard: Shard) -> str:
@@ -164,7 +165,9 @@ def write_shard(job_prefix: str, shard: Shard) -> str:
 
 
 def read_shard(job_prefix: str, shard_id: str) -> Shard:
-    uri = shard_uri(job_prefix, shard_id)
+    """The shard's items; ``UnsafeKeyError`` when one would write outside the destination."""
+    layout = JobLayout.from_prefix(job_prefix)
+    uri = layout.shard(shard_id)
     items = []
     for number, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
         if not line.strip():
@@ -172,6 +175,8 @@ def read_shard(job_prefix: str, shard_id: str) -> Shard:
         try:
             data = json.loads(line)
             items.append(ShardItem(data["uri"], data["rel_key"], data["output_uri"]))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"{uri} line {number} is not a shard item: {exc}") from exc
+        if not isinstance(items[-1].output_uri, str) or not layout.holds_output(items[-1].output_uri):
+            raise UnsafeKeyError(f"{uri} line {number}: output outside the job's destination")
     return Shard(shard_id, items)

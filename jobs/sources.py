@@ -50,10 +50,16 @@ class SourceItem:
     rel_key: str
 
 
-def iter_source_items(sources: Iterable[str], *, all_files: bool = False) -> Iterator[SourceItem]:
-    """Every input of every source, in a stable order; ``ConfigError`` for a missing source."""
+def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
+                      skips: storage.ListingSkips | None = None) -> Iterator[SourceItem]:
+    """Every input of every source, in a stable order; ``ConfigError`` for a missing source.
+
+    Folder entries that are not regular files (pipes, sockets, devices, broken links, symlink
+    loops) are skipped with a warning and counted in ``skips``.
+    """
+    skips = skips if skips is not None else storage.ListingSkips()
     for source in sources:
-        yield from _iter_one(source.strip(), all_files)
+        yield from _iter_one(source.strip(), all_files, skips)
 
 
 def is_list_file(source: str) -> bool:
@@ -65,7 +71,7 @@ def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _iter_one(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_one(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     if not source:
         raise ConfigError("empty source")
     kind = storage.scheme_of(source)
@@ -74,12 +80,12 @@ def _iter_one(source: str, all_files: bool) -> Iterator[SourceItem]:
     elif kind == "http":
         yield SourceItem(source, rel_key_for_uri(source))
     elif _has_glob(source):
-        found = _iter_glob(source, all_files)
+        found = _iter_glob(source, all_files, skips)
         yield from _expect_some(source, found, _nothing_matched(all_files))
     elif kind == "s3":
         yield from _iter_s3(source, all_files)
     else:
-        yield from _iter_local(source, all_files)
+        yield from _iter_local(source, all_files, skips)
 
 
 def _expect_some(source: str, items: Iterator[SourceItem], why: str) -> Iterator[SourceItem]:
@@ -103,10 +109,10 @@ def _has_glob(source: str) -> bool:
 
 
 # --- local folders and files --------------------------------------------------------------------
-def _iter_local(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_local(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     path = os.path.abspath(storage._local_path(source))
     if os.path.isdir(path):
-        found = _iter_tree(path, path, all_files, match=None)
+        found = _iter_tree(path, path, all_files, None, skips)
         yield from _expect_some(source, found, _nothing_matched(all_files))
     elif os.path.isfile(path):
         yield SourceItem(path, os.path.basename(path))
@@ -114,8 +120,8 @@ def _iter_local(source: str, all_files: bool) -> Iterator[SourceItem]:
         raise ConfigError(f"source {source!r} does not exist (no such file or folder: {path})")
 
 
-def _iter_tree(root: str, folder: str, all_files: bool, match) -> Iterator[SourceItem]:
-    for uri in storage.list_uris(folder):
+def _iter_tree(root: str, folder: str, all_files: bool, match, skips) -> Iterator[SourceItem]:
+    for uri in storage.list_uris(folder, skips=skips):
         rel = os.path.relpath(uri, root).replace(os.sep, "/")
         if _keep(rel, all_files) and (match is None or match(rel)):
             yield SourceItem(uri, rel)
@@ -154,7 +160,7 @@ def _iter_s3_prefix(prefix_uri: str, bucket: str, prefix: str, all_files: bool, 
 
 
 # --- globs ------------------------------------------------------------------------------------
-def _iter_glob(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_glob(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     """Walk the glob's literal leading folder in sorted order and keep the paths that match.
 
     ``**`` matches any number of folders (including none); ``*``, ``?`` and ``[..]`` match
@@ -170,7 +176,7 @@ def _iter_glob(source: str, all_files: bool) -> Iterator[SourceItem]:
     absolute = path.startswith("/")
     literal, pattern = _split_glob(path.lstrip("/") if absolute else path)
     root = os.path.abspath(("/" if absolute else "") + literal if literal or absolute else ".")
-    return _iter_tree(root, root, all_files, _segment_matcher(pattern))
+    return _iter_tree(root, root, all_files, _segment_matcher(pattern), skips)
 
 
 def _split_glob(path: str) -> tuple[str, str]:

@@ -9,18 +9,23 @@ memory does not grow with the number of inputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import redis
 
 from cutout.jobs import manifest, sharding, storage
-from cutout.jobs.errors import ConfigError, NotFoundError
+from cutout.jobs.errors import ConfigError, CutoutError, NotFoundError
+from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
+from cutout.jobs.redact import redact
 from cutout.jobs.sources import iter_source_items
 from cutout.jobs.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 JOB_INDEX_KEY = "cutout:job-destinations"  # hash: job id → destination
 PROGRESS_EVERY_SHARDS = 200
@@ -34,6 +39,7 @@ class SubmitResult:
     shards_enqueued: int
     shards_already_done: int
     items_total: int
+    skipped: dict[str, int] = field(default_factory=dict)  # source entries passed over, by reason
 
 
 @dataclass
@@ -44,8 +50,12 @@ class JobRef:
     destination: str
 
     @property
+    def layout(self) -> JobLayout:
+        return JobLayout(self.destination, self.job_id)
+
+    @property
     def prefix(self) -> str:
-        return sharding.job_prefix(self.destination, self.job_id)
+        return self.layout.prefix
 
 
 # --- Redis helpers ------------------------------------------------------------------------------
@@ -66,7 +76,7 @@ def find_job(job_id: str, *, destination: str | None = None, redis_url: str | No
     stored = redis_client(redis_url).hget(JOB_INDEX_KEY, job_id)
     if stored is None:
         raise NotFoundError(
-            f"job {job_id} is not known to Redis ({redis_url or default_redis_url()}); "
+            f"job {job_id} is not known to Redis ({redact(redis_url or default_redis_url())}); "
             "pass --dest DEST (the job's destination) to use its durable records"
         )
     return JobRef(job_id, stored.decode())
@@ -112,34 +122,54 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
     written = set(manifest.all_shard_ids(prefix))
     app = submitter_app(broker_url or default_broker_url())
     shards_total = items_total = enqueued = already_done = 0
+    skips = storage.ListingSkips()
     shards = sharding.iter_shards(
-        iter_source_items(spec.sources, all_files=all_files),
+        iter_source_items(spec.sources, all_files=all_files, skips=skips),
         destination=spec.destination,
         extension=spec.pipeline.extension,
         suffix=spec.suffix,
         shard_size=spec.shard_size,
     )
-    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
-        def send(shard_id: str) -> None:
-            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+    try:
+        with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+            def send(shard_id: str) -> None:
+                send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
 
-        for shard in shards:
-            shards_total += 1
-            items_total += len(shard.items)
-            if shard.shard_id in done:
-                already_done += 1
-                continue
-            writer.write_then(shard, send, skip_write=shard.shard_id in written)
-            enqueued += 1
-            if shards_total % PROGRESS_EVERY_SHARDS == 0:
-                progress.set_total(items_total, shards_total)
+            for shard in shards:
+                shards_total += 1
+                items_total += len(shard.items)
+                if shard.shard_id in done:
+                    already_done += 1
+                    continue
+                writer.write_then(shard, send, skip_write=shard.shard_id in written)
+                enqueued += 1
+                if shards_total % PROGRESS_EVERY_SHARDS == 0:
+                    progress.set_total(items_total, shards_total)
+    except CutoutError as exc:
+        if shards_total == 0:
+            raise
+        raise _partly_submitted(exc, spec) from exc
     if shards_total == 0:
         raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
-    manifest.save_totals(prefix, items_total, shards_total)
+    manifest.save_totals(prefix, items_total, shards_total, skipped=skips.counts)
     progress.set_total(items_total, shards_total)
     if done:
         progress.rebuild_from_durable(prefix)
-    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total)
+    if skips.total:
+        log.warning("job %s: %d source entries skipped (%s)", spec.job_id, skips.total,
+                    ", ".join(f"{reason} {n}" for reason, n in sorted(skips.counts.items())))
+    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total,
+                        skipped=dict(skips.counts))
+
+
+def _partly_submitted(exc: CutoutError, spec: JobSpec) -> CutoutError:
+    """The same error, saying how to finish: shards sent so far stay valid (their files are
+    reused and a done shard is never redone), so submitting again completes the job."""
+    return type(exc)(
+        f"{exc}. Job {spec.job_id} is only partly submitted: run the same `cutout submit` again, "
+        f"or `cutout resume {spec.job_id} --dest {spec.destination}`, to finish submitting it",
+        stage=exc.stage,
+    )
 
 
 class ShardWriter:
@@ -306,7 +336,7 @@ def _failures_matching(stats: ShardStats, error_class: str | None) -> int:
 
 
 def stats_uri(prefix: str, shard_id: str) -> str:
-    return storage.join_uri(prefix, "stats", f"{shard_id}.json")
+    return JobLayout.from_prefix(prefix).stats(shard_id)
 
 
 # --- cancel -------------------------------------------------------------------------------------

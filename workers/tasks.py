@@ -16,12 +16,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
+from cutout.jobs.layout import check_task
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
 from cutout.jobs.settings import settings
+from cutout.jobs.redact import install_log_redaction
 from cutout.workers.celery_app import app
 from cutout.workers.shard import load_spec_cached, process_shard
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
 
 TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
 
@@ -53,6 +56,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
                        error_class: str | None = None, inputs: list[str] | None = None) -> dict:
     worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
     try:
+        check_task(job_prefix, shard_id)  # a forged message is refused before anything is read
         spec = load_spec_cached(job_prefix)
         run = process_shard(
             job_prefix,
