@@ -95,7 +95,7 @@ class JobLayout:
     def holds_output(self, uri: str) -> bool:
         """Whether ``uri`` is an output location this job may write: below the destination,
         outside its ``_cutout/`` area, with no dot segments."""
-        base = self.destination.rstrip("/") + "/"
+        base, uri = _comparable(self.destination).rstrip("/") + "/", _comparable(uri)
         if not uri.startswith(base) or _UNSAFE.search(uri):
             return False
         parts = uri[len(base):].split("/")
@@ -103,6 +103,12 @@ class JobLayout:
 
     def _file(self, *parts: str) -> str:
         return storage.join_uri(self.prefix, *parts)
+
+
+def _comparable(uri: str) -> str:
+    """A local destination may be written as a path or a file:// URI: compare plain paths
+    (dot segments are refused by the caller, not resolved here)."""
+    return storage._local_path(uri) if storage.scheme_of(uri) == "local" else uri
 
 
 def check_task(job_prefix: object, shard_id: object) -> JobLayout:

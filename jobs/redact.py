@@ -27,7 +27,7 @@ _QUERY_SECRET = re.compile(
     re.IGNORECASE,
 )
 _ACCESS_KEY = re.compile(r"\b(?P<kind>AKIA|ASIA)[0-9A-Z]{16}\b")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "CUTOUT_SECRET")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _URL_ENV = ("CUTOUT_BROKER_URL", "CUTOUT_REDIS_URL")
 _MIN_SECRET_LEN = 12  # shorter env values (a test's "testing") would mask ordinary words
 

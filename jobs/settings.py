@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     storage_backoff_s: float = _field(0.25, "first backoff delay in seconds (doubles, jittered, max 10 s)")
     storage_connect_timeout: float = _field(5.0, "storage connect timeout, seconds")
     storage_read_timeout: float = _field(60.0, "storage read timeout, seconds")
+    storage_http_deadline: float | None = _field(None, "total seconds for one HTTP(S) read, headers and body together (enforced at the socket)", "4 × the read timeout")
+    allowed_sources: str | None = _field(None, "comma-separated URI prefixes a worker may read inputs from (checked before any read)", "`s3://,http://,https://`")
+    allow_private_hosts: bool = _field(False, "let workers read http(s) inputs and follow redirects to loopback, private or link-local addresses")
     s3_multipart_threshold: int = _field(64 * MiB, "bytes above which an S3 upload is multipart", "64 MiB")
     max_input_bytes: int = _field(200 * MiB, "inputs larger than this are recorded failed (`InputTooLargeError`)", "200 MiB")
 

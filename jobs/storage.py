@@ -571,12 +571,12 @@ def _s3_list(prefix_uri: str) -> Iterator[str]:
 
 
 # --- HTTP(S), read-only -------------------------------------------------------------------------
-_USER_AGENT = "cutout/0.1 (+https://github.com/)"
+_USER_AGENT = "cutout-dataset"
 
 
 def _http_deadline_s() -> float:
     """Total seconds one HTTP request may take, headers and body together."""
-    return float(os.environ.get("CUTOUT_STORAGE_HTTP_DEADLINE") or _read_timeout() * 4)
+    return settings().storage_http_deadline or _read_timeout() * 4
 
 
 class _DeadlineReader(io.RawIOBase):

@@ -45,6 +45,7 @@ def test_forged_shard_ids_are_refused(shard_id):
 def test_outputs_must_stay_below_the_destination_and_outside_the_control_area():
     layout = JobLayout("file:///data/out", JOB)
     assert layout.holds_output("file:///data/out/a/b.png")
+    assert layout.holds_output("/data/out/a/b.png")  # the same place written as a path
     for uri in ("file:///data/out2/a.png", "file:///data/out/../etc/x.png", "file:///data/out/_cutout/x.png",
-                "/data/out/a.png", "file:///data/out/a//b.png", "file:///data/out/a\x00.png"):
+                "/data/out/../x.png", "file:///data/out/a//b.png", "file:///data/out/a\x00.png"):
         assert not layout.holds_output(uri), uri

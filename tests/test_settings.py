@@ -102,6 +102,6 @@ def test_every_variable_of_scripts_and_containers_is_in_the_readme():
 
 
 def test_redact_url_hides_userinfo():
-    assert redact_url("redis://:secret@host:6379/0") == "redis://***@host:6379/0"
-    assert redact_url("rediss://user:pw@h/1 and s3://bucket/key") == "rediss://***@h/1 and s3://bucket/key"
+    assert redact_url("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("rediss://user:pw@h/1 and s3://bucket/key") == "rediss://user:***@h/1 and s3://bucket/key"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
