@@ -115,3 +115,8 @@ class EncodeError(CutoutError):
     """The array cannot be written in the requested format (e.g. RGBA as JPEG)."""
 
     stage = "encode"
+
+
+class CorruptImageError(DecodeError):
+    """An image by its signature, but damaged (bad checksum, broken header or pixel stream) or
+    holding no usable pixel value (a float image that is all NaN/Inf)."""
