@@ -303,3 +303,14 @@ def test_an_unreadable_profile_is_ignored_and_said():
     decoded = decode_image(buffer.getvalue())
     np.testing.assert_array_equal(decoded.rgb, images.gradient_rgb())
     assert decoded.notes == ("icc-profile-ignored: unreadable profile",)
+
+
+def test_an_srgb_profile_is_recognised_and_left_alone():
+    from PIL import Image, ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(images.gradient_rgb()).save(buffer, "PNG", icc_profile=srgb)
+    decoded = decode_image(buffer.getvalue())
+    assert not decoded.icc_converted and decoded.notes == ()
+    np.testing.assert_array_equal(decoded.rgb, images.gradient_rgb())

@@ -310,21 +310,25 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str = "") -> np.n
 
 def _float_to_uint8(values: np.ndarray, label: str = "") -> np.ndarray:
     """Float pixels → uint8 by the range of their finite values (see the module docstring)."""
-    values = values.astype(np.float64)
+    values = values.astype(np.float32, copy=False)
     finite = np.isfinite(values)
-    if not finite.any():
+    all_finite = bool(finite.all())
+    if not all_finite and not finite.any():
         raise CorruptImageError(f"{label}float image has no finite pixel value (all NaN or Inf)")
-    top = values[finite].max()
+    kept = values if all_finite else values[finite]
+    top = float(kept.max())
     if top <= 1.0:
         scale = 255.0
     elif top <= 255.0:
         scale = 1.0
     else:
-        sample = values[finite][:: max(1, int(finite.sum()) // _ROBUST_SAMPLE)]
+        sample = kept.ravel()[:: max(1, kept.size // _ROBUST_SAMPLE)]
         scale = 255.0 / max(float(np.percentile(sample, _ROBUST_PERCENTILE)), 1e-12)
     with np.errstate(over="ignore", invalid="ignore"):
-        scaled = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        scaled = values * np.float32(scale)
+    if not all_finite:
+        scaled = np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
 
 
 # --- float colour TIFF (Pillow has no mode for it; OpenCV's libtiff reads it) ---------------------
@@ -395,6 +399,8 @@ def _to_srgb(image: Image.Image, icc: bytes | None, notes: list[str]) -> tuple[I
     except (OSError, ImageCms.PyCMSError, ValueError, TypeError):
         notes.append("icc-profile-ignored: unreadable profile")
         return image, False
+    if space == "RGB " and _is_srgb(profile.profile):
+        return image, False  # most camera JPEGs: converting would cost ~17 ms/MP for nothing
     has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
     if space == "RGB " and image.mode in _CONVERTIBLE_MODES | _ALPHA_MODES and image.mode not in (
             "1", "L", "CMYK"):
@@ -410,6 +416,17 @@ def _to_srgb(image: Image.Image, icc: bytes | None, notes: list[str]) -> tuple[I
     except (OSError, ImageCms.PyCMSError, ValueError) as exc:
         notes.append(f"icc-profile-ignored: {type(exc).__name__}")
         return image, False
+
+
+def _is_srgb(profile) -> bool:
+    """An sRGB profile by name and by primaries (a renamed wide-gamut profile is still converted)."""
+    colorants = (profile.red_colorant, profile.green_colorant, profile.blue_colorant)
+    reference = (_SRGB.profile.red_colorant, _SRGB.profile.green_colorant,
+                 _SRGB.profile.blue_colorant)
+    if "srgb" not in (profile.profile_description or "").lower() or None in colorants:
+        return False
+    return all(abs(a - b) < 0.005 for got, want in zip(colorants, reference)
+               for a, b in zip(got[0], want[0]))
 
 
 @functools.lru_cache(maxsize=16)
