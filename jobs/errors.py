@@ -145,3 +145,8 @@ class InvalidIdError(CutoutError):
     message): refused before anything is read or written."""
 
     stage = "task"
+
+
+class CorruptImageError(DecodeError):
+    """An image by its signature, but damaged (bad checksum, broken header or pixel stream) or
+    holding no usable pixel value (a float image that is all NaN/Inf)."""

@@ -266,6 +266,7 @@ def _apply_outcome(spec: JobSpec, item, record: ItemRecord, outcome) -> None:
     record.timings["write"] = time.perf_counter() - t0
     record.output_uris = [target]
     record.status = "done"
+    record.quality, record.flags = dict(outcome.quality), list(outcome.flags)
 
 
 def _base_record(spec: JobSpec, shard_id: str, item, worker_name: str) -> ItemRecord:
@@ -313,8 +314,11 @@ def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> Shar
     counts = {"done": 0, "failed": 0, "skipped": 0}
     error_classes: dict[str, int] = {}
     messages = CappedCounter()
+    flag_counts: dict[str, int] = {}
     for record in records:
         counts[record.status] = counts.get(record.status, 0) + 1
+        for flag in record.flags if record.status == "done" else ():
+            flag_counts[flag] = flag_counts.get(flag, 0) + 1
         if record.status == "failed":
             key = record.error_class or "UnknownError"
             error_classes[key] = error_classes.get(key, 0) + 1
@@ -329,6 +333,7 @@ def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> Shar
         finished_at=time.time(),
         worker=worker_name,
         attempt=attempt,
+        flag_counts=flag_counts,
     )
 
 
