@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cutout.jobs.settings import settings
 
 
 def photos(data: Path):
@@ -37,7 +35,7 @@ def photos(data: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata"))
+    parser.add_argument("--data", default=settings().eval_data)
     parser.add_argument("--model", default="isnet-general")
     parser.add_argument("--seg-size", type=int, default=None,
                         help="one segmentation pass at this size instead of the model's ensemble "
