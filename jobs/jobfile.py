@@ -16,7 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from cutout.jobs.errors import ConfigError
-from cutout.jobs.spec import JobSpec, PipelineOptions
+from cutout.jobs.spec import Background, JobSpec, PipelineOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +77,8 @@ def _checked(path: str, name: str, value: Any) -> Any:
     field = KNOWN[name]
     try:
         checked = TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+        if name == "background":
+            Background.parse(checked)
     except ValidationError as exc:
         message = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise ConfigError(f"job file {path}: {name} = {value!r}: {message}") from None
@@ -112,6 +114,6 @@ def require_sources_and_destination(parser: argparse.ArgumentParser, args: argpa
     sources, destination = ("inputs", "out") if args.command == "run" else ("sources", "destination")
     flag = "--out" if args.command == "run" else "--to"
     if not getattr(args, sources):
-        parser.error(f"give at least one SOURCE (or `sources` in a --config job file)")
+        parser.error("give at least one SOURCE (or `sources` in a --config job file)")
     if not getattr(args, destination):
         parser.error(f"{flag} is required (or `destination` in a --config job file)")
