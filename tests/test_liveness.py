@@ -192,12 +192,13 @@ def test_shard_of_a_dead_machine_is_finished_by_another_worker_within_two_minute
         wait_ready(victim, logs[0])
         wait_ready(survivor, logs[1])
         job = submit_folder(source, tmp_path / "out", redis_url, shard_size=8)
+        started_key = f"cutout:job:{job.job_id}:started"  # shard -> "worker time" (live progress)
         held = None
         deadline = time.monotonic() + 60
         while held is None and time.monotonic() < deadline:
-            for worker, raw in redis_client.hgetall("cutout:held").items():
-                if worker.decode().endswith(f":{victim.pid}"):
-                    held = json.loads(raw)["task"]["kwargs"]["shard_id"]
+            for shard_id, entry in redis_client.hgetall(started_key).items():
+                if entry.decode().split()[0].endswith(f":{victim.pid}"):
+                    held = shard_id.decode()
             time.sleep(0.02)
         assert held, "the victim never held a shard"
         os.killpg(victim.pid, signal.SIGKILL)  # the whole machine: no Celery left to requeue
@@ -209,10 +210,8 @@ def test_shard_of_a_dead_machine_is_finished_by_another_worker_within_two_minute
 
         redelivered_at = None
         while time.monotonic() - killed_at < REDELIVERY_BOUND_S:
-            if redelivered_at is None and any(
-                json.loads(raw)["task"]["kwargs"]["shard_id"] == held and not w.decode().endswith(f":{victim.pid}")
-                for w, raw in redis_client.hgetall("cutout:held").items()
-            ):
+            holder = redis_client.hget(started_key, held)
+            if redelivered_at is None and holder and not holder.decode().split()[0].endswith(f":{victim.pid}"):
                 redelivered_at = time.monotonic()
             if manifest.shard_done(job.job_prefix, held):
                 break
