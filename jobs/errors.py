@@ -83,6 +83,13 @@ class WorkerCrashError(CutoutError):
     stage = "pipeline"
 
 
+class WorkerError(CutoutError):
+    """The shard failed on an unexpected error (a bug, a broken install) every time it was
+    tried; its inputs are recorded with this so the job still completes and can be retried."""
+
+    stage = "worker"
+
+
 # --- storage ---------------------------------------------------------------------------------
 class StorageError(CutoutError):
     stage = "storage"

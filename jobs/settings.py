@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     batch_size: int = _field(8, "images per pipeline batch in a shard")
     io_threads: int = _field(8, "storage threads per shard that read the next batch and write the last one while the model runs")
     max_item_crashes: int = _field(2, "worker deaths with one input alone on the model before that input is recorded failed")
+    worker_stale_s: float = _field(60.0, "a worker holding a shard with no heartbeat for this long is taken for dead and its shard re-sent")
+    unexpected_retries: int = _field(3, "tries of a shard that fails on an unexpected exception before its inputs are recorded `WorkerError`")
+    unexpected_backoff_s: float = _field(10.0, "first wait before such a retry, seconds (doubles)")
+    task_events: bool = _field(False, "workers send Celery task events (for Flower)")
+    reap_interval: float = _field(15.0, "seconds between a worker's sweeps for shards held by dead workers")
+    metrics_port: int = _field(9108, "port of a worker's Prometheus `/metrics` (0 = off; `--metrics-port`)")
+    metrics_addr: str = _field("0.0.0.0", "address the metrics server listens on")
     heartbeat_interval: float = _field(5.0, "seconds between a busy worker's heartbeats")
 
     # --- models and pipeline ---
