@@ -12,7 +12,6 @@ never a duplicate record: outputs are idempotent and a shard is counted once.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import redis

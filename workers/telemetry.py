@@ -13,7 +13,6 @@ Busy share of a worker: ``rate(cutout_worker_busy_seconds_total[5m]) / cutout_wo
 from __future__ import annotations
 
 import logging
-import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
