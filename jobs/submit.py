@@ -112,8 +112,9 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
     written = set(manifest.all_shard_ids(prefix))
     app = submitter_app(broker_url or default_broker_url())
     shards_total = items_total = enqueued = already_done = 0
+    columns = ExtraColumns()
     shards = sharding.iter_shards(
-        iter_source_items(spec.sources, all_files=all_files),
+        columns.watch(iter_source_items(spec.sources, all_files=all_files)),
         destination=spec.destination,
         extension=spec.pipeline.extension,
         suffix=spec.suffix,
@@ -135,11 +136,25 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
                 progress.set_total(items_total, shards_total)
     if shards_total == 0:
         raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
-    manifest.save_totals(prefix, items_total, shards_total)
+    manifest.save_totals(prefix, items_total, shards_total, extra_columns=columns.names)
     progress.set_total(items_total, shards_total)
     if done:
         progress.rebuild_from_durable(prefix)
     return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total)
+
+
+class ExtraColumns:
+    """Collects the names of list-file columns seen while the items stream past."""
+
+    def __init__(self, names: list[str] | None = None):
+        self.names: list[str] = list(names or [])
+
+    def watch(self, items):
+        for item in items:
+            for name in item.extra or ():
+                if name not in self.names:
+                    self.names.append(name)
+            yield item
 
 
 class ShardWriter:

@@ -15,6 +15,7 @@ from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cutout.jobs import manifest
 from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
 from cutout.workers.celery_app import app
@@ -71,4 +72,5 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
     if run.stats is None:
         log.info("shard %s skipped: %s", shard_id, run.skipped_reason)
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
+    manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))  # the last shard
     return {"shard_id": shard_id, "counts": run.stats.counts}
