@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
     submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
+    submit.add_argument("--incremental", action="store_true",
+                        help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
     _add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
@@ -99,11 +101,14 @@ def _local_weights_sha256(weights: str | None) -> str | None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cutout.jobs.submit import submit_job
+    from cutout.jobs.submit import submit_incremental, submit_job
 
     spec = build_spec(args)
-    result = submit_job(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
+    submit = submit_incremental if args.incremental else submit_job
+    result = submit(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
     print(result.job_id)
+    if result.items_new is not None:
+        print(f"{result.items_new} new inputs", file=sys.stderr)
     print(
         f"{result.items_total} inputs in {result.shards_total} shards: "
         f"{result.shards_enqueued} enqueued on queue {spec.queue!r}, "

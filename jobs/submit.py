@@ -9,6 +9,7 @@ memory does not grow with the number of inputs.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import redis
@@ -34,6 +35,7 @@ class SubmitResult:
     shards_enqueued: int
     shards_already_done: int
     items_total: int
+    items_new: int | None = None  # incremental submits: inputs added to the job this time
 
 
 @dataclass
@@ -196,10 +198,111 @@ class ShardWriter:
             self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
+# --- incremental: new inputs of a growing source -------------------------------------------------
+INCREMENTAL_LOCK_S = 3600
+
+
+def submit_incremental(
+    spec: JobSpec,
+    *,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+    all_files: bool = False,
+) -> SubmitResult:
+    """Extend the job with shards holding only the inputs it does not list yet.
+
+    The job id stays the spec's hash, so a bucket that keeps growing is one job: its records
+    and manifest keep one record per input across every run. New inputs get new shards after
+    the last one (old shard files are never rewritten), their output keys are claimed after
+    every key already handed out (no collision with earlier outputs), and totals grow. Inputs
+    already in a shard file count as known even while their shard is still queued. Two
+    incremental submits of one job at once are refused (a Redis lock).
+    """
+    prefix = sharding.job_prefix(spec.destination, spec.job_id)
+    if manifest.load_totals(prefix) is None:  # never fully submitted: an ordinary first submit
+        result = submit_job(spec, broker_url=broker_url, redis_url=redis_url, all_files=all_files)
+        result.items_new = result.items_total
+        return result
+    client = redis_client(redis_url)
+    lock = f"cutout:job:{spec.job_id}:extending"
+    if not client.set(lock, "1", nx=True, ex=INCREMENTAL_LOCK_S):
+        raise ConfigError(f"another incremental submit of job {spec.job_id} is running (lock {lock})")
+    try:
+        return _extend_job(spec, prefix, client, broker_url, all_files)
+    finally:
+        client.delete(lock)
+
+
+def _extend_job(spec, prefix, client, broker_url, all_files) -> SubmitResult:
+    client.hset(JOB_INDEX_KEY, spec.job_id, spec.destination)
+    known = _KnownInputs.read(prefix, spec.destination)
+    items_old, _ = manifest.load_totals(prefix)
+    progress = live_progress(client, spec.job_id)
+    columns = ExtraColumns(manifest.load_extra_columns(prefix))
+    fresh = (item for item in columns.watch(iter_source_items(spec.sources, all_files=all_files))
+             if not known.has(item.uri))
+    shards = sharding.iter_shards(
+        fresh, destination=spec.destination, extension=spec.pipeline.extension, suffix=spec.suffix,
+        shard_size=spec.shard_size, first_index=known.next_index, taken_keys=known.output_keys,
+    )
+    app = submitter_app(broker_url or default_broker_url())
+    new_items = new_shards = 0
+    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+        def send(shard_id: str) -> None:
+            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+
+        for shard in shards:
+            new_items += len(shard.items)
+            new_shards += 1
+            writer.write_then(shard, send)
+    shards_total = known.next_index + new_shards
+    manifest.save_totals(prefix, items_old + new_items, shards_total, extra_columns=columns.names)
+    progress.set_total(items_old + new_items, shards_total)
+    progress.rebuild_from_durable(prefix)
+    progress.mark_queued()
+    done = len(manifest.done_shard_ids(prefix))
+    return SubmitResult(spec.job_id, prefix, shards_total, new_shards, done, items_old + new_items,
+                        items_new=new_items)
+
+
+class _KnownInputs:
+    """Inputs and output keys already in the job's shard files, as 8-byte digests (bounded)."""
+
+    def __init__(self) -> None:
+        self._inputs: set[bytes] = set()
+        self.output_keys: list[str] = []
+        self.next_index = 0
+
+    @classmethod
+    def read(cls, prefix: str, destination: str) -> "_KnownInputs":
+        from concurrent.futures import ThreadPoolExecutor
+
+        known = cls()
+        base = storage.join_uri(destination, "x")[:-1]  # the destination with one trailing "/"
+        shard_ids = manifest.all_shard_ids(prefix)
+        with ThreadPoolExecutor(16, thread_name_prefix="shard-reader") as pool:
+            for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), shard_ids):
+                for item in shard.items:
+                    known._inputs.add(_digest(item.uri))
+                    if item.output_uri.startswith(base):
+                        known.output_keys.append(item.output_uri[len(base):])
+        if shard_ids:
+            known.next_index = sharding.shard_index(shard_ids[-1]) + 1
+        return known
+
+    def has(self, uri: str) -> bool:
+        return _digest(uri) in self._inputs
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _enqueue_missing(spec, prefix, totals, broker_url, progress) -> SubmitResult:
     """Every shard file exists already: enqueue those without a done-marker (no re-listing).
 
-    A job is a snapshot of its sources at first submit: objects added later need a new job.
+    A job is a snapshot of its sources at first submit: objects added later are picked up by
+    an incremental submit (``submit_incremental``).
     """
     items_total, shards_total = totals
     done = manifest.done_shard_ids(prefix)
