@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     _add_job_args(report)
     report.add_argument("--json", action="store_true", help="machine-readable summary")
     report.add_argument("--manifest-format", default="jsonl", choices=("jsonl", "parquet"))
+    report.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                        help="also write a self-contained HTML report page into the job's folder "
+                             "(DEST/_cutout/jobs/JOB/report.html) and, given PATH, to that local file")
     report.set_defaults(func=cmd_report)
 
     cancel = subparsers.add_parser("cancel", help="stop a job: workers skip its remaining shards")
@@ -129,19 +132,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         progress.rebuild_from_durable(ref.prefix)
         snapshot = progress.snapshot()
     if not args.watch:
-        print(format_snapshot(ref.job_id, snapshot, _error_classes(ref)))
+        print(format_snapshot(ref.job_id, snapshot, *_durable_counters(ref)))
         return 0
     return _watch(ref, progress, args.interval)
 
 
-def _error_classes(ref) -> dict[str, int]:
-    """Failure classes from the durable stats (Redis keeps counts by status only)."""
+def _durable_counters(ref) -> tuple[dict[str, int], dict[str, int]]:
+    """Failure classes and quality flags from the durable stats (Redis counts statuses only)."""
     from cutout.jobs import manifest
 
-    return manifest.summarise(ref.prefix).error_classes
+    summary = manifest.summarise(ref.prefix)
+    return summary.error_classes, summary.flag_counts
 
 
-def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None) -> str:
+def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
+                    flags: dict[str, int] | None = None) -> str:
     processed = sum(snap.counts.values())
     percent = 100.0 * processed / snap.total if snap.total else 0.0
     eta = f"{snap.eta_s:.0f} s" if snap.eta_s is not None else "?"
@@ -155,6 +160,8 @@ def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None) -> 
     if errors:
         top = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
         lines.append("  top errors: " + ", ".join(f"{k} ×{v}" for k, v in top))
+    if flags:
+        lines.append("  quality flags: " + ", ".join(f"{k} ×{v}" for k, v in flags.items()))
     return "\n".join(lines)
 
 
@@ -179,7 +186,7 @@ def _watch(ref, progress, interval: float) -> int:
                 print("job cancelled", file=sys.stderr)
                 return 1
             time.sleep(interval)
-    print(format_snapshot(ref.job_id, snap, _error_classes(ref)))
+    print(format_snapshot(ref.job_id, snap, *_durable_counters(ref)))
     return 0
 
 
@@ -220,6 +227,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = job_report(args.job, destination=args.dest, redis_url=args.redis,
                         manifest_format=args.manifest_format)
+    if args.html is not None:
+        from cutout.jobs.report_html import write_report
+
+        report["html"] = write_report(report["job_prefix"], report["job_id"], local_path=args.html or None)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -245,4 +256,10 @@ def format_report(report: dict) -> str:
         lines.append("  most common messages:")
         for message, count in list(report["top_errors"].items())[:10]:
             lines.append(f"    {count:>8}  {message}")
+    for uri in report.get("html") or ():
+        lines.append(f"  report page: {uri}")
+    if report.get("flag_counts"):
+        lines.append("  quality flags (done outputs to look at; `cutout redo JOB --flag NAME`):")
+        for name, count in report["flag_counts"].items():
+            lines.append(f"    {count:>8}  {name}")
     return "\n".join(lines)

@@ -285,6 +285,7 @@ class JobSummary:
     error_classes: dict[str, int] = field(default_factory=dict)
     top_errors: dict[str, int] = field(default_factory=dict)
     manifest_uri: str | None = None
+    flag_counts: dict[str, int] = field(default_factory=dict)  # quality flags of done outputs
 
     @property
     def items_processed(self) -> int:
@@ -299,12 +300,14 @@ def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> J
     """Counts by status, error classes and the commonest messages, from the stats files only."""
     counts: dict[str, int] = {}
     classes: dict[str, int] = {}
+    flags: dict[str, int] = {}
     messages = _MergedCounter(top_errors_limit)
     shards_done = 0
     for stats in iter_shard_stats(job_prefix):
         shards_done += 1
         _add(counts, stats.counts)
         _add(classes, stats.error_classes)
+        _add(flags, stats.flag_counts)
         for message, number in stats.top_errors.items():
             messages.add(message, number)
     totals = load_totals(job_prefix)
@@ -320,6 +323,7 @@ def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> J
         shards_total=shards_total, items_total=totals[0] if totals else None, counts=counts,
         error_classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])),
         top_errors=messages.as_dict(), manifest_uri=manifest,
+        flag_counts=dict(sorted(flags.items(), key=lambda kv: -kv[1])),
     )
 
 

@@ -472,5 +472,6 @@ def job_report(
         "counts": summary.counts,
         "error_classes": summary.error_classes,
         "top_errors": summary.top_errors,
+        "flag_counts": summary.flag_counts,
         "manifest_uri": manifest_uri,
     }
