@@ -49,6 +49,17 @@ def register(subparsers) -> None:
                        help="only this failed input (repeatable), as the manifest names it")
     retry.set_defaults(func=cmd_retry_failed)
 
+    redo = subparsers.add_parser(
+        "redo", help="rerun flagged outputs with other pipeline options (a linked redo job)")
+    _add_job_args(redo)
+    redo.add_argument("--flag", dest="flags", action="append", default=[], metavar="NAME",
+                      help="done outputs carrying this quality flag (repeatable), e.g. empty_alpha")
+    redo.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
+                      help="this input (repeatable), as the manifest names it")
+    add_pipeline_arguments(redo)
+    redo.set_defaults(func=cmd_redo, **{name: None for name in PIPELINE_ARGUMENTS})
+    redo.epilog = "Pipeline options not given keep the job's values."
+
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
     _add_job_args(report)
     report.add_argument("--json", action="store_true", help="machine-readable summary")
@@ -218,6 +229,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     ref = cancel_job(args.job, destination=args.dest, redis_url=args.redis)
     print(f"job {ref.job_id} cancelled; `cutout resume {ref.job_id}` starts it again")
+    return 0
+
+
+PIPELINE_ARGUMENTS = ("model", "classes", "weights", "score_threshold", "seg_size", "refine", "matting",
+                      "trimap_band", "background", "format", "quality", "max_pixels")
+
+
+def cmd_redo(args: argparse.Namespace) -> int:
+    from cutout.jobs.submit import redo_outputs
+
+    overrides = {name: getattr(args, name) for name in PIPELINE_ARGUMENTS if getattr(args, name) is not None}
+    result = redo_outputs(
+        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=overrides,
+        destination=args.dest, broker_url=args.broker, redis_url=args.redis,
+    )
+    print(result.job_id)
+    print(f"redo of job {result.parent_job_id}: {result.items} inputs in {result.shards_enqueued} shards "
+          f"enqueued (config {result.config_hash[:12]}); the job's manifest lists their new records "
+          "once the redo finishes", file=sys.stderr)
     return 0
 
 

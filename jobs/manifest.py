@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -182,13 +183,21 @@ def assemble_if_complete(job_prefix: str, *, progress=None) -> list[str]:
     try:
         if progress is not None and not _live_may_be_complete(progress):
             return []
-        totals = load_totals(job_prefix)
-        if totals is None or len(done_shard_ids(job_prefix)) < totals[1]:
+        if not _all_shards_done(job_prefix):
             return []
-        return [assemble_manifest(job_prefix, fmt=fmt) for fmt in manifest_formats()]
+        written = [assemble_manifest(job_prefix, fmt=fmt) for fmt in manifest_formats()]
+        parent = parent_prefix_of(job_prefix)  # a finished redo refreshes its parent's manifest
+        if parent is not None and _all_shards_done(parent):
+            written += [assemble_manifest(parent, fmt=fmt) for fmt in manifest_formats()]
+        return written
     except CutoutError as exc:
         log.warning("manifest of %s not assembled (report will): %s: %s", job_prefix, exc.error_class, exc)
         return []
+
+
+def _all_shards_done(job_prefix: str) -> bool:
+    totals = load_totals(job_prefix)
+    return totals is not None and len(done_shard_ids(job_prefix)) >= totals[1]
 
 
 def _live_may_be_complete(progress) -> bool:
@@ -203,16 +212,74 @@ def _live_may_be_complete(progress) -> bool:
 
 
 def iter_manifest_rows(job_prefix: str, extra_columns: list[str] | None = None) -> Iterator[dict]:
-    """Manifest rows: each record with its ``job_id`` and its list-file columns, in shard order."""
-    job_id = job_prefix.rstrip("/").rsplit("/", 1)[-1]
+    """Manifest rows: each input's latest record (a redo job's record replaces the original),
+    with its ``job_id`` and its list-file columns, in shard order."""
+    for _, row in iter_latest_rows(job_prefix, extra_columns):
+        yield row
+
+
+def iter_latest_rows(job_prefix: str, extra_columns: list[str] | None = None, *,
+                     with_followups: bool = True) -> Iterator[tuple[str, dict]]:
+    """``(shard id in this job, row)`` for every record of a done shard, latest attempt first."""
+    job_id = job_id_of(job_prefix)
+    newer = followup_rows(job_prefix) if with_followups else {}
     for shard_id in _ids_under(job_prefix, "stats", ".json"):
         extras = _shard_extras(job_prefix, shard_id) if extra_columns else {}
         for record in read_shard_records(job_prefix, shard_id):
-            row = record.model_dump(mode="json")
-            row["job_id"] = row.get("job_id") or job_id
-            for name, value in (extras.get(record.input_uri) or {}).items():
-                row[extra_column_name(name)] = value
-            yield row
+            row = newer.get(record.input_uri)
+            if row is None:
+                row = record.model_dump(mode="json")
+                row["job_id"] = row.get("job_id") or job_id
+                for name, value in (extras.get(record.input_uri) or {}).items():
+                    row[extra_column_name(name)] = value
+            yield shard_id, row
+
+
+def job_id_of(job_prefix: str) -> str:
+    return job_prefix.rstrip("/").rsplit("/", 1)[-1]
+
+
+# --- redo jobs: follow-ups that replace some records of their parent ------------------------------
+def link_followup(parent_prefix: str, child_job_id: str) -> None:
+    """Record that job ``child_job_id`` (a sibling of the parent's folder) redoes some inputs."""
+    body = json.dumps({"job_id": child_job_id, "created_at": time.time()}).encode()
+    storage.write_bytes(_uri(parent_prefix, "followups", f"{child_job_id}.json"), body,
+                        content_type="application/json")
+    parent = json.dumps({"job_id": job_id_of(parent_prefix)}).encode()
+    storage.write_bytes(_uri(_sibling(parent_prefix, child_job_id), "parent.json"), parent,
+                        content_type="application/json")
+
+
+def followup_prefixes(parent_prefix: str) -> list[str]:
+    """Redo jobs of this job, oldest first (a later redo of an input wins)."""
+    found = []
+    for uri in storage.list_uris(_uri(parent_prefix, "followups") + "/"):
+        if uri.endswith(".json"):
+            data = json.loads(storage.read_bytes(uri))
+            found.append((data.get("created_at", 0.0), _sibling(parent_prefix, data["job_id"])))
+    return [prefix for _, prefix in sorted(found)]
+
+
+def followup_rows(parent_prefix: str) -> dict[str, dict]:
+    """The latest row per input across the done shards of every redo job."""
+    rows: dict[str, dict] = {}
+    for prefix in followup_prefixes(parent_prefix):
+        columns = load_extra_columns(prefix)
+        for _, row in iter_latest_rows(prefix, columns, with_followups=False):
+            rows[row["input_uri"]] = row
+    return rows
+
+
+def parent_prefix_of(job_prefix: str) -> str | None:
+    try:
+        data = json.loads(storage.read_bytes(_uri(job_prefix, "parent.json")))
+    except NotFoundError:
+        return None
+    return _sibling(job_prefix, data["job_id"])
+
+
+def _sibling(job_prefix: str, job_id: str) -> str:
+    return job_prefix.rstrip("/").rsplit("/", 1)[0] + "/" + job_id
 
 
 def extra_column_name(name: str) -> str:

@@ -427,6 +427,102 @@ def stats_uri(prefix: str, shard_id: str) -> str:
     return storage.join_uri(prefix, "stats", f"{shard_id}.json")
 
 
+# --- redo flagged outputs with other options -----------------------------------------------------
+@dataclass
+class RedoResult:
+    job_id: str  # the redo job: its own spec, so its records carry the new config hash
+    parent_job_id: str
+    items: int
+    shards_enqueued: int
+    config_hash: str
+
+
+def redo_outputs(
+    job_id: str,
+    *,
+    flags: tuple[str, ...] = (),
+    inputs: tuple[str, ...] = (),
+    overrides: dict | None = None,
+    destination: str | None = None,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+) -> RedoResult:
+    """Rerun the done outputs carrying any of ``flags`` (or exactly ``inputs``) with the job's
+    pipeline options changed by ``overrides`` (e.g. another matting method).
+
+    Pipeline options decide the pixels and are part of a job's identity, so a redo is its own
+    job beside the original: its spec (sources: a list file of the chosen inputs in the
+    original's folder) hashes to a new id, its records carry the new config hash, and its shard
+    files reuse the original output keys, so the new outputs replace the old ones. The original
+    links it as a follow-up: its manifest lists each input's latest record (one per input),
+    refreshed when the redo's last shard finishes. The same redo submitted again resumes.
+    """
+    from cutout.jobs.records import QUALITY_FLAGS
+    from cutout.jobs.spec import stable_hash
+
+    unknown = set(flags) - set(QUALITY_FLAGS)
+    if unknown:
+        raise ConfigError(f"unknown quality flag(s) {', '.join(sorted(unknown))}: use {', '.join(QUALITY_FLAGS)}")
+    if not flags and not inputs:
+        raise ConfigError("choose what to redo: --flag NAME (repeatable) or --input URI")
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    parent = load_job_spec(ref)
+    pipeline = _pipeline_with(parent.pipeline, overrides or {})
+    chosen = _select_for_redo(ref.prefix, set(flags), set(inputs))
+    selection = stable_hash({"inputs": [item.uri for item in chosen], "flags": sorted(flags)})[:12]
+    spec = parent.model_copy(update={
+        "sources": (storage.join_uri(ref.prefix, "redo", f"{selection}.txt"),), "pipeline": pipeline,
+        "weights_sha256": parent.weights_sha256 if pipeline.weights == parent.pipeline.weights else None,
+    })
+    prefix = sharding.job_prefix(spec.destination, spec.job_id)
+    if manifest.load_totals(prefix) is None:
+        _write_redo_job(ref.prefix, prefix, spec, chosen)
+    result = submit_job(spec, broker_url=broker_url, redis_url=redis_url)
+    return RedoResult(spec.job_id, job_id, len(chosen), result.shards_enqueued, pipeline.config_hash())
+
+
+def _pipeline_with(pipeline, overrides: dict):
+    from pydantic import ValidationError
+
+    from cutout.jobs.spec import PipelineOptions
+
+    try:
+        return PipelineOptions(**{**pipeline.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+
+def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> list[sharding.ShardItem]:
+    """The original shard items of the chosen inputs, judged by each input's latest record."""
+    wanted: dict[str, set[str]] = {}
+    for shard_id, row in manifest.iter_latest_rows(prefix):
+        if inputs and row["input_uri"] not in inputs:
+            continue
+        if inputs or (row["status"] == "done" and flags & set(row.get("flags") or ())):
+            wanted.setdefault(shard_id, set()).add(row["input_uri"])
+    chosen = [item for shard_id, uris in wanted.items()
+              for item in sharding.read_shard(prefix, shard_id).items if item.uri in uris]
+    missing = inputs - {item.uri for item in chosen}
+    if missing:
+        raise ConfigError(f"not inputs of this job with a record: {', '.join(sorted(missing)[:5])}")
+    if not chosen:
+        raise ConfigError(f"no done output of this job carries {' or '.join(sorted(flags))}")
+    return chosen
+
+
+def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list) -> None:
+    """Spec, the list of chosen inputs, shard files holding the original items, totals; linked last."""
+    storage.write_bytes(spec.sources[0], "".join(item.uri + "\n" for item in chosen).encode(),
+                        content_type="text/plain")
+    manifest.save_spec(prefix, spec)
+    shards = [chosen[i : i + spec.shard_size] for i in range(0, len(chosen), spec.shard_size)]
+    for index, items in enumerate(shards):
+        sharding.write_shard(prefix, sharding.Shard(sharding.shard_id_for(index), items))
+    manifest.save_totals(prefix, len(chosen), len(shards),
+                         extra_columns=manifest.load_extra_columns(parent_prefix))
+    manifest.link_followup(parent_prefix, spec.job_id)
+
+
 # --- cancel -------------------------------------------------------------------------------------
 def cancel_job(job_id: str, *, destination: str | None = None, redis_url: str | None = None) -> JobRef:
     """Workers skip the job's remaining shards; `resume` starts it again."""
