@@ -56,9 +56,10 @@ def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
     data = ReportData(job_id, summary, stats)
     wanted = _shards_to_read(stats, sample_size)
     sample_shards = set(wanted["sample"])
+    per_shard = -(-sample_size // max(1, len(sample_shards)))  # fill the sample from few shards too
     for shard_id in sorted(set().union(*wanted.values())):
         records = manifest.read_shard_records(job_prefix, shard_id)
-        _collect(data, records, shard_id in sample_shards, sample_size)
+        _collect(data, records, per_shard if shard_id in sample_shards else 0, sample_size)
     thumbs = _ThumbBudget(budget)
     for tiles in data.flagged.values():
         for tile in tiles:
@@ -86,8 +87,8 @@ def _shards_to_read(stats: list[ShardStats], sample_size: int) -> dict[str, list
     return {"failures": failures, "flagged": flagged, "sample": with_done[::step][:sample_size]}
 
 
-def _collect(data: ReportData, records: list[ItemRecord], for_sample: bool, sample_size: int) -> None:
-    taken_for_sample = False
+def _collect(data: ReportData, records: list[ItemRecord], for_sample: int, sample_size: int) -> None:
+    """Failure examples, flagged outputs, and up to ``for_sample`` unflagged done outputs."""
     for record in records:
         if record.status == "failed" and record.error_class not in data.failure_examples:
             data.failure_examples[record.error_class or "UnknownError"] = record
@@ -97,9 +98,9 @@ def _collect(data: ReportData, records: list[ItemRecord], for_sample: bool, samp
             tiles = data.flagged.setdefault(flag, [])
             if len(tiles) < FLAGGED_PER_FLAG:
                 tiles.append(Tile(record))
-        if for_sample and not taken_for_sample and not record.flags and len(data.sample) < sample_size:
+        if for_sample > 0 and not record.flags and len(data.sample) < sample_size:
             data.sample.append(Tile(record))
-            taken_for_sample = True
+            for_sample -= 1
 
 
 class _ThumbBudget:
@@ -224,7 +225,7 @@ def rate_chart_svg(stats: list[ShardStats], *, width: int = 880, height: int = 2
         f"<text x='{left - 6}' y='{bottom}' text-anchor='end'>0</text>"
         f"<text x='{left}' y='{height - 8}'>0 s</text>"
         f"<text x='{left + plot_w}' y='{height - 8}' text-anchor='end'>{_duration(span)}</text>"
-        f"<text x='{left + 8}' y='{bottom - plot_h + 10}' class='cum'>"
+        f"<text x='{left + plot_w / 2:.0f}' y='{height - 8}' text-anchor='middle' class='cum'>"
         f"bars: inputs finished per second · line: cumulative share finished</text>"
     )
     return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='{width}' "

@@ -202,3 +202,21 @@ def test_report_page_in_a_real_browser(finished_job, tmp_path):
     assert bars > 2000, bars
     if os.environ.get("CUTOUT_SAVE_REPORT_SCREENSHOT"):
         shutil.copy(shot, os.environ["CUTOUT_SAVE_REPORT_SCREENSHOT"])
+
+
+def test_report_page_never_imports_torch(finished_job):
+    """The report runs on the submitter side: Pillow for thumbnails, nothing heavy."""
+    prefix, job_id = finished_job
+    dest = manifest.load_spec(prefix).destination
+    code = (
+        "import sys\n"
+        "from cutout.jobs.cli import main\n"
+        f"rc = main(['report', {job_id!r}, '--dest', {dest!r}, '--html'])\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'pymatting', 'cutout.workers.pipeline') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout
+    assert storage.exists(storage.join_uri(prefix, "report.html"))
