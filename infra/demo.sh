@@ -5,7 +5,8 @@
 #   3. starts a private redis-server and an S3-compatible endpoint (moto's server) on loopback
 #   4. uploads scikit-image's sample photos + a few broken files to s3://cutout-demo-in/photos/
 #   5. starts TWO `cutout worker` processes, submits the job to s3://cutout-demo-out/cutouts/,
-#      watches it, prints the report, and copies the outputs to a local folder to look at.
+#      watches it, prints the report, and copies the outputs to a local folder to look at;
+#   6. ends by writing the job's report page (one self-contained HTML file) and saying where.
 # Environment: CUTOUT_DEMO_MODEL (default isnet-general), CUTOUT_DEMO_BACKGROUND (transparent).
 set -euo pipefail
 
@@ -76,7 +77,7 @@ if [ "$STATUS" -ne 0 ] && [ "$STATUS" -ne 3 ]; then
     tail -n 30 "$WORK"/worker*.log >&2
     exit 1
 fi
-"$CUTOUT" report "$JOB" || [ $? -eq 3 ]
+"$CUTOUT" report "$JOB" --html "$WORK/report.html" || [ $? -eq 3 ]
 
 say "copying the outputs and the manifest to $WORK/outputs to look at"
 "$PY" - "$WORK/outputs" <<'PYEOF'
@@ -93,3 +94,5 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cutout-demo-out
             print("  ", target)
 PYEOF
 say "done; work folder (logs, outputs) kept at $WORK"
+say "report page: $WORK/report.html (also in s3://cutout-demo-out/cutouts/_cutout/jobs/$JOB/report.html)"
+say "open it with: xdg-open $WORK/report.html   (or any browser; it needs no network)"

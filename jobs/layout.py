@@ -72,9 +72,26 @@ class JobLayout:
     def totals(self) -> str:
         return self._file("totals.json")
 
+    @property
+    def parent(self) -> str:
+        """Written in a redo job: names the job whose inputs it redoes."""
+        return self._file("parent.json")
+
+    @property
+    def report(self) -> str:
+        return self._file("report.html")
+
+    def followup(self, job_id: str) -> str:
+        """Written in a job for each redo job that replaces some of its records."""
+        return self._file("followups", f"{check_job_id(job_id)}.json")
+
+    def sibling(self, job_id: str) -> "JobLayout":
+        """Another job of the same destination (a redo and its parent)."""
+        return JobLayout(self.destination, check_job_id(job_id))
+
     def folder(self, name: str) -> str:
-        """``shards``, ``records`` or ``stats``: what listings of a job's shards walk."""
-        if name not in ("shards", "records", "stats"):
+        """``shards``, ``records``, ``stats`` or ``followups``: the folders a listing walks."""
+        if name not in ("shards", "records", "stats", "followups"):
             raise ValueError(f"no folder {name!r} in a job's layout")
         return self._file(name)
 

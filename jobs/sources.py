@@ -6,7 +6,9 @@ A source is one of:
   * an S3 prefix (``s3://bucket/photos/``) or a single S3 object;
   * a list file, recognised by its extension: ``.txt`` (one URI per line, ``#`` comments),
     ``.csv`` (column ``uri`` or ``url``, else the first column), ``.jsonl`` (key ``uri`` or
-    ``url``) or ``.parquet`` (column ``uri`` or ``url``, read in batches);
+    ``url``) or ``.parquet`` (column ``uri`` or ``url``, read in batches). Other columns of a
+    ``.csv`` with a header, ``.jsonl`` object or ``.parquet`` travel with the item as ``extra``
+    and end up in its manifest row (img2dataset's ``save_additional_columns``);
   * a single URI or file (``https://host/a.jpg``, ``s3://b/k.png``, ``cat.jpg``).
 
 Order is deterministic (sorted walks, S3's lexicographic listing, list-file order), so the
@@ -32,7 +34,7 @@ import os
 import posixpath
 import tempfile
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from cutout.jobs import storage
@@ -48,6 +50,8 @@ _GLOB_CHARS = set("*?[")
 class SourceItem:
     uri: str
     rel_key: str
+    # Extra columns of the list-file row this input came from (None for every other source).
+    extra: dict | None = field(default=None, compare=False, hash=False)
 
 
 def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
@@ -213,8 +217,9 @@ def _iter_list_file(source: str) -> Iterator[SourceItem]:
         base = os.path.dirname(os.path.abspath(local)) if storage.scheme_of(source) == "local" else None
         readers = {".txt": _uris_from_txt, ".csv": _uris_from_csv, ".jsonl": _uris_from_jsonl,
                    ".parquet": _uris_from_parquet}
-        for uri in readers[ext](local, source):
-            yield _listed_item(uri, base)
+        for uri, extra in readers[ext](local, source):
+            item = _listed_item(uri, base)
+            yield SourceItem(item.uri, item.rel_key, extra) if extra else item
     finally:
         if cleanup:
             os.remove(local)
@@ -268,17 +273,18 @@ def rel_key_for_uri(uri: str) -> str:
     return host + path
 
 
-def _uris_from_txt(path: str, source: str) -> Iterator[str]:
+def _uris_from_txt(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line
+                yield line, None
 
 
-def _uris_from_csv(path: str, source: str) -> Iterator[str]:
+def _uris_from_csv(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     """Column ``uri``/``url`` when the header names one; otherwise the first column, and the
-    first row counts as a header unless it already looks like a URI or an image path."""
+    first row counts as a header unless it already looks like a URI or an image path. With a
+    header, the other columns come along as extras."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -286,21 +292,25 @@ def _uris_from_csv(path: str, source: str) -> Iterator[str]:
             return
         names = [h.strip().lower() for h in header]
         column = next((names.index(c) for c in URI_COLUMNS if c in names), None)
+        extras = [h.strip() for h in header]
         if column is None:
             column = 0
             first = header[0].strip() if header else ""
             if _looks_like_uri(first):
-                yield first
+                extras = []  # no header: the columns have no names to carry
+                yield first, None
         for row in reader:
             if len(row) > column and row[column].strip():
-                yield row[column].strip()
+                extra = {name: value for i, (name, value) in enumerate(zip(extras, row))
+                         if i != column and name}
+                yield row[column].strip(), extra or None
 
 
 def _looks_like_uri(text: str) -> bool:
     return "://" in text or text.startswith("/") or is_image_name(text)
 
 
-def _uris_from_jsonl(path: str, source: str) -> Iterator[str]:
+def _uris_from_jsonl(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -310,15 +320,15 @@ def _uris_from_jsonl(path: str, source: str) -> Iterator[str]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{source} line {number}: not JSON ({exc})") from exc
             if isinstance(value, str):
-                yield value
+                yield value, None
                 continue
-            uri = next((value[c] for c in URI_COLUMNS if isinstance(value, dict) and c in value), None)
-            if not isinstance(uri, str):
+            key = next((c for c in URI_COLUMNS if isinstance(value, dict) and c in value), None)
+            if key is None or not isinstance(value[key], str):
                 raise ConfigError(f"{source} line {number}: expected an object with 'uri' or 'url'")
-            yield uri
+            yield value[key], {k: v for k, v in value.items() if k != key} or None
 
 
-def _uris_from_parquet(path: str, source: str) -> Iterator[str]:
+def _uris_from_parquet(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -328,10 +338,10 @@ def _uris_from_parquet(path: str, source: str) -> Iterator[str]:
     column = next((names[c] for c in URI_COLUMNS if c in names), None)
     if column is None:
         raise ConfigError(f"{source}: no 'uri' or 'url' column (columns: {', '.join(names.values())})")
-    for batch in parquet.iter_batches(columns=[column], batch_size=65536):
-        for value in batch.column(0).to_pylist():
-            if value:
-                yield value
+    for batch in parquet.iter_batches(batch_size=65536):
+        for row in batch.to_pylist():
+            if row.get(column):
+                yield row[column], {k: v for k, v in row.items() if k != column} or None
 
 
 __all__ = ["SourceItem", "iter_source_items", "rel_key_for_uri", "is_list_file", "IMAGE_EXTENSIONS"]

@@ -106,6 +106,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
         telemetry.SHARDS.labels("skipped").inc()
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
     _observe(job_prefix, run)
+    manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))  # the last shard
     return {"shard_id": shard_id, "counts": run.stats.counts}
 
 
