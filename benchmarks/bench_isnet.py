@@ -10,7 +10,6 @@ IoU (at 0.5) between the runtimes, and each runtime's IoU against the ground-tru
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.models.isnet import build_isnet
 from cutout.workers.models.registry import get_model_spec
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--image", default="GT04.png")
     args = parser.parse_args()
 
-    data = Path(os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")) / "alphamatting_lowres"
+    data = Path(settings().eval_data) / "alphamatting_lowres"
     image = np.asarray(Image.open(data / "image" / args.image).convert("RGB"))
     truth = np.asarray(Image.open(data / "alpha" / args.image).convert("L")).astype(np.float32) / 255.0
     spec = get_model_spec("isnet-general")

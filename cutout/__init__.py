@@ -9,13 +9,25 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "remove_background"]
+__all__ = ["__version__", "remove_background", "Session", "CutoutResult", "CutoutError"]
+
+_WORKER_NAMES = {
+    "remove_background": "cutout.workers.api",
+    "Session": "cutout.workers.api",
+    "CutoutResult": "cutout.workers.pipeline",
+    "CutoutError": "cutout.jobs.errors",
+}
 
 
 def __getattr__(name: str):
-    """Lazy public names: ``cutout.remove_background`` loads the pipeline on first use."""
-    if name == "remove_background":
-        from cutout.workers.pipeline import remove_background
+    """Lazy public names: the first use of ``cutout.remove_background`` loads the pipeline."""
+    module_name = _WORKER_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'cutout' has no attribute {name!r}")
+    import importlib
 
-        return remove_background
-    raise AttributeError(f"module 'cutout' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

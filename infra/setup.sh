@@ -53,8 +53,10 @@ install_system_packages() {
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    # A real headless browser for tests/test_report_html.py (the job report page).
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     if [ "${#missing[@]}" -eq 0 ]; then
-        say "system packages present (python3, python3-venv, redis-server, redis-tools)"
+        say "system packages present (python3, python3-venv, redis-server, redis-tools, chromium)"
         return
     fi
     say "installing apt packages: ${missing[*]}"

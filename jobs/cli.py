@@ -2,12 +2,24 @@
 
 Command modules must stay light at import (no torch at module level): the submitter's
 ``cutout submit`` must start fast and never load torch.
+
+Errors end as one line on stderr with a hint and a documented exit code (README, "Exit
+codes"); ``--debug`` or ``CUTOUT_DEBUG=1`` prints the traceback too.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # an error without a code of its own (a bug, say: --debug shows the traceback)
+EXIT_USAGE = 2  # bad flags, job file or settings; a missing extra
+EXIT_SOME_FAILED = 3  # finished, but some inputs failed (their records say why)
+EXIT_INCOMPLETE = 4  # the job is not finished (still running, or cancelled)
+EXIT_UNREACHABLE = 5  # Redis (broker or live progress) cannot be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 COMMAND_MODULES = (
     "cutout.workers.cli_local",  # run, eval
@@ -15,32 +27,116 @@ COMMAND_MODULES = (
     "cutout.workers.cli_worker",  # worker
     "cutout.jobs.cli_job",  # submit, status, resume, retry-failed, report, cancel
 )
+JOB_FILE_COMMANDS = ("run", "submit")
+# Modules of the [worker] extra: a command that needs one says how to install it.
+WORKER_EXTRA_MODULES = {"torch", "torchvision", "cv2", "pymatting", "onnx", "onnxruntime", "numba"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cutout import __version__
+
     parser = argparse.ArgumentParser(
         prog="cutout",
         description="Background removal at dataset scale: local runs, distributed jobs, evaluation.",
     )
+    parser.add_argument("--version", action="version", version=f"cutout {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks (or CUTOUT_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for name, sub in subparsers.choices.items():
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="print tracebacks (or CUTOUT_DEBUG=1)")
+        if name in JOB_FILE_COMMANDS:
+            sub.add_argument("--config", metavar="JOB.toml",
+                             help="job file: the job spec's fields in TOML; flags override it")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, over a job file's values when ``--config`` names one."""
+    from cutout.jobs import jobfile
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in JOB_FILE_COMMANDS:
+        sub = _subparser(parser, args.command)
+        if args.config:
+            jobfile.apply_job_file(sub, args.command, args.config)
+            args = parser.parse_args(argv)
+        jobfile.require_sources_and_destination(sub, args)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    from cutout.jobs.errors import CutoutError
+        raise SystemExit(EXIT_USAGE)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cutout.jobs.redact import install_log_redaction
+
+    install_log_redaction()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or _debug_setting()
+    try:
+        args = parse(argv)
+        from cutout.jobs.preflight import run_checks
+
+        run_checks(args)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("cutout: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # every error ends here: one line, a hint, a documented code
+        if debug:
+            traceback.print_exc()
+        code, message = describe_error(exc)
+        print(f"cutout: error: {message}", file=sys.stderr)
+        return code
+
+
+def _debug_setting() -> bool:
+    from cutout.jobs.errors import ConfigError
+    from cutout.jobs.settings import settings
 
     try:
-        return int(args.func(args) or 0)
-    except CutoutError as exc:
-        print(f"cutout: error: {exc}", file=sys.stderr)
-        return 1
+        return settings().debug
+    except ConfigError:
+        return False
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one line (secrets removed) for an error that reached the top."""
+    from cutout.jobs.errors import ConfigError, CutoutError, ServiceUnavailableError
+    from cutout.jobs.redact import redact as redact_url
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, ServiceUnavailableError):
+        return EXIT_UNREACHABLE, redact_url(text)
+    if _is_connection_error(exc):
+        return EXIT_UNREACHABLE, redact_url(
+            f"cannot reach Redis: {text}; is redis-server running? check CUTOUT_BROKER_URL / "
+            "CUTOUT_REDIS_URL or --broker / --redis")
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE, redact_url(text)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
+        return EXIT_USAGE, (f"this command needs the worker extra (module {exc.name!r} is missing): "
+                            "pip install 'cutout-dataset[worker]'")
+    if isinstance(exc, CutoutError):
+        return EXIT_ERROR, redact_url(text)
+    return EXIT_ERROR, redact_url(f"unexpected {type(exc).__name__}: {text} "
+                                  "(run with --debug or CUTOUT_DEBUG=1 for the traceback)")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """redis-py and kombu connection failures (raised after the preflight, e.g. Redis went away)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError))
 
 
 if __name__ == "__main__":

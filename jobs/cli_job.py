@@ -19,13 +19,15 @@ from cutout.jobs.errors import ConfigError
 
 def register(subparsers) -> None:
     submit = subparsers.add_parser("submit", help="submit a job: SOURCE... --to DEST")
-    submit.add_argument("sources", nargs="+", metavar="SOURCE",
+    submit.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
-    submit.add_argument("--to", dest="destination", required=True, help="destination prefix (file:// or s3://)")
+    submit.add_argument("--to", dest="destination", help="destination prefix (file:// or s3://); required")
     submit.add_argument("--shard-size", type=int, default=32)
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
     submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
+    submit.add_argument("--incremental", action="store_true",
+                        help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
     _add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
@@ -47,10 +49,24 @@ def register(subparsers) -> None:
                        help="only this failed input (repeatable), as the manifest names it")
     retry.set_defaults(func=cmd_retry_failed)
 
+    redo = subparsers.add_parser(
+        "redo", help="rerun flagged outputs with other pipeline options (a linked redo job)")
+    _add_job_args(redo)
+    redo.add_argument("--flag", dest="flags", action="append", default=[], metavar="NAME",
+                      help="done outputs carrying this quality flag (repeatable), e.g. empty_alpha")
+    redo.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
+                      help="this input (repeatable), as the manifest names it")
+    add_pipeline_arguments(redo)
+    redo.set_defaults(func=cmd_redo, **{name: None for name in PIPELINE_ARGUMENTS})
+    redo.epilog = "Pipeline options not given keep the job's values."
+
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
     _add_job_args(report)
     report.add_argument("--json", action="store_true", help="machine-readable summary")
     report.add_argument("--manifest-format", default="jsonl", choices=("jsonl", "parquet"))
+    report.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                        help="also write a self-contained HTML report page into the job's folder "
+                             "(DEST/_cutout/jobs/JOB/report.html) and, given PATH, to that local file")
     report.set_defaults(func=cmd_report)
 
     cancel = subparsers.add_parser("cancel", help="stop a job: workers skip its remaining shards")
@@ -99,11 +115,14 @@ def _local_weights_sha256(weights: str | None) -> str | None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cutout.jobs.submit import submit_job
+    from cutout.jobs.submit import submit_incremental, submit_job
 
     spec = build_spec(args)
-    result = submit_job(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
+    submit = submit_incremental if args.incremental else submit_job
+    result = submit(spec, broker_url=args.broker, redis_url=args.redis, all_files=args.all_files)
     print(result.job_id)
+    if result.items_new is not None:
+        print(f"{result.items_new} new inputs", file=sys.stderr)
     print(
         f"{result.items_total} inputs in {result.shards_total} shards: "
         f"{result.shards_enqueued} enqueued on queue {spec.queue!r}, "
@@ -124,19 +143,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         progress.rebuild_from_durable(ref.prefix)
         snapshot = progress.snapshot()
     if not args.watch:
-        print(format_snapshot(ref.job_id, snapshot, _error_classes(ref)))
-        return 0
+        print(format_snapshot(ref.job_id, snapshot, *_durable_counters(ref)))
+        return job_exit_code(_finished(snapshot), snapshot.counts.get("failed", 0))
     return _watch(ref, progress, args.interval)
 
 
-def _error_classes(ref) -> dict[str, int]:
-    """Failure classes from the durable stats (Redis keeps counts by status only)."""
+def _finished(snap) -> bool:
+    return bool(snap.shards_total) and snap.shards_done >= snap.shards_total
+
+
+def job_exit_code(complete: bool, failed: int) -> int:
+    """0 all done, 3 finished with failed inputs, 4 not finished (README, "Exit codes")."""
+    from cutout.jobs.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_SOME_FAILED
+
+    if not complete:
+        return EXIT_INCOMPLETE
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _durable_counters(ref) -> tuple[dict[str, int], dict[str, int]]:
+    """Failure classes and quality flags from the durable stats (Redis counts statuses only)."""
     from cutout.jobs import manifest
 
-    return manifest.summarise(ref.prefix).error_classes
+    summary = manifest.summarise(ref.prefix)
+    return summary.error_classes, summary.flag_counts
 
 
-def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None) -> str:
+def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
+                    flags: dict[str, int] | None = None) -> str:
     processed = sum(snap.counts.values())
     percent = 100.0 * processed / snap.total if snap.total else 0.0
     eta = f"{snap.eta_s:.0f} s" if snap.eta_s is not None else "?"
@@ -150,6 +184,8 @@ def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None) -> 
     if errors:
         top = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
         lines.append("  top errors: " + ", ".join(f"{k} ×{v}" for k, v in top))
+    if flags:
+        lines.append("  quality flags: " + ", ".join(f"{k} ×{v}" for k, v in flags.items()))
     return "\n".join(lines)
 
 
@@ -172,10 +208,10 @@ def _watch(ref, progress, interval: float) -> int:
                 break
             if snap.cancelled:
                 print("job cancelled", file=sys.stderr)
-                return 1
+                return job_exit_code(False, 0)
             time.sleep(interval)
-    print(format_snapshot(ref.job_id, snap, _error_classes(ref)))
-    return 0
+    print(format_snapshot(ref.job_id, snap, *_durable_counters(ref)))
+    return job_exit_code(True, snap.counts.get("failed", 0))
 
 
 # --- resume / retry / cancel --------------------------------------------------------------------
@@ -209,17 +245,40 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+PIPELINE_ARGUMENTS = ("model", "classes", "weights", "score_threshold", "seg_size", "refine", "matting",
+                      "trimap_band", "background", "format", "quality", "max_pixels")
+
+
+def cmd_redo(args: argparse.Namespace) -> int:
+    from cutout.jobs.submit import redo_outputs
+
+    overrides = {name: getattr(args, name) for name in PIPELINE_ARGUMENTS if getattr(args, name) is not None}
+    result = redo_outputs(
+        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=overrides,
+        destination=args.dest, broker_url=args.broker, redis_url=args.redis,
+    )
+    print(result.job_id)
+    print(f"redo of job {result.parent_job_id}: {result.items} inputs in {result.shards_enqueued} shards "
+          f"enqueued (config {result.config_hash[:12]}); the job's manifest lists their new records "
+          "once the redo finishes", file=sys.stderr)
+    return 0
+
+
 # --- report -------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from cutout.jobs.submit import job_report
 
     report = job_report(args.job, destination=args.dest, redis_url=args.redis,
                         manifest_format=args.manifest_format)
+    if args.html is not None:
+        from cutout.jobs.report_html import write_report
+
+        report["html"] = write_report(report["job_prefix"], report["job_id"], local_path=args.html or None)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_report(report))
-    return 0
+    return job_exit_code(report["complete"], report["counts"].get("failed", 0))
 
 
 def format_report(report: dict) -> str:
@@ -240,4 +299,10 @@ def format_report(report: dict) -> str:
         lines.append("  most common messages:")
         for message, count in list(report["top_errors"].items())[:10]:
             lines.append(f"    {count:>8}  {message}")
+    for uri in report.get("html") or ():
+        lines.append(f"  report page: {uri}")
+    if report.get("flag_counts"):
+        lines.append("  quality flags (done outputs to look at; `cutout redo JOB --flag NAME`):")
+        for name, count in report["flag_counts"].items():
+            lines.append(f"    {count:>8}  {name}")
     return "\n".join(lines)

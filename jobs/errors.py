@@ -5,6 +5,8 @@ say which stage failed, why, and whether retrying could ever help (``permanent``
 """
 from __future__ import annotations
 
+from cutout.jobs.redact import redact
+
 
 class CutoutError(Exception):
     """Base class: ``stage`` names the pipeline stage, ``permanent`` says retrying is useless."""
@@ -13,7 +15,7 @@ class CutoutError(Exception):
     permanent: bool = True
 
     def __init__(self, message: str, *, stage: str | None = None):
-        super().__init__(message)
+        super().__init__(redact(str(message)))  # no password or signature reaches a record or log
         if stage is not None:
             self.stage = stage
 
@@ -81,6 +83,13 @@ class WorkerCrashError(CutoutError):
     stage = "pipeline"
 
 
+class WorkerError(CutoutError):
+    """The shard failed on an unexpected error (a bug, a broken install) every time it was
+    tried; its inputs are recorded with this so the job still completes and can be retried."""
+
+    stage = "worker"
+
+
 # --- storage ---------------------------------------------------------------------------------
 class StorageError(CutoutError):
     stage = "storage"
@@ -122,3 +131,36 @@ class EncodeError(CutoutError):
     """The array cannot be written in the requested format (e.g. RGBA as JPEG)."""
 
     stage = "encode"
+
+
+# --- services ----------------------------------------------------------------------------------
+class ServiceUnavailableError(CutoutError):
+    """Redis (broker or live progress) cannot be reached; the CLI exits 5 with a hint."""
+
+    stage = "queue"
+    permanent = False
+
+
+# --- hostile inputs and forged messages (appended) -----------------------------------------------
+class NotARegularFileError(StorageError):
+    """A named pipe, socket or device where a file was expected: refused, never read (a read
+    from a pipe would block the worker forever, one from /dev/zero would never end)."""
+
+
+class SourceNotAllowedError(StorageError):
+    """The input is outside the worker's allowlist of sources (``CUTOUT_ALLOWED_SOURCES``), or
+    an HTTP request or redirect goes to a loopback, private or link-local address."""
+
+    stage = "read"
+
+
+class InvalidIdError(CutoutError):
+    """A job or shard id that the submitter could not have produced (a forged or corrupt task
+    message): refused before anything is read or written."""
+
+    stage = "task"
+
+
+class CorruptImageError(DecodeError):
+    """An image by its signature, but damaged (bad checksum, broken header or pixel stream) or
+    holding no usable pixel value (a float image that is all NaN/Inf)."""

@@ -11,16 +11,25 @@ of inactivity:
   cancel      flag
   inflight    hash  shard id -> JSON {worker, uris}: the inputs on the model now (cleared after)
   crashes:<shard> hash  input -> times a worker died with it alone on the model (0: in a batch)
+
+And one key for all jobs, ``cutout:held`` (hash): worker -> JSON of the shard task it holds
+(set when the task starts, cleared when it ends), so a live worker can re-send the shard of a
+worker that stopped beating (``claim_stale_holds``; see cutout.workers.liveness).
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
-TTL_S = int(os.environ.get("CUTOUT_PROGRESS_TTL_S", str(3 * 24 * 3600)))
-WORKER_ALIVE_S = float(os.environ.get("CUTOUT_WORKER_ALIVE_S", "60"))
+from cutout.jobs.settings import settings
+
+TTL_S = settings().progress_ttl_s
+WORKER_ALIVE_S = settings().worker_alive_s
+# A worker holding a shard with no heartbeat for this long is taken for dead (beats come every
+# CUTOUT_HEARTBEAT_INTERVAL s): its shard is re-sent. A false alarm costs only work.
+WORKER_STALE_S = settings().worker_stale_s
+HELD_KEY = "cutout:held"
 RATE_WINDOW = 200  # completions kept for the rate
 RATE_WINDOW_S = 600.0  # and only those younger than this
 
@@ -219,6 +228,48 @@ class LiveProgress:
             if self._finish(keys=keys, args=args):
                 added += 1
         return added
+
+
+# --- shards held by workers (liveness) ------------------------------------------------------------
+def hold_shard(redis_client, worker: str, job_id: str, task: dict) -> None:
+    """``worker`` now holds the shard that ``task`` (the message's kwargs and queue) names."""
+    entry = {"job_id": job_id, "since": time.time(), "task": task}
+    redis_client.hset(HELD_KEY, worker, json.dumps(entry))
+
+
+def release_shard(redis_client, worker: str) -> None:
+    redis_client.hdel(HELD_KEY, worker)
+
+
+# Take one hold, only if it is still the one read (a worker that took a new shard meanwhile,
+# or another reaper that got there first, leaves nothing to take). KEYS: held ARGV: worker, raw
+_CLAIM_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def claim_stale_holds(redis_client, *, stale_s: float = WORKER_STALE_S,
+                      now: float | None = None) -> list[dict]:
+    """Take the holds of workers silent for over ``stale_s`` (no job heartbeat and no hold
+    younger than that); each returned entry's ``task`` is to be sent again, once."""
+    now = time.time() if now is None else now
+    claimed = []
+    claim = redis_client.register_script(_CLAIM_SCRIPT)
+    for worker, raw in redis_client.hgetall(HELD_KEY).items():
+        try:
+            entry = json.loads(raw)
+            beat = redis_client.zscore(f"cutout:job:{entry['job_id']}:workers", worker)
+            last_sign = max(float(entry["since"]), float(beat or 0.0))
+        except (ValueError, KeyError, TypeError):
+            last_sign, entry = 0.0, None  # unreadable: drop it below, nothing to re-send
+        if now - last_sign <= stale_s:
+            continue
+        if claim(keys=[HELD_KEY], args=[worker, raw]) and entry is not None:
+            claimed.append({**entry, "worker": _text(worker)})
+    return claimed
 
 
 def _rate(completions: list[str], now: float) -> float:

@@ -6,10 +6,11 @@ same configuration, so both sides always agree on serialisation, queues and time
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from celery import Celery
+
+from cutout.jobs.settings import settings
 
 TASK_PROCESS_SHARD = "cutout.process_shard"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -19,16 +20,16 @@ DEFAULT_VISIBILITY_TIMEOUT_S = 3 * 3600
 
 
 def broker_url() -> str:
-    return os.environ.get("CUTOUT_BROKER_URL", DEFAULT_BROKER_URL)
+    return settings().broker_url
 
 
 def redis_url() -> str:
     """Where live progress lives; the broker's Redis unless told otherwise."""
-    return os.environ.get("CUTOUT_REDIS_URL") or broker_url()
+    return settings().redis_url or broker_url()
 
 
 def visibility_timeout_s() -> int:
-    return int(os.environ.get("CUTOUT_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S))
+    return settings().visibility_timeout
 
 
 def transport_options() -> dict:
@@ -38,12 +39,9 @@ def transport_options() -> dict:
     timeout (tests) wants a short sweep too: CUTOUT_UNACKED_RESTORE_INTERVAL / _THROTTLE.
     """
     options: dict = {"visibility_timeout": visibility_timeout_s()}
-    for env, key in (
-        ("CUTOUT_UNACKED_RESTORE_INTERVAL", "unacked_restore_interval"),
-        ("CUTOUT_UNACKED_RESTORE_THROTTLE", "unacked_restore_throttle"),
-    ):
-        if os.environ.get(env):
-            options[key] = int(os.environ[env])
+    for key in ("unacked_restore_interval", "unacked_restore_throttle"):
+        if getattr(settings(), key):
+            options[key] = getattr(settings(), key)
     return options
 
 

@@ -25,9 +25,9 @@ from typing import Iterable, Iterator
 
 from cutout.jobs import storage
 from cutout.jobs.errors import StorageError, UnsafeKeyError
+from cutout.jobs.layout import CONTROL_PREFIX, JobLayout
 from cutout.jobs.sources import SourceItem
 
-CONTROL_PREFIX = "_cutout"
 SHARD_ID_WIDTH = 6
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -37,6 +37,7 @@ class ShardItem:
     uri: str
     rel_key: str
     output_uri: str
+    extra: dict | None = field(default=None, compare=False, hash=False)  # list-file columns
 
 
 @dataclass
@@ -128,15 +129,24 @@ def iter_shards(
     extension: str,
     suffix: str = "",
     shard_size: int,
+    first_index: int = 0,
+    taken_keys: Iterable[str] = (),
 ) -> Iterator[Shard]:
-    """Cut the item stream into shards of ``shard_size`` (the last may be smaller), streamed."""
+    """Cut the item stream into shards of ``shard_size`` (the last may be smaller), streamed.
+
+    ``first_index`` and ``taken_keys`` (output keys of earlier shards) let an incremental
+    submit append shards whose outputs never collide with the ones already handed out.
+    """
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     claims = _KeyClaims()
-    index, current = 0, []
+    for key in taken_keys:
+        claims.claim(key)
+    index, current = first_index, []
     for item in items:
         key = _unique_key(item, extension, suffix, claims)
-        current.append(ShardItem(item.uri, item.rel_key, storage.join_uri(destination, key)))
+        current.append(ShardItem(item.uri, item.rel_key, storage.join_uri(destination, key),
+                                 getattr(item, "extra", None)))
         if len(current) == shard_size:
             yield Shard(shard_id_for(index), current)
             index, current = index + 1, []
@@ -146,16 +156,18 @@ def iter_shards(
 
 # --- durable shard files ------------------------------------------------------------------------
 def job_prefix(destination: str, job_id: str) -> str:
-    return storage.join_uri(destination, CONTROL_PREFIX, "jobs", job_id)
+    return JobLayout(destination, job_id).prefix
 
 
 def shard_uri(job_prefix: str, shard_id: str) -> str:
-    return storage.join_uri(job_prefix, "shards", f"{shard_id}.jsonl")
+    """Checked ids only (cutout.jobs.layout): a shard id from a message is never joined raw."""
+    return JobLayout.from_prefix(job_prefix).shard(shard_id)
 
 
 def write_shard(job_prefix: str, shard: Shard) -> str:
     lines = (
-        json.dumps({"uri": i.uri, "rel_key": i.rel_key, "output_uri": i.output_uri}, ensure_ascii=False)
+        json.dumps({"uri": i.uri, "rel_key": i.rel_key, "output_uri": i.output_uri,
+                    **({"extra": i.extra} if i.extra else {})}, ensure_ascii=False, default=str)
         for i in shard.items
     )
     uri = shard_uri(job_prefix, shard.shard_id)
@@ -164,14 +176,18 @@ def write_shard(job_prefix: str, shard: Shard) -> str:
 
 
 def read_shard(job_prefix: str, shard_id: str) -> Shard:
-    uri = shard_uri(job_prefix, shard_id)
+    """The shard's items; ``UnsafeKeyError`` when one would write outside the destination."""
+    layout = JobLayout.from_prefix(job_prefix)
+    uri = layout.shard(shard_id)
     items = []
     for number, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
-            items.append(ShardItem(data["uri"], data["rel_key"], data["output_uri"]))
-        except (ValueError, KeyError) as exc:
+            items.append(ShardItem(data["uri"], data["rel_key"], data["output_uri"], data.get("extra")))
+        except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"{uri} line {number} is not a shard item: {exc}") from exc
+        if not isinstance(items[-1].output_uri, str) or not layout.holds_output(items[-1].output_uri):
+            raise UnsafeKeyError(f"{uri} line {number}: output outside the job's destination")
     return Shard(shard_id, items)

@@ -6,7 +6,9 @@ A source is one of:
   * an S3 prefix (``s3://bucket/photos/``) or a single S3 object;
   * a list file, recognised by its extension: ``.txt`` (one URI per line, ``#`` comments),
     ``.csv`` (column ``uri`` or ``url``, else the first column), ``.jsonl`` (key ``uri`` or
-    ``url``) or ``.parquet`` (column ``uri`` or ``url``, read in batches);
+    ``url``) or ``.parquet`` (column ``uri`` or ``url``, read in batches). Other columns of a
+    ``.csv`` with a header, ``.jsonl`` object or ``.parquet`` travel with the item as ``extra``
+    and end up in its manifest row (img2dataset's ``save_additional_columns``);
   * a single URI or file (``https://host/a.jpg``, ``s3://b/k.png``, ``cat.jpg``).
 
 Order is deterministic (sorted walks, S3's lexicographic listing, list-file order), so the
@@ -32,7 +34,7 @@ import os
 import posixpath
 import tempfile
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from cutout.jobs import storage
@@ -48,12 +50,20 @@ _GLOB_CHARS = set("*?[")
 class SourceItem:
     uri: str
     rel_key: str
+    # Extra columns of the list-file row this input came from (None for every other source).
+    extra: dict | None = field(default=None, compare=False, hash=False)
 
 
-def iter_source_items(sources: Iterable[str], *, all_files: bool = False) -> Iterator[SourceItem]:
-    """Every input of every source, in a stable order; ``ConfigError`` for a missing source."""
+def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
+                      skips: storage.ListingSkips | None = None) -> Iterator[SourceItem]:
+    """Every input of every source, in a stable order; ``ConfigError`` for a missing source.
+
+    Folder entries that are not regular files (pipes, sockets, devices, broken links, symlink
+    loops) are skipped with a warning and counted in ``skips``.
+    """
+    skips = skips if skips is not None else storage.ListingSkips()
     for source in sources:
-        yield from _iter_one(source.strip(), all_files)
+        yield from _iter_one(source.strip(), all_files, skips)
 
 
 def is_list_file(source: str) -> bool:
@@ -65,7 +75,7 @@ def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _iter_one(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_one(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     if not source:
         raise ConfigError("empty source")
     kind = storage.scheme_of(source)
@@ -74,12 +84,12 @@ def _iter_one(source: str, all_files: bool) -> Iterator[SourceItem]:
     elif kind == "http":
         yield SourceItem(source, rel_key_for_uri(source))
     elif _has_glob(source):
-        found = _iter_glob(source, all_files)
+        found = _iter_glob(source, all_files, skips)
         yield from _expect_some(source, found, _nothing_matched(all_files))
     elif kind == "s3":
         yield from _iter_s3(source, all_files)
     else:
-        yield from _iter_local(source, all_files)
+        yield from _iter_local(source, all_files, skips)
 
 
 def _expect_some(source: str, items: Iterator[SourceItem], why: str) -> Iterator[SourceItem]:
@@ -103,10 +113,10 @@ def _has_glob(source: str) -> bool:
 
 
 # --- local folders and files --------------------------------------------------------------------
-def _iter_local(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_local(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     path = os.path.abspath(storage._local_path(source))
     if os.path.isdir(path):
-        found = _iter_tree(path, path, all_files, match=None)
+        found = _iter_tree(path, path, all_files, None, skips)
         yield from _expect_some(source, found, _nothing_matched(all_files))
     elif os.path.isfile(path):
         yield SourceItem(path, os.path.basename(path))
@@ -114,8 +124,8 @@ def _iter_local(source: str, all_files: bool) -> Iterator[SourceItem]:
         raise ConfigError(f"source {source!r} does not exist (no such file or folder: {path})")
 
 
-def _iter_tree(root: str, folder: str, all_files: bool, match) -> Iterator[SourceItem]:
-    for uri in storage.list_uris(folder):
+def _iter_tree(root: str, folder: str, all_files: bool, match, skips) -> Iterator[SourceItem]:
+    for uri in storage.list_uris(folder, skips=skips):
         rel = os.path.relpath(uri, root).replace(os.sep, "/")
         if _keep(rel, all_files) and (match is None or match(rel)):
             yield SourceItem(uri, rel)
@@ -154,7 +164,7 @@ def _iter_s3_prefix(prefix_uri: str, bucket: str, prefix: str, all_files: bool, 
 
 
 # --- globs ------------------------------------------------------------------------------------
-def _iter_glob(source: str, all_files: bool) -> Iterator[SourceItem]:
+def _iter_glob(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
     """Walk the glob's literal leading folder in sorted order and keep the paths that match.
 
     ``**`` matches any number of folders (including none); ``*``, ``?`` and ``[..]`` match
@@ -170,7 +180,7 @@ def _iter_glob(source: str, all_files: bool) -> Iterator[SourceItem]:
     absolute = path.startswith("/")
     literal, pattern = _split_glob(path.lstrip("/") if absolute else path)
     root = os.path.abspath(("/" if absolute else "") + literal if literal or absolute else ".")
-    return _iter_tree(root, root, all_files, _segment_matcher(pattern))
+    return _iter_tree(root, root, all_files, _segment_matcher(pattern), skips)
 
 
 def _split_glob(path: str) -> tuple[str, str]:
@@ -207,8 +217,9 @@ def _iter_list_file(source: str) -> Iterator[SourceItem]:
         base = os.path.dirname(os.path.abspath(local)) if storage.scheme_of(source) == "local" else None
         readers = {".txt": _uris_from_txt, ".csv": _uris_from_csv, ".jsonl": _uris_from_jsonl,
                    ".parquet": _uris_from_parquet}
-        for uri in readers[ext](local, source):
-            yield _listed_item(uri, base)
+        for uri, extra in readers[ext](local, source):
+            item = _listed_item(uri, base)
+            yield SourceItem(item.uri, item.rel_key, extra) if extra else item
     finally:
         if cleanup:
             os.remove(local)
@@ -262,17 +273,18 @@ def rel_key_for_uri(uri: str) -> str:
     return host + path
 
 
-def _uris_from_txt(path: str, source: str) -> Iterator[str]:
+def _uris_from_txt(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line
+                yield line, None
 
 
-def _uris_from_csv(path: str, source: str) -> Iterator[str]:
+def _uris_from_csv(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     """Column ``uri``/``url`` when the header names one; otherwise the first column, and the
-    first row counts as a header unless it already looks like a URI or an image path."""
+    first row counts as a header unless it already looks like a URI or an image path. With a
+    header, the other columns come along as extras."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -280,21 +292,25 @@ def _uris_from_csv(path: str, source: str) -> Iterator[str]:
             return
         names = [h.strip().lower() for h in header]
         column = next((names.index(c) for c in URI_COLUMNS if c in names), None)
+        extras = [h.strip() for h in header]
         if column is None:
             column = 0
             first = header[0].strip() if header else ""
             if _looks_like_uri(first):
-                yield first
+                extras = []  # no header: the columns have no names to carry
+                yield first, None
         for row in reader:
             if len(row) > column and row[column].strip():
-                yield row[column].strip()
+                extra = {name: value for i, (name, value) in enumerate(zip(extras, row))
+                         if i != column and name}
+                yield row[column].strip(), extra or None
 
 
 def _looks_like_uri(text: str) -> bool:
     return "://" in text or text.startswith("/") or is_image_name(text)
 
 
-def _uris_from_jsonl(path: str, source: str) -> Iterator[str]:
+def _uris_from_jsonl(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -304,15 +320,15 @@ def _uris_from_jsonl(path: str, source: str) -> Iterator[str]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{source} line {number}: not JSON ({exc})") from exc
             if isinstance(value, str):
-                yield value
+                yield value, None
                 continue
-            uri = next((value[c] for c in URI_COLUMNS if isinstance(value, dict) and c in value), None)
-            if not isinstance(uri, str):
+            key = next((c for c in URI_COLUMNS if isinstance(value, dict) and c in value), None)
+            if key is None or not isinstance(value[key], str):
                 raise ConfigError(f"{source} line {number}: expected an object with 'uri' or 'url'")
-            yield uri
+            yield value[key], {k: v for k, v in value.items() if k != key} or None
 
 
-def _uris_from_parquet(path: str, source: str) -> Iterator[str]:
+def _uris_from_parquet(path: str, source: str) -> Iterator[tuple[str, dict | None]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -322,10 +338,10 @@ def _uris_from_parquet(path: str, source: str) -> Iterator[str]:
     column = next((names[c] for c in URI_COLUMNS if c in names), None)
     if column is None:
         raise ConfigError(f"{source}: no 'uri' or 'url' column (columns: {', '.join(names.values())})")
-    for batch in parquet.iter_batches(columns=[column], batch_size=65536):
-        for value in batch.column(0).to_pylist():
-            if value:
-                yield value
+    for batch in parquet.iter_batches(batch_size=65536):
+        for row in batch.to_pylist():
+            if row.get(column):
+                yield row[column], {k: v for k, v in row.items() if k != column} or None
 
 
 __all__ = ["SourceItem", "iter_source_items", "rel_key_for_uri", "is_list_file", "IMAGE_EXTENSIONS"]

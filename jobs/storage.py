@@ -14,16 +14,21 @@ Tuning (environment, read at call time):
   CUTOUT_STORAGE_BACKOFF_S        first backoff delay, default 0.25 (doubles, jittered, max 10 s)
   CUTOUT_STORAGE_CONNECT_TIMEOUT  seconds, default 5
   CUTOUT_STORAGE_READ_TIMEOUT     seconds, default 60
+  CUTOUT_STORAGE_HTTP_DEADLINE    total seconds for one HTTP request, default 4 × the read timeout
   CUTOUT_S3_MULTIPART_THRESHOLD   bytes, default 64 MiB
 """
 from __future__ import annotations
 
+import errno
+import functools
 import io
+import logging
 import os
 import random
 import re
 import secrets
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -36,11 +41,14 @@ from typing import Callable, Iterator, TypeVar
 
 from cutout.jobs.errors import (
     InputTooLargeError,
+    NotARegularFileError,
     NotFoundError,
     StorageError,
     TransientStorageError,
 )
+from cutout.jobs.settings import settings
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -93,15 +101,17 @@ def exists(uri: str) -> bool:
     return _with_retries(f"check {uri}", lambda: _http_exists(uri))
 
 
-def list_uris(prefix_uri: str) -> Iterator[str]:
+def list_uris(prefix_uri: str, *, skips: "ListingSkips | None" = None) -> Iterator[str]:
     """Every object under a prefix (recursive), streamed in lexicographic order of the key.
 
     Local: ``prefix_uri`` is a folder; a missing folder yields nothing (as an empty S3
     prefix does). URIs come back in the form of the prefix (plain path or ``file://``).
+    Only regular files are listed: pipes, sockets, devices, broken links and symlink loops
+    are skipped, logged and counted in ``skips``.
     """
     kind = _kind(prefix_uri)
     if kind == "local":
-        return _local_list(prefix_uri)
+        return _local_list(prefix_uri, skips if skips is not None else ListingSkips())
     if kind == "s3":
         return _s3_list(prefix_uri)
     raise StorageError(f"cannot list {prefix_uri}: http(s) has no listing")
@@ -147,11 +157,11 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> "RetryPolicy":
-        env = os.environ
+        env = settings()
         return cls(
-            attempts=max(1, int(env.get("CUTOUT_STORAGE_RETRIES", cls.attempts))),
-            max_total_s=float(env.get("CUTOUT_STORAGE_RETRY_MAX_S", cls.max_total_s)),
-            base_delay_s=float(env.get("CUTOUT_STORAGE_BACKOFF_S", cls.base_delay_s)),
+            attempts=max(1, env.storage_retries),
+            max_total_s=env.storage_retry_max_s,
+            base_delay_s=env.storage_backoff_s,
         )
 
     def delay(self, attempt: int) -> float:
@@ -179,11 +189,11 @@ def _with_retries(what: str, call: Callable[[], T]) -> T:
 
 
 def _connect_timeout() -> float:
-    return float(os.environ.get("CUTOUT_STORAGE_CONNECT_TIMEOUT", "5"))
+    return settings().storage_connect_timeout
 
 
 def _read_timeout() -> float:
-    return float(os.environ.get("CUTOUT_STORAGE_READ_TIMEOUT", "60"))
+    return settings().storage_read_timeout
 
 
 # --- URI parsing --------------------------------------------------------------------------------
@@ -222,23 +232,45 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 # --- local files --------------------------------------------------------------------------------
 def _local_read(path: str, max_bytes: int | None) -> bytes:
+    """Only regular files: a FIFO would block the reader forever and a device never ends, so the
+    type is checked before opening and again on the open descriptor (opened non-blocking)."""
     try:
-        with open(path, "rb") as handle:
+        _refuse_odd_file(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"no such file: {path}") from exc
+    except PermissionError as exc:
+        raise StorageError(f"permission denied reading {path}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            _refuse_odd_file(path, status.st_mode)
             if max_bytes is not None:
-                size = os.fstat(handle.fileno()).st_size
-                if size > max_bytes:
-                    raise InputTooLargeError(f"{path} is {size} bytes, over the cap of {max_bytes}")
+                if status.st_size > max_bytes:
+                    raise InputTooLargeError(f"{path} is {status.st_size} bytes, over the cap of {max_bytes}")
                 data = handle.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise InputTooLargeError(f"{path} grew past the cap of {max_bytes} bytes")
                 return data
             return handle.read()
-    except FileNotFoundError as exc:
-        raise NotFoundError(f"no such file: {path}") from exc
-    except IsADirectoryError as exc:
-        raise StorageError(f"{path} is a folder, not a file") from exc
-    except PermissionError as exc:
-        raise StorageError(f"permission denied reading {path}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _refuse_odd_file(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise StorageError(f"{path} is a folder, not a file")
+    raise NotARegularFileError(f"{path} is a {_file_kind(mode)}, not a regular file: refused")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def _local_write(path: str, data: bytes) -> None:
@@ -302,30 +334,84 @@ def _remove_quietly(path: str) -> None:
         return
 
 
-def _local_list(prefix_uri: str) -> Iterator[str]:
+class ListingSkips:
+    """Entries a listing passed over (a named pipe, a symlink loop, a folder it cannot open),
+    counted by reason and each logged as a warning: one odd entry never stops a listing."""
+
+    EXAMPLES = 20
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def add(self, path: str, reason: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(f"{path}: {reason}")
+        log.warning("listing skipped %s: %s%s", path, reason, f" ({detail})" if detail else "")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _local_list(prefix_uri: str, skips: ListingSkips) -> Iterator[str]:
     root = _local_path(prefix_uri)
     if not os.path.isdir(root):
         return
     shown_root = prefix_uri.rstrip("/")
-    yield from _walk_sorted(root, shown_root)
+    yield from _walk_sorted(root, shown_root, skips, frozenset())
 
 
-def _walk_sorted(folder: str, shown: str) -> Iterator[str]:
+def _walk_sorted(folder: str, shown: str, skips: ListingSkips, ancestors: frozenset) -> Iterator[str]:
     """Depth-first walk whose order equals sorting the full paths as strings (like S3 keys).
 
     Sorting each folder's entries by ``name + "/"`` for folders makes ``a.txt`` come before
-    ``a/x`` and ``a-b/x`` before ``a/x``, exactly as a flat string sort would.
+    ``a/x`` and ``a-b/x`` before ``a/x``, exactly as a flat string sort would. Folders reached
+    through symlinks are followed, except one already on the current path (a loop); only the
+    root failing to open is an error, anything below it is skipped and counted.
     """
     try:
         with os.scandir(folder) as it:
-            entries = [(e.name + "/" if e.is_dir() else e.name, e.name, e.is_dir()) for e in it]
+            found = list(it)
+        here = os.stat(folder)
     except OSError as exc:
-        raise StorageError(f"cannot list {folder}: {exc}") from exc
-    for _, name, is_dir in sorted(entries):
-        if is_dir:
-            yield from _walk_sorted(os.path.join(folder, name), f"{shown}/{name}")
+        if not ancestors:
+            raise StorageError(f"cannot list {folder}: {exc}") from exc
+        skips.add(folder, "cannot list folder", exc.strerror or str(exc))
+        return
+    ancestors = ancestors | {(here.st_dev, here.st_ino)}
+    entries = []
+    for entry in found:
+        kind = _entry_kind(entry, ancestors, skips)
+        if kind is not None:
+            entries.append((entry.name + "/" if kind == "dir" else entry.name, entry.name, kind))
+    for _, name, kind in sorted(entries):
+        if kind == "dir":
+            yield from _walk_sorted(os.path.join(folder, name), f"{shown}/{name}", skips, ancestors)
         else:
             yield f"{shown}/{name}"
+
+
+def _entry_kind(entry: os.DirEntry, ancestors: frozenset, skips: ListingSkips) -> str | None:
+    """``"dir"``, ``"file"`` (regular), or None for an entry skipped (and counted)."""
+    try:
+        status = entry.stat()  # follows symlinks, as the walk does
+    except OSError as exc:
+        broken = isinstance(exc, FileNotFoundError) and entry.is_symlink()
+        loop = exc.errno == errno.ELOOP
+        reason = "broken symlink" if broken else "symlink loop" if loop else "cannot stat"
+        skips.add(entry.path, reason, "" if broken or loop else (exc.strerror or str(exc)))
+        return None
+    if stat.S_ISDIR(status.st_mode):
+        if (status.st_dev, status.st_ino) in ancestors:
+            skips.add(entry.path, "symlink loop", "links back to a folder above it")
+            return None
+        return "dir"
+    if stat.S_ISREG(status.st_mode):
+        return "file"
+    skips.add(entry.path, "not a regular file", _file_kind(status.st_mode))
+    return None
 
 
 # --- S3 -----------------------------------------------------------------------------------------
@@ -432,7 +518,7 @@ def _s3_read(bucket: str, key: str, uri: str, max_bytes: int | None) -> bytes:
 
 
 def multipart_threshold() -> int:
-    return int(os.environ.get("CUTOUT_S3_MULTIPART_THRESHOLD", str(64 * 1024 * 1024)))
+    return settings().s3_multipart_threshold
 
 
 def _s3_write(bucket: str, key: str, data: bytes, content_type: str | None) -> None:
@@ -503,15 +589,107 @@ def _s3_list(prefix_uri: str) -> Iterator[str]:
 
 
 # --- HTTP(S), read-only -------------------------------------------------------------------------
-_USER_AGENT = "cutout/0.1 (+https://github.com/)"
+_USER_AGENT = "cutout-dataset"
+
+
+def _http_deadline_s() -> float:
+    """Total seconds one HTTP request may take, headers and body together."""
+    return settings().storage_http_deadline or _read_timeout() * 4
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket reader, with every read's timeout shrunk to what is left of the
+    request's total deadline: a server that trickles a byte at a time (headers or body) cannot
+    hold a worker past it, while a steady fast download is never cut by the per-read timeout."""
+
+    def __init__(self, raw, sock: socket.socket, deadline: float, total_s: float):
+        super().__init__()
+        self.raw, self.sock, self.deadline, self.total_s = raw, sock, deadline, total_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"total deadline of {self.total_s:g}s passed")
+        self.sock.settimeout(min(_read_timeout(), left))
+        try:
+            return self.raw.readinto(buffer)
+        except TimeoutError as exc:
+            if time.monotonic() >= self.deadline:
+                raise TimeoutError(f"total deadline of {self.total_s:g}s passed") from exc
+            raise
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, deadline: float, total_s: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        raw = self.fp.detach()  # keep the socket's reader (it holds the socket open), wrap it
+        self.fp = io.BufferedReader(_DeadlineReader(raw, sock, deadline, total_s))
+
+
+class _Guarded:
+    """Mixed into http.client's connections: the connect and every read fit in the deadline."""
+
+    def __init__(self, *args, deadline: float, total_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, total_s=total_s)
+        self._create_connection = self._connect_in_time
+
+    def _connect_in_time(self, address, timeout, source_address=None):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("total deadline passed before connecting")
+        return socket.create_connection(address, min(timeout, left), source_address)
+
+
+class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, total_s: float):
+        super().__init__()
+        self.guard = {"deadline": deadline, "total_s": total_s}
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTPConnection, **self.guard), req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, total_s: float):
+        super().__init__()
+        self.guard = {"deadline": deadline, "total_s": total_s}
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTPSConnection, **self.guard), req,
+                            context=self._context)
+
+
+def _http_opener() -> urllib.request.OpenerDirector:
+    """An opener whose every connection (redirects included) shares one total deadline."""
+    total_s = _http_deadline_s()
+    deadline = time.monotonic() + total_s
+    return urllib.request.build_opener(_GuardedHTTPHandler(deadline, total_s),
+                                       _GuardedHTTPSHandler(deadline, total_s))
 
 
 def _http_open(uri: str, method: str = "GET"):
     request = urllib.request.Request(uri, method=method, headers={"User-Agent": _USER_AGENT})
     try:
-        # urllib has one timeout for connect and for each socket read; use the connect one to
-        # open, then widen it to the read timeout for the body.
-        response = urllib.request.urlopen(request, timeout=_connect_timeout())
+        # urllib's timeout is the connect one here; each read then gets the read timeout,
+        # shrunk to what is left of the total deadline (see _DeadlineReader)
+        return _http_opener().open(request, timeout=_connect_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
@@ -521,20 +699,10 @@ def _http_open(uri: str, method: str = "GET"):
         raise StorageError(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
-    _set_socket_timeout(response, _read_timeout())
-    return response
-
-
-def _set_socket_timeout(response, seconds: float) -> None:
-    sock = getattr(getattr(response, "fp", None), "raw", None)
-    sock = getattr(sock, "_sock", None)
-    if isinstance(sock, socket.socket):
-        sock.settimeout(seconds)
 
 
 def _http_read(uri: str, max_bytes: int | None) -> bytes:
     response = _http_open(uri)
-    deadline = time.monotonic() + _read_timeout() * 4  # a trickling server cannot hold us forever
     with response:
         length = response.headers.get("Content-Length")
         if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
@@ -546,8 +714,6 @@ def _http_read(uri: str, max_bytes: int | None) -> bytes:
                 total += len(chunk)
                 if max_bytes is not None and total > max_bytes:
                     raise InputTooLargeError(f"{uri} is over the cap of {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise TransientStorageError(f"{uri}: body took longer than {_read_timeout() * 4:.0f}s")
         except (OSError, http.client.HTTPException) as exc:
             raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     return b"".join(chunks)

@@ -9,18 +9,24 @@ memory does not grow with the number of inputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+from dataclasses import dataclass, field
 
 import redis
 
 from cutout.jobs import manifest, sharding, storage
-from cutout.jobs.errors import ConfigError, NotFoundError
+from cutout.jobs.errors import ConfigError, CutoutError, NotFoundError
+from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
+from cutout.jobs.redact import redact
 from cutout.jobs.sources import iter_source_items
 from cutout.jobs.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 JOB_INDEX_KEY = "cutout:job-destinations"  # hash: job id → destination
 PROGRESS_EVERY_SHARDS = 200
@@ -34,6 +40,8 @@ class SubmitResult:
     shards_enqueued: int
     shards_already_done: int
     items_total: int
+    skipped: dict[str, int] = field(default_factory=dict)  # source entries passed over, by reason
+    items_new: int | None = None  # incremental submits: inputs added to the job this time
 
 
 @dataclass
@@ -44,8 +52,12 @@ class JobRef:
     destination: str
 
     @property
+    def layout(self) -> JobLayout:
+        return JobLayout(self.destination, self.job_id)
+
+    @property
     def prefix(self) -> str:
-        return sharding.job_prefix(self.destination, self.job_id)
+        return self.layout.prefix
 
 
 # --- Redis helpers ------------------------------------------------------------------------------
@@ -66,7 +78,7 @@ def find_job(job_id: str, *, destination: str | None = None, redis_url: str | No
     stored = redis_client(redis_url).hget(JOB_INDEX_KEY, job_id)
     if stored is None:
         raise NotFoundError(
-            f"job {job_id} is not known to Redis ({redis_url or default_redis_url()}); "
+            f"job {job_id} is not known to Redis ({redact(redis_url or default_redis_url())}); "
             "pass --dest DEST (the job's destination) to use its durable records"
         )
     return JobRef(job_id, stored.decode())
@@ -112,34 +124,69 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
     written = set(manifest.all_shard_ids(prefix))
     app = submitter_app(broker_url or default_broker_url())
     shards_total = items_total = enqueued = already_done = 0
+    skips = storage.ListingSkips()
+    columns = ExtraColumns()
     shards = sharding.iter_shards(
-        iter_source_items(spec.sources, all_files=all_files),
+        columns.watch(iter_source_items(spec.sources, all_files=all_files, skips=skips)),
         destination=spec.destination,
         extension=spec.pipeline.extension,
         suffix=spec.suffix,
         shard_size=spec.shard_size,
     )
-    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
-        def send(shard_id: str) -> None:
-            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+    try:
+        with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+            def send(shard_id: str) -> None:
+                send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
 
-        for shard in shards:
-            shards_total += 1
-            items_total += len(shard.items)
-            if shard.shard_id in done:
-                already_done += 1
-                continue
-            writer.write_then(shard, send, skip_write=shard.shard_id in written)
-            enqueued += 1
-            if shards_total % PROGRESS_EVERY_SHARDS == 0:
-                progress.set_total(items_total, shards_total)
+            for shard in shards:
+                shards_total += 1
+                items_total += len(shard.items)
+                if shard.shard_id in done:
+                    already_done += 1
+                    continue
+                writer.write_then(shard, send, skip_write=shard.shard_id in written)
+                enqueued += 1
+                if shards_total % PROGRESS_EVERY_SHARDS == 0:
+                    progress.set_total(items_total, shards_total)
+    except CutoutError as exc:
+        if shards_total == 0:
+            raise
+        raise _partly_submitted(exc, spec) from exc
     if shards_total == 0:
         raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
-    manifest.save_totals(prefix, items_total, shards_total)
+    manifest.save_totals(prefix, items_total, shards_total, skipped=skips.counts, extra_columns=columns.names)
     progress.set_total(items_total, shards_total)
     if done:
         progress.rebuild_from_durable(prefix)
-    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total)
+    if skips.total:
+        log.warning("job %s: %d source entries skipped (%s)", spec.job_id, skips.total,
+                    ", ".join(f"{reason} {n}" for reason, n in sorted(skips.counts.items())))
+    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, already_done, items_total,
+                        skipped=dict(skips.counts))
+
+
+def _partly_submitted(exc: CutoutError, spec: JobSpec) -> CutoutError:
+    """The same error, saying how to finish: shards sent so far stay valid (their files are
+    reused and a done shard is never redone), so submitting again completes the job."""
+    return type(exc)(
+        f"{exc}. Job {spec.job_id} is only partly submitted: run the same `cutout submit` again, "
+        f"or `cutout resume {spec.job_id} --dest {spec.destination}`, to finish submitting it",
+        stage=exc.stage,
+    )
+
+
+class ExtraColumns:
+    """Collects the names of list-file columns seen while the items stream past."""
+
+    def __init__(self, names: list[str] | None = None):
+        self.names: list[str] = list(names or [])
+
+    def watch(self, items):
+        for item in items:
+            for name in item.extra or ():
+                if name not in self.names:
+                    self.names.append(name)
+            yield item
 
 
 class ShardWriter:
@@ -181,10 +228,111 @@ class ShardWriter:
             self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
+# --- incremental: new inputs of a growing source -------------------------------------------------
+INCREMENTAL_LOCK_S = 3600
+
+
+def submit_incremental(
+    spec: JobSpec,
+    *,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+    all_files: bool = False,
+) -> SubmitResult:
+    """Extend the job with shards holding only the inputs it does not list yet.
+
+    The job id stays the spec's hash, so a bucket that keeps growing is one job: its records
+    and manifest keep one record per input across every run. New inputs get new shards after
+    the last one (old shard files are never rewritten), their output keys are claimed after
+    every key already handed out (no collision with earlier outputs), and totals grow. Inputs
+    already in a shard file count as known even while their shard is still queued. Two
+    incremental submits of one job at once are refused (a Redis lock).
+    """
+    prefix = sharding.job_prefix(spec.destination, spec.job_id)
+    if manifest.load_totals(prefix) is None:  # never fully submitted: an ordinary first submit
+        result = submit_job(spec, broker_url=broker_url, redis_url=redis_url, all_files=all_files)
+        result.items_new = result.items_total
+        return result
+    client = redis_client(redis_url)
+    lock = f"cutout:job:{spec.job_id}:extending"
+    if not client.set(lock, "1", nx=True, ex=INCREMENTAL_LOCK_S):
+        raise ConfigError(f"another incremental submit of job {spec.job_id} is running (lock {lock})")
+    try:
+        return _extend_job(spec, prefix, client, broker_url, all_files)
+    finally:
+        client.delete(lock)
+
+
+def _extend_job(spec, prefix, client, broker_url, all_files) -> SubmitResult:
+    client.hset(JOB_INDEX_KEY, spec.job_id, spec.destination)
+    known = _KnownInputs.read(prefix, spec.destination)
+    items_old, _ = manifest.load_totals(prefix)
+    progress = live_progress(client, spec.job_id)
+    columns = ExtraColumns(manifest.load_extra_columns(prefix))
+    fresh = (item for item in columns.watch(iter_source_items(spec.sources, all_files=all_files))
+             if not known.has(item.uri))
+    shards = sharding.iter_shards(
+        fresh, destination=spec.destination, extension=spec.pipeline.extension, suffix=spec.suffix,
+        shard_size=spec.shard_size, first_index=known.next_index, taken_keys=known.output_keys,
+    )
+    app = submitter_app(broker_url or default_broker_url())
+    new_items = new_shards = 0
+    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+        def send(shard_id: str) -> None:
+            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+
+        for shard in shards:
+            new_items += len(shard.items)
+            new_shards += 1
+            writer.write_then(shard, send)
+    shards_total = known.next_index + new_shards
+    manifest.save_totals(prefix, items_old + new_items, shards_total, extra_columns=columns.names)
+    progress.set_total(items_old + new_items, shards_total)
+    progress.rebuild_from_durable(prefix)
+    progress.mark_queued()
+    done = len(manifest.done_shard_ids(prefix))
+    return SubmitResult(spec.job_id, prefix, shards_total, new_shards, done, items_old + new_items,
+                        items_new=new_items)
+
+
+class _KnownInputs:
+    """Inputs and output keys already in the job's shard files, as 8-byte digests (bounded)."""
+
+    def __init__(self) -> None:
+        self._inputs: set[bytes] = set()
+        self.output_keys: list[str] = []
+        self.next_index = 0
+
+    @classmethod
+    def read(cls, prefix: str, destination: str) -> "_KnownInputs":
+        from concurrent.futures import ThreadPoolExecutor
+
+        known = cls()
+        base = storage.join_uri(destination, "x")[:-1]  # the destination with one trailing "/"
+        shard_ids = manifest.all_shard_ids(prefix)
+        with ThreadPoolExecutor(16, thread_name_prefix="shard-reader") as pool:
+            for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), shard_ids):
+                for item in shard.items:
+                    known._inputs.add(_digest(item.uri))
+                    if item.output_uri.startswith(base):
+                        known.output_keys.append(item.output_uri[len(base):])
+        if shard_ids:
+            known.next_index = sharding.shard_index(shard_ids[-1]) + 1
+        return known
+
+    def has(self, uri: str) -> bool:
+        return _digest(uri) in self._inputs
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _enqueue_missing(spec, prefix, totals, broker_url, progress) -> SubmitResult:
     """Every shard file exists already: enqueue those without a done-marker (no re-listing).
 
-    A job is a snapshot of its sources at first submit: objects added later need a new job.
+    A job is a snapshot of its sources at first submit: objects added later are picked up by
+    an incremental submit (``submit_incremental``).
     """
     items_total, shards_total = totals
     done = manifest.done_shard_ids(prefix)
@@ -306,7 +454,103 @@ def _failures_matching(stats: ShardStats, error_class: str | None) -> int:
 
 
 def stats_uri(prefix: str, shard_id: str) -> str:
-    return storage.join_uri(prefix, "stats", f"{shard_id}.json")
+    return JobLayout.from_prefix(prefix).stats(shard_id)
+
+
+# --- redo flagged outputs with other options -----------------------------------------------------
+@dataclass
+class RedoResult:
+    job_id: str  # the redo job: its own spec, so its records carry the new config hash
+    parent_job_id: str
+    items: int
+    shards_enqueued: int
+    config_hash: str
+
+
+def redo_outputs(
+    job_id: str,
+    *,
+    flags: tuple[str, ...] = (),
+    inputs: tuple[str, ...] = (),
+    overrides: dict | None = None,
+    destination: str | None = None,
+    broker_url: str | None = None,
+    redis_url: str | None = None,
+) -> RedoResult:
+    """Rerun the done outputs carrying any of ``flags`` (or exactly ``inputs``) with the job's
+    pipeline options changed by ``overrides`` (e.g. another matting method).
+
+    Pipeline options decide the pixels and are part of a job's identity, so a redo is its own
+    job beside the original: its spec (sources: a list file of the chosen inputs in the
+    original's folder) hashes to a new id, its records carry the new config hash, and its shard
+    files reuse the original output keys, so the new outputs replace the old ones. The original
+    links it as a follow-up: its manifest lists each input's latest record (one per input),
+    refreshed when the redo's last shard finishes. The same redo submitted again resumes.
+    """
+    from cutout.jobs.records import QUALITY_FLAGS
+    from cutout.jobs.spec import stable_hash
+
+    unknown = set(flags) - set(QUALITY_FLAGS)
+    if unknown:
+        raise ConfigError(f"unknown quality flag(s) {', '.join(sorted(unknown))}: use {', '.join(QUALITY_FLAGS)}")
+    if not flags and not inputs:
+        raise ConfigError("choose what to redo: --flag NAME (repeatable) or --input URI")
+    ref = find_job(job_id, destination=destination, redis_url=redis_url)
+    parent = load_job_spec(ref)
+    pipeline = _pipeline_with(parent.pipeline, overrides or {})
+    chosen = _select_for_redo(ref.prefix, set(flags), set(inputs))
+    selection = stable_hash({"inputs": [item.uri for item in chosen], "flags": sorted(flags)})[:12]
+    spec = parent.model_copy(update={
+        "sources": (storage.join_uri(ref.prefix, "redo", f"{selection}.txt"),), "pipeline": pipeline,
+        "weights_sha256": parent.weights_sha256 if pipeline.weights == parent.pipeline.weights else None,
+    })
+    prefix = sharding.job_prefix(spec.destination, spec.job_id)
+    if manifest.load_totals(prefix) is None:
+        _write_redo_job(ref.prefix, prefix, spec, chosen)
+    result = submit_job(spec, broker_url=broker_url, redis_url=redis_url)
+    return RedoResult(spec.job_id, job_id, len(chosen), result.shards_enqueued, pipeline.config_hash())
+
+
+def _pipeline_with(pipeline, overrides: dict):
+    from pydantic import ValidationError
+
+    from cutout.jobs.spec import PipelineOptions
+
+    try:
+        return PipelineOptions(**{**pipeline.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+
+def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> list[sharding.ShardItem]:
+    """The original shard items of the chosen inputs, judged by each input's latest record."""
+    wanted: dict[str, set[str]] = {}
+    for shard_id, row in manifest.iter_latest_rows(prefix):
+        if inputs and row["input_uri"] not in inputs:
+            continue
+        if inputs or (row["status"] == "done" and flags & set(row.get("flags") or ())):
+            wanted.setdefault(shard_id, set()).add(row["input_uri"])
+    chosen = [item for shard_id, uris in wanted.items()
+              for item in sharding.read_shard(prefix, shard_id).items if item.uri in uris]
+    missing = inputs - {item.uri for item in chosen}
+    if missing:
+        raise ConfigError(f"not inputs of this job with a record: {', '.join(sorted(missing)[:5])}")
+    if not chosen:
+        raise ConfigError(f"no done output of this job carries {' or '.join(sorted(flags))}")
+    return chosen
+
+
+def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list) -> None:
+    """Spec, the list of chosen inputs, shard files holding the original items, totals; linked last."""
+    storage.write_bytes(spec.sources[0], "".join(item.uri + "\n" for item in chosen).encode(),
+                        content_type="text/plain")
+    manifest.save_spec(prefix, spec)
+    shards = [chosen[i : i + spec.shard_size] for i in range(0, len(chosen), spec.shard_size)]
+    for index, items in enumerate(shards):
+        sharding.write_shard(prefix, sharding.Shard(sharding.shard_id_for(index), items))
+    manifest.save_totals(prefix, len(chosen), len(shards),
+                         extra_columns=manifest.load_extra_columns(parent_prefix))
+    manifest.link_followup(parent_prefix, spec.job_id)
 
 
 # --- cancel -------------------------------------------------------------------------------------
@@ -354,5 +598,6 @@ def job_report(
         "counts": summary.counts,
         "error_classes": summary.error_classes,
         "top_errors": summary.top_errors,
+        "flag_counts": summary.flag_counts,
         "manifest_uri": manifest_uri,
     }

@@ -90,7 +90,7 @@ def test_run_refuses_conflicting_options(tmp_path):
     photo = tmp_path / "one.png"
     photo.write_bytes(_disk_png())
     result = _run(str(photo), "--out", str(tmp_path / "o"), "--format", "jpeg")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error (README, "Exit codes")
     assert "jpeg cannot carry transparency" in result.stderr
 
 

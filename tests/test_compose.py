@@ -81,9 +81,10 @@ def environment(service: dict) -> dict:
 
 def test_compose_file_defines_the_stack(config):
     services = config["services"]
-    assert {"redis", "minio", "createbuckets", "worker", "submitter", "flower"} <= set(services)
+    assert {"redis", "minio", "createbuckets", "worker", "submitter", "flower", "prometheus"} <= set(services)
     assert services["submitter"]["profiles"] == ["tools"]
     assert services["flower"]["profiles"] == ["monitoring"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
     for always_on in ("redis", "minio", "createbuckets", "worker"):
         assert not services[always_on].get("profiles"), f"{always_on} must start by default"
 
@@ -166,6 +167,28 @@ def test_environment_overrides_reach_the_services(tmp_path):
     assert device["count"] == "all"
     flower_command = " ".join(config["services"]["flower"]["command"])
     assert "--broker=redis://broker.internal:6379/2" in flower_command
+
+
+def test_prometheus_scrapes_every_worker_on_its_metrics_port(config):
+    services = config["services"]
+    worker, prometheus = services["worker"], services["prometheus"]
+    port = environment(worker)["CUTOUT_METRICS_PORT"]
+    assert port in [str(p) for p in worker["expose"]]
+    assert environment(worker)["CUTOUT_TASK_EVENTS"] == "0"  # Flower's task view is opt-in
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in prometheus["volumes"]}
+    config_in_container = mounts[str(REPO_ROOT / "infra" / "prometheus.yml")]
+    assert f"--config.file={config_in_container}" in prometheus["command"]
+    assert prometheus["image"].split("/")[-1].startswith("prometheus:")
+    scrape = yaml_to_json((REPO_ROOT / "infra" / "prometheus.yml").read_text())["scrape_configs"]
+    (job,) = [j for j in scrape if j["job_name"] == "cutout-workers"]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["worker"] and str(discovery["port"]) == port
+    assert discovery["type"] == "A"
+
+
+def test_task_events_for_flower_are_switched_on_by_one_variable(tmp_path):
+    worker = compose_config(tmp_path, CUTOUT_TASK_EVENTS="1")["services"]["worker"]
+    assert environment(worker)["CUTOUT_TASK_EVENTS"] == "1"
 
 
 def test_minio_init_creates_both_buckets_idempotently(tmp_path):

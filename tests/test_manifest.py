@@ -17,7 +17,7 @@ from cutout.jobs.spec import JobSpec
 @pytest.fixture(params=["local", "s3"])
 def job_prefix(request, tmp_path):
     dest = str(tmp_path / "dest") if request.param == "local" else f"s3://{request.getfixturevalue('bucket')()}/dest"
-    return sharding.job_prefix(dest, "job42")
+    return sharding.job_prefix(dest, "0000000000000042")
 
 
 def _record(shard_id: str, n: int, status: str = "done", error: str | None = None) -> ItemRecord:
@@ -94,6 +94,7 @@ def test_assemble_manifest_in_shard_order(job_prefix, fmt):
 
 def test_summarise(job_prefix):
     spec = JobSpec(sources=("s3://in/",), destination="s3://out/")
+    job_prefix = _prefix_of(job_prefix, spec)  # a spec lives under its own job id
     manifest.save_spec(job_prefix, spec)
     _write_shards(job_prefix, 3)
     manifest.save_totals(job_prefix, n_items=6, n_shards=3)
@@ -113,7 +114,7 @@ def test_summarise(job_prefix):
 
 
 def test_summary_keeps_error_messages_capped(tmp_path):
-    prefix = str(tmp_path / "job")
+    prefix = sharding.job_prefix(str(tmp_path), "0000000000000001")
     for index in range(30):
         shard_id = sharding.shard_id_for(index)
         _finish(prefix, shard_id, [_record(shard_id, 0, "failed", f"msg {index}")],
@@ -127,10 +128,23 @@ def test_summary_keeps_error_messages_capped(tmp_path):
 
 def test_spec_round_trip(job_prefix):
     spec = JobSpec(sources=("a/", "b.txt"), destination="s3://x/", shard_size=7, suffix="_c")
+    job_prefix = _prefix_of(job_prefix, spec)
     manifest.save_spec(job_prefix, spec)
     assert manifest.load_spec(job_prefix) == spec
     with pytest.raises(NotFoundError, match="no job spec"):
-        manifest.load_spec(job_prefix + "-other")
+        manifest.load_spec(job_prefix[:-1] + ("0" if job_prefix[-1] != "0" else "1"))
+
+
+def test_a_spec_under_another_jobs_id_is_refused(job_prefix):
+    from cutout.jobs.errors import InvalidIdError
+
+    manifest.save_spec(job_prefix, JobSpec(sources=("a/",), destination="s3://x/"))
+    with pytest.raises(InvalidIdError, match="is job"):
+        manifest.load_spec(job_prefix)
+
+
+def _prefix_of(job_prefix: str, spec: JobSpec) -> str:
+    return job_prefix.rsplit("/", 1)[0] + "/" + spec.job_id
 
 
 # --- live progress ------------------------------------------------------------------------------
@@ -214,7 +228,7 @@ def test_rate_and_eta(redis_client, monkeypatch):
 
 
 def test_rebuild_after_redis_loss(redis_client, tmp_path):
-    prefix = str(tmp_path / "job")
+    prefix = sharding.job_prefix(str(tmp_path), "0000000000000045")
     _write_shards(prefix, 4)
     manifest.save_totals(prefix, n_items=8, n_shards=4)
     progress = LiveProgress(redis_client, "job45")

@@ -104,13 +104,13 @@ def test_unsafe_key_falls_back_to_a_hash_name():
 
 
 def test_job_prefix():
-    assert sharding.job_prefix("s3://b/out/", "abc123") == "s3://b/out/_cutout/jobs/abc123"
+    assert sharding.job_prefix("s3://b/out/", "0000000000abc123") == "s3://b/out/_cutout/jobs/0000000000abc123"
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_shard_files_round_trip(backend, tmp_path, request):
     dest = str(tmp_path) if backend == "local" else f"s3://{request.getfixturevalue('bucket')()}/out"
-    prefix = sharding.job_prefix(dest, "job1")
+    prefix = sharding.job_prefix(dest, "000000000000000a")
     items = _items("x/ü nicode.jpg", 'quote"d.png')
     shard = next(sharding.iter_shards(items, destination=dest, extension=".webp", shard_size=5))
     uri = sharding.write_shard(prefix, shard)

@@ -59,3 +59,27 @@ def test_pool_processes_are_pinned_to_gpus_round_robin(monkeypatch):
         _pin_gpu()
         pinned.append(os.environ["CUDA_VISIBLE_DEVICES"])
     assert pinned == ["0", "1", "0", "1", "0"]
+
+
+def test_metrics_port_and_task_events_come_from_flags_or_the_environment(monkeypatch):
+    from cutout.jobs.cli import build_parser
+
+    monkeypatch.delenv("CUTOUT_METRICS_PORT", raising=False)
+    monkeypatch.delenv("CUTOUT_TASK_EVENTS", raising=False)
+    args = build_parser().parse_args(["worker"])
+    assert args.metrics_port == 9108 and args.task_events is False
+    monkeypatch.setenv("CUTOUT_METRICS_PORT", "0")
+    monkeypatch.setenv("CUTOUT_TASK_EVENTS", "1")
+    args = build_parser().parse_args(["worker"])
+    assert args.metrics_port == 0 and args.task_events is True
+    args = build_parser().parse_args(["worker", "--metrics-port", "9200"])
+    assert args.metrics_port == 9200
+
+
+def test_the_dependency_check_names_the_missing_module(monkeypatch, tmp_path):
+    from cutout.workers.cli_worker import missing_worker_dependency
+
+    assert missing_worker_dependency() is None  # this venv has the [worker] extra
+    (tmp_path / "cv2.py").write_text("raise ImportError('cv2 shim')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert "cv2 shim" in missing_worker_dependency()

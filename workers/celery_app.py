@@ -1,28 +1,40 @@
 """The worker's Celery app: ``celery -A cutout.workers.celery_app worker`` (or ``cutout worker``).
 
 Configuration comes from ``cutout.jobs.queue`` so the submitter and the workers cannot disagree.
-Each pool process pins itself to one GPU when the worker was started with a GPU list.
+Each pool process pins itself to one GPU when the worker was started with a GPU list, and
+the worker's main process runs the reaper that re-sends shards held by dead workers.
 """
 from __future__ import annotations
 
 import logging
 import os
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from cutout.jobs.queue import make_app
+from cutout.jobs.settings import settings
 
 log = logging.getLogger(__name__)
 
 app = make_app(include=("cutout.workers.tasks",))
-if os.environ.get("CUTOUT_MAX_TASKS_PER_CHILD"):
-    app.conf.worker_max_tasks_per_child = int(os.environ["CUTOUT_MAX_TASKS_PER_CHILD"])
+if settings().max_tasks_per_child:
+    app.conf.worker_max_tasks_per_child = settings().max_tasks_per_child
+if settings().task_events:
+    app.conf.worker_send_task_events = True  # for Flower
+
+
+@worker_ready.connect
+def _start_reaper(sender=None, **_kwargs) -> None:
+    """Every live worker watches for dead ones (see cutout.workers.liveness)."""
+    from cutout.workers.liveness import start_reaper
+
+    start_reaper(app, getattr(sender, "hostname", None) or f"worker:{os.getpid()}")
 
 
 @worker_process_init.connect
 def _pin_gpu(**_kwargs) -> None:
     """One pool process per GPU: the i-th child sees only the i-th GPU (before torch starts CUDA)."""
-    gpus = [g for g in os.environ.get("CUTOUT_WORKER_GPUS", "").split(",") if g]
+    gpus = [g for g in settings().worker_gpus.split(",") if g]
     if not gpus:
         return
     from billiard.process import current_process

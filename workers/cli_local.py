@@ -20,8 +20,8 @@ INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports it
 
 def register(subparsers) -> None:
     run = subparsers.add_parser("run", help="remove backgrounds from local files and folders")
-    run.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
-    run.add_argument("--out", required=True, help="output folder (relative paths are mirrored)")
+    run.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders")
+    run.add_argument("--out", help="output folder (relative paths are mirrored); required")
     run.add_argument("--trimaps", metavar="DIR",
                      help="hand-made trimaps: DIR/<input's relative path, .png> (0 bg, 128 unknown, 255 fg)")
     run.add_argument("--batch-size", type=int, default=4)

@@ -13,23 +13,43 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 
-from cutout.jobs.queue import DEFAULT_QUEUE
+from cutout.jobs.settings import settings
+
+# `cutout worker` exits with this when the [worker] extra is missing (documented in the README).
+EXIT_MISSING_DEPENDENCIES = 4
+# Imported in a child interpreter so this process stays free of torch until its pool forks;
+# pymatting is only located, since importing it compiles numba kernels (about 70 s cold).
+_DEPENDENCY_CHECK = """
+import importlib, importlib.util
+for name in ("torch", "torchvision", "cv2", "onnx", "onnxruntime", "prometheus_client"):
+    importlib.import_module(name)
+if importlib.util.find_spec("pymatting") is None:
+    raise ModuleNotFoundError("No module named 'pymatting'", name="pymatting")
+"""
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("worker", help="start a Celery worker that processes shards")
-    parser.add_argument("--queues", "-Q", default=os.environ.get("CUTOUT_QUEUES", DEFAULT_QUEUE),
+    parser.add_argument("--queues", "-Q", default=settings().queues,
                         help="comma-separated queues to consume (default: %(default)s)")
     parser.add_argument("--concurrency", "-c", type=int, default=None,
                         help="pool processes (default: one per GPU, else one per 2 CPU cores)")
     parser.add_argument("--processes-per-gpu", type=int,
-                        default=int(os.environ.get("CUTOUT_PROCESSES_PER_GPU", "1")),
+                        default=settings().processes_per_gpu,
                         help="pool processes sharing each GPU (default: %(default)s)")
     parser.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork")
     parser.add_argument("--loglevel", "-l", default="INFO")
     parser.add_argument("--hostname", "-n", default=None, help="worker node name (celery -n)")
     parser.add_argument("--max-tasks-per-child", type=int, default=None)
+    parser.add_argument("--metrics-port", type=int,
+                        default=settings().metrics_port,
+                        help="Prometheus /metrics port; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--task-events", "-E", action="store_true",
+                        default=settings().task_events,
+                        help="send Celery task events (for Flower)")
     parser.set_defaults(func=run_worker)
 
 
@@ -60,19 +80,57 @@ def worker_plan(concurrency: int | None, cpu_count: int, gpu_count: int,
     else:
         processes = concurrency or max(1, cpu_count // 2)
         threads = max(1, cpu_count // processes)
-        env["CUTOUT_DEVICE"] = os.environ.get("CUTOUT_DEVICE", "cpu")
-    env["CUTOUT_THREADS"] = os.environ.get("CUTOUT_THREADS", str(threads))  # read by cutout.workers.segment
+        env["CUTOUT_DEVICE"] = settings().device or "cpu"
+    env["CUTOUT_THREADS"] = str(settings().threads or threads)  # read by cutout.workers.segment
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(threads))
     env["CUTOUT_CONCURRENCY"] = str(processes)
     return env
 
 
+def missing_worker_dependency() -> str | None:
+    """The first of the worker's modules that cannot be imported, or None when all can.
+
+    Checked before the worker connects: a worker without them would take a shard and fail it.
+    """
+    check = subprocess.run([sys.executable, "-c", _DEPENDENCY_CHECK], capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    lines = [line for line in check.stderr.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else f"exit status {check.returncode}"
+
+
+def prepare_metrics_store() -> str:
+    """prometheus_client's multiprocess store, emptied: every pool process (and a solo worker's
+    one) counts into it and the main process serves the sum (see cutout.workers.telemetry)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="cutout-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # only prometheus_client's own files: counts of an earlier run
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
 def run_worker(args: argparse.Namespace) -> int:
+    missing = missing_worker_dependency()
+    if missing:
+        print(f"cutout: error: the worker cannot start ({missing}): install cutout-dataset[worker]",
+              file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCIES
     plan = worker_plan(args.concurrency, os.cpu_count() or 1, count_gpus(), args.processes_per_gpu)
     os.environ.update(plan)
     if args.max_tasks_per_child:
         os.environ["CUTOUT_MAX_TASKS_PER_CHILD"] = str(args.max_tasks_per_child)
+    if args.metrics_port:
+        prepare_metrics_store()  # before anything imports prometheus_client
+    from cutout.jobs.queue import broker_url
+    from cutout.workers import telemetry
     from cutout.workers.celery_app import app
+
+    if args.metrics_port:
+        telemetry.start_exporter(args.metrics_port, broker_url=broker_url(),
+                                 queues=[q for q in args.queues.split(",") if q],
+                                 processes=int(plan["CUTOUT_CONCURRENCY"]))
 
     argv = [
         "worker",
@@ -85,5 +143,7 @@ def run_worker(args: argparse.Namespace) -> int:
     ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
+    if args.task_events:
+        argv.append("--task-events")
     app.worker_main(argv=argv)
     return 0

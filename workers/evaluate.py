@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers import metrics
 
-DEFAULT_DATA = os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")
+DEFAULT_DATA = settings().eval_data
 STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
 
 
@@ -96,32 +97,26 @@ def load_grabcut(root: Path, limit: int | None = None) -> list[SegmentationSampl
     return samples
 
 
-def _timed(timings: dict[str, float], stage: str, fn, *args, **kwargs):
-    start = time.perf_counter()
-    value = fn(*args, **kwargs)
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-    return value
-
-
 def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[EndToEndRow]:
     """Run each photo through the real pipeline one by one, timing every stage."""
     from cutout.workers.decode import decode_image
     from cutout.workers.encode import encode_image
     from cutout.workers.pipeline import Pipeline
+    from cutout.workers.stages import run_stage
 
     pipeline = Pipeline(options)
     pipeline.segment([decode_image(samples[0].data).rgb])  # load the model outside the timings
     rows = []
     for sample in samples:
         timings: dict[str, float] = {}
-        decoded = _timed(timings, "decode", decode_image, sample.data)
-        raw = _timed(timings, "segment", pipeline.segment_raw, [decoded.rgb])[0]
+        decoded = run_stage(timings, "decode", decode_image, sample.data)
+        raw = run_stage(timings, "segment", pipeline.segment_raw, [decoded.rgb])[0]
         single = raw if len(pipeline.seg_sizes) == 1 else pipeline.segment_at([decoded.rgb], None)[0]
-        mask = _timed(timings, "calibrate", pipeline.calibrate, raw)
+        mask = run_stage(timings, "calibrate", pipeline.calibrate, raw)
         result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
         timings.update(result.timings)
-        _timed(timings, "encode", encode_image, result.image, options.format,
-               quality=options.quality)
+        run_stage(timings, "encode", encode_image, result.image, options.format,
+                  quality=options.quality)
         gt = sample.gt_alpha
         rows.append(EndToEndRow(
             sample.name, metrics.sad(raw, gt), metrics.mse(raw, gt),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +18,7 @@ import cv2
 import numpy as np
 
 from cutout.jobs.errors import ConfigError, MattingError
+from cutout.jobs.settings import settings
 
 Method = Literal["none", "closed-form", "knn"]
 
@@ -31,7 +31,7 @@ CF_MAXITER = 400  # converges in 5-30 iterations; a stuck solve must not stall a
 # Solve at most this many unknown pixels: closed-form time grows faster than linearly with the
 # unknown count (15k px 0.13 s, 85k px 4.2 s measured), so a larger band is solved on a
 # downscaled crop and upsampled. Environment override: CUTOUT_MATTING_BUDGET.
-SOLVE_BUDGET = int(os.environ.get("CUTOUT_MATTING_BUDGET", "12000"))
+SOLVE_BUDGET = settings().matting_budget
 KNN_RTOL = 1e-4
 
 

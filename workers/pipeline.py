@@ -1,8 +1,10 @@
-"""The whole image pipeline as plain code: decode → segment → trimap → matte → foreground →
-composite → encode. Workers, ``cutout run`` and the Python API all call this module.
+"""The whole image pipeline as plain code: decode → segment → calibrate → refine → trimap →
+matte → foreground → composite → encode. Workers, ``cutout run`` and the Python API all call
+this module.
 
 ``Pipeline`` holds the options and the (lazily loaded) segmenter; ``process_batch`` turns raw
-bytes into encoded outputs and never lets one bad image fail its neighbours.
+bytes into encoded outputs and never lets one bad image fail its neighbours. Every stage runs
+through ``cutout.workers.stages.run_stage``, which times it and names it in a failure.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from cutout.jobs.errors import CutoutError, OutOfMemoryError
 from cutout.jobs.spec import PipelineOptions
+from cutout.workers.stages import run_stage
 
 
 @dataclass
@@ -26,6 +29,8 @@ class CutoutResult:
     trimap: np.ndarray | None  # uint8 HxW, None when matting is "none"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)  # see cutout.workers.quality
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -40,26 +45,8 @@ class ItemOutcome:
     width: int | None = None
     height: int | None = None
     error: CutoutError | None = None
-
-
-class _Timer:
-    """Accumulates seconds per stage into a dict."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                elapsed = time.perf_counter() - self.start
-                timer.timings[stage] = timer.timings.get(stage, 0.0) + elapsed
-
-        return _Span()
+    quality: dict[str, float] = field(default_factory=dict)  # of a done output
+    flags: list[str] = field(default_factory=list)
 
 
 def _as_error(exc: Exception, stage: str) -> CutoutError:
@@ -177,46 +164,46 @@ class Pipeline:
         self, rgb: np.ndarray, mask: np.ndarray, input_alpha: np.ndarray | None = None,
         trimap: np.ndarray | None = None,
     ) -> CutoutResult:
-        """Trimap → matte → foreground → composite for one image whose mask is known."""
-        from cutout.workers.composite import composite
+        """Refine → trimap → matte → foreground → composite for one image whose mask is known."""
         from cutout.workers.foreground import estimate_foreground
+        from cutout.workers.quality import measure
         from cutout.workers.trimap import make_trimap
 
         opts = self.options
         notes: list[str] = []
         timings: dict[str, float] = {}
-        timed = _Timer(timings)
         if self.refine_method == "grabcut" and trimap is None:
             from cutout.workers.refine import refine_with_grabcut
 
-            with timed("refine"):
-                mask, skipped = refine_with_grabcut(rgb, mask)
+            mask, skipped = run_stage(timings, "refine", refine_with_grabcut, rgb, mask)
             if skipped:
                 notes.append(skipped)
         alpha = mask
         user_trimap = trimap is not None
         if opts.matting != "none" or user_trimap:
-            with timed("trimap"):
-                if trimap is None:
-                    trimap = make_trimap(
-                        mask, fg_threshold=opts.trimap_fg, bg_threshold=opts.trimap_bg,
-                        band=opts.trimap_band,
-                    )
-            with timed("matte"):
-                alpha = self._matte(rgb, trimap, mask, notes, user_trimap=user_trimap)
+            if trimap is None:
+                trimap = run_stage(
+                    timings, "trimap", make_trimap, mask, fg_threshold=opts.trimap_fg,
+                    bg_threshold=opts.trimap_bg, band=opts.trimap_band,
+                )
+            alpha = run_stage(timings, "matte", self._matte, rgb, trimap, mask, notes,
+                              user_trimap=user_trimap)
         foreground = None
         if self.background.kind != "mask":
-            with timed("foreground"):
-                foreground = estimate_foreground(rgb, alpha)
+            foreground = run_stage(timings, "foreground", estimate_foreground, rgb, alpha)
         if input_alpha is not None:
             alpha = alpha * (input_alpha.astype(np.float32) / 255.0)
             notes.append("input-alpha-applied")
-        with timed("composite"):
-            image = composite(
-                rgb, alpha, self.background, foreground=foreground,
-                background_image=self._background_array(),
-            )
-        return CutoutResult(image, alpha, mask, trimap, notes, timings)
+        image = run_stage(timings, "composite", self._composite, rgb, alpha, foreground)
+        quality, flags = measure(alpha, mask, trimap, notes, fg_threshold=opts.trimap_fg,
+                                 bg_threshold=opts.trimap_bg)
+        return CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
+
+    def _composite(self, rgb: np.ndarray, alpha: np.ndarray, foreground) -> np.ndarray:
+        from cutout.workers.composite import composite
+
+        return composite(rgb, alpha, self.background, foreground=foreground,
+                         background_image=self._background_array())
 
     def _matte(self, rgb, trimap, mask, notes: list[str], *, user_trimap: bool = False) -> np.ndarray:
         from cutout.jobs.errors import CutoutError as _Err
@@ -240,15 +227,23 @@ class Pipeline:
         return result.alpha
 
     # --- batch entry points ------------------------------------------------------------------
+    def masks(self, images: list[np.ndarray], timings: list[dict[str, float]]) -> list[np.ndarray]:
+        """Segment a batch as one stage (its seconds shared evenly), then calibrate each mask."""
+        batch: dict[str, float] = {}
+        raw = run_stage(batch, "segment", self.segment_raw, images)
+        for item_timings in timings:
+            item_timings["segment"] = item_timings.get("segment", 0.0) + batch["segment"] / len(images)
+        return [run_stage(item_timings, "calibrate", self.calibrate, mask)
+                for item_timings, mask in zip(timings, raw)]
+
     def run_images(self, images: list[np.ndarray]) -> list[CutoutResult]:
-        """Arrays in, results out (uint8 RGB images). Errors propagate: for library callers."""
-        start = time.perf_counter()
-        masks = self.segment(images)
-        per_image = (time.perf_counter() - start) / max(1, len(images))
+        """Arrays in, results out (uint8 RGB images). Errors propagate, labelled with their
+        stage (``CutoutError.stage``): for library callers."""
+        timings: list[dict[str, float]] = [{} for _ in images]
         results = []
-        for rgb, mask in zip(images, masks):
+        for rgb, mask, item_timings in zip(images, self.masks(images, timings), timings):
             result = self.finish(rgb, mask)
-            result.timings["segment"] = per_image
+            result.timings = {**item_timings, **result.timings}
             results.append(result)
         return results
 
@@ -260,75 +255,67 @@ class Pipeline:
         ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap.
         """
         from cutout.workers.decode import decode_image
-        from cutout.workers.encode import encode_image
-        from cutout.workers.trimap import load_trimap
 
         outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
         decoded = {}
         for index, (name, data) in enumerate(items):
-            timings = outcomes[index].timings
+            outcome = outcomes[index]
             try:
-                with _Timer(timings)("decode"):
-                    image = decode_image(data, max_pixels=self.options.max_pixels, name=name)
-                decoded[index] = image
-                outcomes[index].width, outcomes[index].height = image.rgb.shape[1], image.rgb.shape[0]
+                image = run_stage(outcome.timings, "decode", decode_image, data,
+                                  max_pixels=self.options.max_pixels, name=name)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a record
-                outcomes[index].error = _as_error(exc, "decode")
+                outcome.error = _as_error(exc, "decode")
+                continue
+            decoded[index] = image
+            outcome.width, outcome.height = image.rgb.shape[1], image.rgb.shape[0]
+            outcome.notes = list(image.notes)
         masks = self._segment_indexed(decoded, outcomes)
         for index, mask in masks.items():
-            outcome, image = outcomes[index], decoded[index]
+            trimap = trimaps[index] if trimaps else None
             try:
-                trimap = None
-                if trimaps and trimaps[index] is not None:
-                    trimap = load_trimap(trimaps[index], shape=image.rgb.shape[:2])
-                result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
-                outcome.timings.update(result.timings)
-                with _Timer(outcome.timings)("encode"):
-                    outcome.data = encode_image(
-                        result.image, self.options.format, quality=self.options.quality
-                    )
-                outcome.extension = self.options.extension
-                outcome.notes = result.notes
-                outcome.ok = True
+                self._finish_item(outcomes[index], decoded[index], mask, trimap)
             except Exception as exc:  # noqa: BLE001
-                outcome.error = _as_error(exc, _failing_stage(outcome.timings))
+                outcomes[index].error = _as_error(exc, "pipeline")
         return outcomes
+
+    def _finish_item(self, outcome: ItemOutcome, image, mask: np.ndarray,
+                     trimap_data: bytes | None) -> None:
+        """One decoded, segmented item to encoded bytes, every stage timed into its outcome."""
+        from cutout.workers.encode import encode_image
+        from cutout.workers.trimap import load_trimap
+
+        trimap = None
+        if trimap_data is not None:
+            trimap = run_stage(outcome.timings, "trimap", load_trimap, trimap_data,
+                               shape=image.rgb.shape[:2])
+        result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
+        for stage, seconds in result.timings.items():
+            outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
+        outcome.data = run_stage(outcome.timings, "encode", encode_image, result.image,
+                                 self.options.format, quality=self.options.quality)
+        outcome.extension = self.options.extension
+        outcome.notes = outcome.notes + result.notes
+        outcome.quality, outcome.flags = result.quality, result.flags
+        outcome.ok = True
 
     def _segment_indexed(self, decoded: dict, outcomes: list[ItemOutcome]) -> dict:
         """Segment all decoded images as one batch; if the batch fails, retry one by one."""
         if not decoded:
             return {}
         indices = list(decoded)
-        start = time.perf_counter()
         try:
-            masks = self.segment([decoded[i].rgb for i in indices])
-        except Exception:  # noqa: BLE001 - isolate the culprit below
-            masks = None
-        if masks is not None:
-            per_image = (time.perf_counter() - start) / len(indices)
-            for i in indices:
-                outcomes[i].timings["segment"] = per_image
+            masks = self.masks([decoded[i].rgb for i in indices],
+                               [outcomes[i].timings for i in indices])
             return dict(zip(indices, masks))
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            pass
         result = {}
         for i in indices:
             try:
-                with _Timer(outcomes[i].timings)("segment"):
-                    result[i] = self.segment([decoded[i].rgb])[0]
+                result[i] = self.masks([decoded[i].rgb], [outcomes[i].timings])[0]
             except Exception as exc:  # noqa: BLE001
                 outcomes[i].error = _as_error(exc, "segment")
         return result
-
-
-_STAGE_ORDER = ("decode", "segment", "trimap", "matte", "foreground", "composite", "encode")
-
-
-def _failing_stage(timings: dict[str, float]) -> str:
-    """The stage after the last one that finished: where an unexpected error happened."""
-    done = [stage for stage in _STAGE_ORDER if stage in timings]
-    if not done:
-        return "decode"
-    position = _STAGE_ORDER.index(done[-1])
-    return _STAGE_ORDER[min(position + 1, len(_STAGE_ORDER) - 1)]
 
 
 def _default_reader() -> Callable[[str], bytes]:
@@ -354,34 +341,42 @@ def remove_background(
     0 bg / 128 unknown / 255 fg) replaces the one built from the mask. Keyword overrides
     are PipelineOptions fields; the pipeline (and its model) is reused across calls.
     """
-    from cutout.workers.decode import decode_image
-
     base = options or PipelineOptions()
     opts = PipelineOptions(**{**base.model_dump(), **overrides}) if overrides else base
     key = (opts.config_hash(), device)
     pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
-    input_alpha = None
-    if isinstance(image, (bytes, bytearray)):
-        decoded = decode_image(bytes(image), max_pixels=opts.max_pixels)
-        rgb, input_alpha = decoded.rgb, decoded.alpha
-    elif isinstance(image, str) or hasattr(image, "__fspath__"):
-        with open(image, "rb") as handle:
-            decoded = decode_image(handle.read(), max_pixels=opts.max_pixels, name=str(image))
-        rgb, input_alpha = decoded.rgb, decoded.alpha
+    input_alpha, notes = None, []
+    timings: dict[str, float] = {}
+    if isinstance(image, (bytes, bytearray, str)) or hasattr(image, "__fspath__"):
+        from cutout.workers.decode import decode_image
+
+        data, name = _input_bytes(image)
+        decoded = run_stage(timings, "decode", decode_image, data, max_pixels=opts.max_pixels,
+                            name=name)
+        rgb, input_alpha, notes = decoded.rgb, decoded.alpha, list(decoded.notes)
     elif isinstance(image, np.ndarray):
         rgb = _as_rgb_array(image)
     else:  # a PIL image
         rgb = _as_rgb_array(np.asarray(image.convert("RGB")))
-    start = time.perf_counter()
-    mask = pipeline.segment([rgb])[0]
-    seconds = time.perf_counter() - start
+    mask = pipeline.masks([rgb], [timings])[0]
     if trimap is not None:
         from cutout.workers.trimap import normalise_trimap
 
-        trimap = normalise_trimap(trimap, rgb.shape[:2])
+        trimap = run_stage(timings, "trimap", normalise_trimap, trimap, rgb.shape[:2])
     result = pipeline.finish(rgb, mask, input_alpha=input_alpha, trimap=trimap)
-    result.timings["segment"] = seconds
+    for stage, seconds in result.timings.items():
+        timings[stage] = timings.get(stage, 0.0) + seconds
+    result.timings = timings
+    result.notes = notes + result.notes
     return result
+
+
+def _input_bytes(image) -> tuple[bytes, str]:
+    """Bytes or a path → (bytes, the name that labels a decode error)."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), ""
+    with open(image, "rb") as handle:
+        return handle.read(), str(image)
 
 
 def _as_rgb_array(array: np.ndarray) -> np.ndarray:

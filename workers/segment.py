@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from cutout.jobs.errors import ConfigError, OutOfMemoryError
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -68,7 +69,7 @@ def _cache_key(options: PipelineOptions, device: str) -> tuple:
         options.seg_size,
         options.score_threshold,
         runtime_setting(),
-        os.environ.get("CUTOUT_MODELS_DIR"),
+        settings().models_dir,
     )
 
 
@@ -80,7 +81,7 @@ def default_device() -> str:
 
 
 def runtime_setting() -> str:
-    value = os.environ.get("CUTOUT_RUNTIME", "auto").strip().lower() or "auto"
+    value = settings().runtime
     if value not in RUNTIMES:
         raise ConfigError(f"CUTOUT_RUNTIME={value!r}: expected one of {', '.join(RUNTIMES)}")
     return value
@@ -103,14 +104,14 @@ def choose_runtime(device: str, requested: str | None = None) -> str:
 
 
 def cpu_threads() -> int:
-    value = os.environ.get("CUTOUT_THREADS")
+    value = settings().threads
     if value:
         return max(1, int(value))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def max_batch(device: str) -> int:
-    value = os.environ.get("CUTOUT_SEG_BATCH")
+    value = settings().seg_batch
     return max(1, int(value)) if value else (8 if device.startswith("cuda") else 1)
 
 
@@ -184,5 +185,5 @@ def prepare_torch(device: str) -> None:
     """Per-process torch settings for inference."""
     import torch
 
-    if device == "cpu" and os.environ.get("CUTOUT_THREADS"):
+    if device == "cpu" and settings().threads:
         torch.set_num_threads(cpu_threads())

@@ -17,12 +17,13 @@ from typing import Iterator
 
 from cutout.jobs import manifest, sharding
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import JobSpec
 from cutout.workers.items import CrashGuard, JobRecords, best_effort, run_items
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = float(os.environ.get("CUTOUT_HEARTBEAT_INTERVAL", "5"))
+HEARTBEAT_INTERVAL_S = settings().heartbeat_interval
 
 _SPECS: dict[str, JobSpec] = {}
 _PIPELINES: dict[str, object] = {}
@@ -53,7 +54,7 @@ def get_pipeline(spec: JobSpec):
     if pipeline is None:
         from cutout.workers.pipeline import Pipeline
 
-        pipeline = Pipeline(spec.pipeline, device=os.environ.get("CUTOUT_DEVICE") or None)
+        pipeline = Pipeline(spec.pipeline, device=settings().device)
         _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model
         _PIPELINES[key] = pipeline
     return pipeline
@@ -133,8 +134,11 @@ def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> Shar
     counts = {"done": 0, "failed": 0, "skipped": 0}
     error_classes: dict[str, int] = {}
     messages = CappedCounter()
+    flag_counts: dict[str, int] = {}
     for record in records:
         counts[record.status] = counts.get(record.status, 0) + 1
+        for flag in record.flags if record.status == "done" else ():
+            flag_counts[flag] = flag_counts.get(flag, 0) + 1
         if record.status == "failed":
             key = record.error_class or "UnknownError"
             error_classes[key] = error_classes.get(key, 0) + 1
@@ -149,6 +153,7 @@ def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> Shar
         finished_at=time.time(),
         worker=worker_name,
         attempt=attempt,
+        flag_counts=flag_counts,
     )
 
 

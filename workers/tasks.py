@@ -2,27 +2,47 @@
 
 Policy: acks late and rejected-on-worker-lost (a killed worker's shard is redelivered; the shard
 is idempotent), automatic retries with jittered exponential backoff for transient errors only,
-and permanent shard-level errors (no spec, no shard file) rejected without requeue.
+and permanent shard-level errors (no spec, no shard file) rejected without requeue. No other
+exception may lose a shard: an unexpected one (a bug, a broken install) is retried a few times
+with backoff, and a shard that still fails, or runs out of transient retries, gets a record
+per input (``WorkerError`` or the transient class) so the job completes and ``retry-failed``
+can pick it up. The shard a task holds is noted in Redis, so a live worker can re-send it if
+this machine dies (``cutout.workers.liveness``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import lru_cache
 
 import redis
 from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError
+from cutout.jobs import manifest, sharding
+from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError, WorkerError
+from cutout.jobs.layout import check_task
+from cutout.jobs.progress import hold_shard, release_shard
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
+from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.redact import install_log_redaction
+from cutout.jobs.settings import settings
+from cutout.workers import telemetry
 from cutout.workers.celery_app import app
-from cutout.workers.shard import load_spec_cached, process_shard
+from cutout.workers.shard import heartbeat, load_spec_cached, process_shard
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
 
 TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
+# Tries of a shard that fails on an unexpected exception, and the first wait (doubled each time).
+UNEXPECTED_RETRIES = settings().unexpected_retries
+UNEXPECTED_BACKOFF_S = settings().unexpected_backoff_s
+# When even recording a failed shard fails, its message comes back this often, never lost.
+RECORD_FAILED_RETRY_S = 600
 
 
 @lru_cache(maxsize=1)
@@ -46,29 +66,139 @@ def live_progress(job_id: str):
     retry_backoff=2,
     retry_backoff_max=300,
     retry_jitter=True,
-    max_retries=int(os.environ.get("CUTOUT_TASK_MAX_RETRIES", "10")),
+    max_retries=settings().task_max_retries,
 )
 def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool = False,
                        error_class: str | None = None, inputs: list[str] | None = None) -> dict:
     worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
+    began = time.monotonic()
     try:
+        check_task(job_prefix, shard_id)  # a forged message is refused before anything is read
         spec = load_spec_cached(job_prefix)
-        run = process_shard(
-            job_prefix,
-            shard_id,
-            worker_name=worker_name,
-            attempt=self.request.retries + 1,
-            redo_failed=redo_failed,
-            error_class=error_class,
-            inputs=inputs,
-            progress=live_progress(spec.job_id),
-        )
+        progress = live_progress(spec.job_id)
+        _hold(worker_name, spec.job_id, self.request)
+        with heartbeat(progress, worker_name):
+            telemetry.load_models_timed(spec)
+            run = process_shard(
+                job_prefix,
+                shard_id,
+                worker_name=worker_name,
+                attempt=self.request.retries + 1,
+                redo_failed=redo_failed,
+                error_class=error_class,
+                inputs=inputs,
+                progress=progress,
+            )
     except CutoutError as exc:
         if exc.permanent:
             log.error("shard %s of %s cannot run: %s: %s", shard_id, job_prefix, exc.error_class, exc)
             raise Reject(f"{exc.error_class}: {exc}", requeue=False) from exc
-        raise
+        return _out_of_retries(self, exc, worker_name)
+    except TRANSIENT_ERRORS as exc:
+        return _out_of_retries(self, exc, worker_name)
+    except Exception as exc:  # noqa: BLE001 - unexpected: retried, then recorded, never lost
+        return _unexpected(self, exc, worker_name)
+    finally:
+        telemetry.BUSY_SECONDS.inc(time.monotonic() - began)
+        _release(worker_name)
     if run.stats is None:
         log.info("shard %s skipped: %s", shard_id, run.skipped_reason)
+        telemetry.SHARDS.labels("skipped").inc()
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
+    _observe(job_prefix, run)
+    manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))  # the last shard
     return {"shard_id": shard_id, "counts": run.stats.counts}
+
+
+def _hold(worker_name: str, job_id: str, request) -> None:
+    """Note the shard this process holds (best effort: without it only liveness is lost)."""
+    queue = (request.delivery_info or {}).get("routing_key")
+    try:
+        hold_shard(_redis_client(), worker_name, job_id, {"kwargs": dict(request.kwargs or {}), "queue": queue})
+    except RedisError as exc:
+        log.warning("could not note the shard this worker holds: %s", exc)
+
+
+def _release(worker_name: str) -> None:
+    try:
+        release_shard(_redis_client(), worker_name)
+    except RedisError as exc:  # the hold stays: a reaper may re-send a finished shard (skipped)
+        log.warning("could not clear the shard this worker held: %s", exc)
+
+
+def _observe(job_prefix: str, run) -> None:
+    try:
+        telemetry.observe_shard(run, manifest.read_shard_records(job_prefix, run.shard_id))
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a shard
+        log.warning("shard metrics not recorded: %s", type(exc).__name__)
+
+
+def _out_of_retries(task, exc: Exception, worker_name: str) -> dict:
+    """A transient error: Celery retries it (autoretry_for); after the last retry, record it."""
+    if task.request.retries < task.max_retries:
+        raise exc
+    error = exc if isinstance(exc, CutoutError) else TransientStorageError(f"{type(exc).__name__}: {exc}")
+    return _record_failed_shard(task, error, worker_name)
+
+
+def _unexpected(task, exc: Exception, worker_name: str) -> dict:
+    kwargs = task.request.kwargs or {}
+    retries = task.request.retries
+    if retries < UNEXPECTED_RETRIES:
+        countdown = UNEXPECTED_BACKOFF_S * 2**retries
+        log.exception("shard %s: unexpected %s; trying again in %.0f s",
+                      kwargs.get("shard_id"), type(exc).__name__, countdown)
+        telemetry.SHARDS.labels("retried").inc()
+        raise task.retry(exc=exc, countdown=countdown)
+    log.exception("shard %s: unexpected %s on all %d tries; recording its inputs as failed",
+                  kwargs.get("shard_id"), type(exc).__name__, retries + 1)
+    error = WorkerError(f"the shard failed {retries + 1} times: {type(exc).__name__}: {exc}")
+    return _record_failed_shard(task, error, worker_name)
+
+
+def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
+    """Every input of the shard without a record gets one carrying ``error``; if that cannot be
+    written either, the message comes back later rather than being lost."""
+    kwargs = task.request.kwargs or {}
+    job_prefix, shard_id = kwargs["job_prefix"], kwargs["shard_id"]
+    try:
+        counts = record_failed_shard(job_prefix, shard_id, error, worker_name=worker_name,
+                                     attempt=task.request.retries + 1)
+    except Exception as exc:  # noqa: BLE001 - the shard must stay redeliverable
+        log.error("shard %s: could not record its failure (%s); trying again in %d s",
+                  shard_id, type(exc).__name__, RECORD_FAILED_RETRY_S)
+        raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
+    telemetry.SHARDS.labels("recorded_failed").inc()
+    return {"shard_id": shard_id, "counts": counts}
+
+
+def record_failed_shard(job_prefix: str, shard_id: str, error: CutoutError, *,
+                        worker_name: str, attempt: int) -> dict[str, int]:
+    """Write the shard's records as failed with ``error`` (inputs already recorded keep their
+    record) and its done-marker, and count it: the job completes, retry-failed can redo it."""
+    spec = load_spec_cached(job_prefix)
+    started = time.time()
+    existing = {record.input_uri: record for record in manifest.read_shard_records(job_prefix, shard_id)}
+    records = []
+    for item in sharding.read_shard(job_prefix, shard_id).items:
+        records.append(existing.get(item.uri) or ItemRecord(
+            input_uri=item.uri, status="failed", stage=error.stage, error_class=error.error_class,
+            error=str(error)[:1000], model=spec.pipeline.model, config_hash=spec.pipeline.config_hash(),
+            shard_id=shard_id, worker=worker_name, job_id=spec.job_id,
+        ))
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+    error_classes: dict[str, int] = {}
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+        if record.status == "failed":
+            key = record.error_class or "UnknownError"
+            error_classes[key] = error_classes.get(key, 0) + 1
+    stats = ShardStats(job_id=spec.job_id, shard_id=shard_id, counts=counts, error_classes=error_classes,
+                       top_errors={f"{error.error_class}: {error}"[:300]: error_classes.get(error.error_class, 0)},
+                       started_at=started, finished_at=time.time(), worker=worker_name, attempt=attempt)
+    manifest.write_shard_result(job_prefix, shard_id, records, stats)
+    try:
+        live_progress(spec.job_id).shard_finished(shard_id, counts)
+    except RedisError as exc:
+        log.warning("live progress update failed (records are still written): %s", exc)
+    return counts

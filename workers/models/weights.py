@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 
 from cutout.jobs.errors import MissingWeightsError, WeightsChecksumError
+from cutout.jobs.settings import settings
 from cutout.workers.models.registry import ModelSpec, WeightsSpec
 
 _digests: dict[tuple[str, int, int], tuple[str, str]] = {}  # (path, size, mtime_ns) -> (sha256, md5)
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("CUTOUT_MODELS_DIR") or Path.home() / ".cache" / "cutout" / "models")
+    return Path(settings().models_dir or Path.home() / ".cache" / "cutout" / "models")
 
 
 def torch_hub_checkpoints_dir() -> Path:

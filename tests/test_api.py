@@ -1,0 +1,124 @@
+"""The public face: ``import cutout; cutout.remove_background(...)`` and ``cutout.Session``."""
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cutout
+from cutout.jobs.errors import ConfigError, CutoutError
+from tests.test_pipeline import disk_on_plain, png
+
+
+def test_version_and_lazy_import_keep_the_submitter_light():
+    assert cutout.__version__.count(".") == 2
+    probe = (
+        "import sys, cutout\n"
+        "assert cutout.__version__\n"
+        "heavy = [m for m in ('torch', 'cv2', 'cutout.workers.pipeline') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_remove_background_takes_paths_bytes_arrays_and_pil_images(tmp_path):
+    rgb, inside = disk_on_plain()
+    path = tmp_path / "disk.png"
+    path.write_bytes(png(rgb))
+    for source in (rgb, str(path), path, png(rgb), Image.fromarray(rgb)):
+        result = cutout.remove_background(source, model="threshold", background="color:#000000")
+        assert result.image.shape == rgb.shape
+        assert result.alpha[inside].mean() > 0.9
+        assert result.alpha[~inside].mean() < 0.1
+
+
+def test_an_rgba_array_keeps_its_transparent_pixels():
+    rgb, inside = disk_on_plain()
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:, :20, 3] = 0  # a transparent strip inside the backdrop... and nothing of the disk
+    result = cutout.remove_background(rgba, model="threshold")
+    assert result.alpha[:, :20].max() == 0
+    assert result.alpha[inside].mean() > 0.9
+
+
+def test_remove_background_reads_s3_uris(bucket):
+    from cutout.jobs import storage
+
+    rgb, inside = disk_on_plain()
+    name = bucket()
+    storage.write_bytes(f"s3://{name}/in/disk.png", png(rgb))
+    result = cutout.remove_background(f"s3://{name}/in/disk.png", model="threshold")
+    assert result.alpha[inside].mean() > 0.9
+
+
+def test_remove_background_reads_http_uris(monkeypatch):
+    rgb, inside = disk_on_plain()
+    body = png(rgb)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CUTOUT_ALLOW_PRIVATE_HOSTS", "1")  # the server is on loopback
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/disk.png"
+        result = cutout.remove_background(url, model="threshold")
+    finally:
+        server.shutdown()
+    assert result.alpha[inside].mean() > 0.9
+
+
+def test_parameters_are_explicit_and_validated():
+    rgb, _ = disk_on_plain()
+    with pytest.raises(TypeError):
+        cutout.remove_background(rgb, modle="threshold")  # a typo is an error, not ignored
+    with pytest.raises(ConfigError):
+        cutout.remove_background(rgb, model="threshold", background="nonsense")
+    with pytest.raises(ConfigError):
+        cutout.remove_background(np.zeros((4, 4), np.float32), model="threshold")
+
+
+def test_a_session_loads_its_model_once_and_batches(monkeypatch):
+    import cutout.workers.segment as segment
+
+    builds = []
+    real_build = segment.get_segmenter
+
+    def counting(options, device=None):
+        segmenter = real_build(options, device)
+        builds.append(id(segmenter))
+        return segmenter
+
+    monkeypatch.setattr(segment, "get_segmenter", counting)
+    session = cutout.Session(model="threshold", background="mask")
+    rgb, inside = disk_on_plain()
+    results = session.remove_many([rgb, b"not an image", png(rgb)])
+    assert isinstance(results[1], CutoutError)
+    for result in (results[0], results[2]):
+        assert result.alpha[inside].mean() > 0.9
+    session.remove(rgb)
+    assert len(set(builds)) == 1  # one segmenter object served every call
+
+
+def test_calls_with_the_same_settings_reuse_one_session():
+    from cutout.workers import api
+
+    rgb, _ = disk_on_plain()
+    api._SESSIONS.clear()
+    cutout.remove_background(rgb, model="threshold")
+    cutout.remove_background(rgb, model="threshold")
+    cutout.remove_background(rgb, model="threshold", matting="none")
+    assert len(api._SESSIONS) == 2

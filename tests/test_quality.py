@@ -1,0 +1,95 @@
+"""Quality signals per output (issue 9, item 4): measured from the pipeline's own arrays,
+flagged by named thresholds, carried to the record and counted per shard."""
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cutout.jobs.records import QUALITY_FLAGS, ItemRecord
+from cutout.jobs.spec import JobSpec, PipelineOptions
+from cutout.workers import quality, shard
+from cutout.workers.pipeline import ItemOutcome, Pipeline
+
+H, W = 60, 80
+
+
+def disk(radius: float = 20.0) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return (((yy - H / 2) ** 2 + (xx - W / 2) ** 2) < radius ** 2).astype(np.float32)
+
+
+def flags(alpha, mask=None, trimap=None, notes=()):
+    return quality.measure(alpha, alpha if mask is None else mask, trimap, list(notes))[1]
+
+
+def test_a_clean_cutout_raises_no_flag():
+    measured, raised = quality.measure(disk(), disk(), None, [])
+    assert raised == []
+    assert measured["alpha_coverage"] == pytest.approx(np.pi * 400 / (H * W), abs=0.01)
+    assert measured["confidence"] == 1.0 and measured["unknown_share"] == 0.0
+
+
+def test_each_flag_has_its_trigger():
+    assert flags(np.zeros((H, W), np.float32)) == ["empty_alpha"]
+    assert flags(np.ones((H, W), np.float32)) == ["full_frame_alpha"]
+    wide = np.full((H, W), 128, np.uint8)
+    assert flags(disk(), trimap=wide) == ["wide_unknown_band"]
+    unsure = np.where(disk() > 0, 0.7, 0.3).astype(np.float32)
+    assert "low_confidence" in flags(disk(), mask=unsure)
+    assert flags(disk(), notes=["matting-skipped: unknown band covers 40%"]) == ["matting_skipped"]
+    assert flags(disk(), notes=["matting-fallback: solver failed"]) == ["matting_degraded"]
+
+
+def test_flags_are_the_recorded_vocabulary():
+    raised = set(flags(np.zeros((H, W), np.float32), mask=np.full((H, W), 0.5, np.float32),
+                       trimap=np.full((H, W), 128, np.uint8),
+                       notes=["matting-skipped: x", "matting-fallback: y"]))
+    assert raised <= set(QUALITY_FLAGS) and len(raised) == 5
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("model_says, flag", [(0.0, "empty_alpha"), (1.0, "full_frame_alpha")])
+def test_process_batch_flags_a_blank_or_whole_frame_output(monkeypatch, model_says, flag):
+    """The defect-9 shape: an output with nothing (or everything) kept is done, but flagged."""
+    monkeypatch.setattr(Pipeline, "segment_raw",
+                        lambda self, images: [np.full(i.shape[:2], model_says, np.float32) for i in images])
+    rgb = np.full((H, W, 3), 120, np.uint8)
+    (outcome,) = Pipeline(PipelineOptions(model="threshold")).process_batch([("x.png", _png(rgb))])
+    assert outcome.ok and flag in outcome.flags
+    assert set(outcome.quality) == {"alpha_coverage", "unknown_share", "confidence"}
+
+
+def test_process_batch_measures_a_good_cutout():
+    rgb = np.full((H, W, 3), 200, np.uint8)
+    rgb[disk() > 0] = (220, 30, 30)
+    (outcome,) = Pipeline(PipelineOptions(model="threshold")).process_batch([("x.png", _png(rgb))])
+    assert outcome.ok and outcome.flags == []
+    assert 0.2 < outcome.quality["alpha_coverage"] < 0.3
+
+
+def test_records_and_shard_stats_carry_quality(tmp_path):
+    spec = JobSpec(sources=(str(tmp_path),), destination=f"file://{tmp_path}/out")
+    records = []
+    for name, flagged in (("a", ["empty_alpha", "low_confidence"]), ("b", []), ("c", ["empty_alpha"])):
+        record = ItemRecord(input_uri=f"file://{tmp_path}/{name}.jpg", status="failed")
+        outcome = ItemOutcome(ok=True, data=b"png bytes", extension=".png",
+                              quality={"alpha_coverage": 0.001, "confidence": 0.5}, flags=flagged)
+        item = SimpleNamespace(uri=record.input_uri, output_uri=f"file://{tmp_path}/out/{name}.png")
+        shard._apply_outcome(spec, item, record, outcome)
+        records.append(record)
+    assert records[0].status == "done" and records[0].flags == ["empty_alpha", "low_confidence"]
+    assert records[0].quality == {"alpha_coverage": 0.001, "confidence": 0.5}
+    assert json.loads(records[0].model_dump_json())["flags"] == ["empty_alpha", "low_confidence"]
+    failed = ItemRecord(input_uri="x", status="failed", flags=["empty_alpha"])  # not a done output
+    stats = shard._shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
+    assert stats.flag_counts == {"empty_alpha": 2, "low_confidence": 1}

@@ -1,0 +1,155 @@
+"""cutout.jobs.storage against hostile inputs: a trickling HTTP server, named pipes and devices,
+symlink loops and unreadable folders, sources outside the worker's allowlist, redirects to
+private addresses. Every case must end in a typed error (or a skipped, counted entry), fast."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from cutout.jobs import storage
+from cutout.jobs.errors import StorageError, TransientStorageError
+
+
+# --- a server that trickles one byte at a time -------------------------------------------------
+class TrickleServer:
+    """Answers every request one byte every ``interval`` seconds, for up to ``limit_s``:
+    the status line and headers (``mode="headers"``) or, after prompt headers, the body."""
+
+    def __init__(self, mode: str, interval: float = 0.25, limit_s: float = 40.0):
+        self.mode, self.interval, self.limit_s = mode, interval, limit_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow.jpg"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nX-Padding: " + b"p" * 200 + b"\r\n\r\n"
+            if self.mode == "headers":
+                payload = head
+            else:
+                conn.sendall(head)
+                payload = b"x" * 100000
+            started = time.monotonic()
+            for byte in payload:
+                if self.stop.is_set() or time.monotonic() - started > self.limit_s:
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up: what we want
+                time.sleep(self.interval)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["headers", "body"])
+def test_http_total_deadline_fires_against_a_trickling_server(mode, monkeypatch):
+    """Each byte arrives well within the per-read timeout, so only a total deadline enforced
+    on every socket read can stop it (before the fix: the full trickle, 40 s here)."""
+    monkeypatch.setenv("CUTOUT_ALLOW_PRIVATE_HOSTS", "1")
+    monkeypatch.setenv("CUTOUT_STORAGE_READ_TIMEOUT", "5")
+    monkeypatch.setenv("CUTOUT_STORAGE_HTTP_DEADLINE", "2")
+    monkeypatch.setenv("CUTOUT_STORAGE_RETRIES", "1")
+    server = TrickleServer(mode)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientStorageError, match="deadline"):
+            storage.read_bytes(server.url)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert elapsed < 10, f"the 2 s deadline fired only after {elapsed:.1f} s"
+
+
+# --- named pipes, devices, sockets, symlink loops ----------------------------------------------
+def _in_thread(call, timeout: float = 10.0):
+    """Run ``call`` on a thread; return (finished, result or exception). A blocked call is left
+    behind (daemon) and reported as not finished, so the test fails instead of hanging."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["value"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive(), box.get("value")
+
+
+def _unblock_fifo(path: str) -> None:
+    """Open the pipe's write end once, so a reader stuck in open() (the bug) is released."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """Two images beside a FIFO, a unix socket, a broken link, a self-loop and a link to an ancestor."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"a")
+    (root / "sub" / "b.png").write_bytes(b"b")
+    os.mkfifo(root / "pipe.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "sock.png"))
+    (root / "broken.png").symlink_to(root / "nowhere.png")
+    (root / "self.png").symlink_to(root / "self.png")
+    (root / "sub" / "up").symlink_to(root)
+    yield root
+    server.close()
+    _unblock_fifo(str(root / "pipe.png"))
+
+
+def test_listing_skips_and_counts_what_is_not_a_regular_file(odd_folder):
+    skips = storage.ListingSkips()
+    finished, listed = _in_thread(lambda: list(storage.list_uris(str(odd_folder), skips=skips)))
+    assert finished, "listing blocked"
+    assert not isinstance(listed, BaseException), listed
+    assert listed == [str(odd_folder / "a.png"), str(odd_folder / "sub" / "b.png")]  # each once
+    assert skips.total == 5
+    assert skips.counts == {"not a regular file": 2, "broken symlink": 1, "symlink loop": 2}
+
+
+def test_a_listing_without_a_skip_counter_still_skips(odd_folder):
+    finished, listed = _in_thread(lambda: list(storage.list_uris(odd_folder.as_uri())))
+    assert finished and listed == [f"{odd_folder.as_uri()}/a.png", f"{odd_folder.as_uri()}/sub/b.png"]
+
+
+@pytest.mark.parametrize("name", ["pipe.png", "sock.png", "/dev/zero", "/dev/null", "self.png"])
+def test_reading_an_odd_file_fails_fast_with_a_typed_permanent_error(odd_folder, name):
+    from cutout.jobs.errors import NotARegularFileError
+
+    path = name if name.startswith("/") else str(odd_folder / name)
+    finished, outcome = _in_thread(lambda: storage.read_bytes(path, max_bytes=1024))
+    if not finished:
+        _unblock_fifo(path)
+    assert finished, f"reading {name} blocked"
+    expected = StorageError if name == "self.png" else NotARegularFileError
+    assert isinstance(outcome, expected), repr(outcome)
+    assert outcome.permanent

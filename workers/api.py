@@ -1,0 +1,199 @@
+"""The typed Python API: ``cutout.remove_background(...)`` and a reusable ``cutout.Session``.
+
+Why a module of its own: the pipeline speaks ``PipelineOptions``; a library user wants named
+keyword parameters their editor can complete, any kind of image in (a path, bytes, an array,
+a PIL image, an ``s3://`` or ``http(s)://`` URI) and a session that keeps its model loaded.
+Every parameter left as ``None`` keeps the pipeline's default.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+
+from cutout.jobs.errors import ConfigError, CutoutError
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.pipeline import CutoutResult, Pipeline
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, np.ndarray, Any]
+_REMOTE_SCHEMES = ("s3://", "http://", "https://", "file://")
+
+
+@dataclass
+class _Prepared:
+    """One input made ready for the model: RGB, the alpha it carried, a name for errors."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    name: str
+
+
+class Session:
+    """A pipeline with its options fixed and its model loaded once, for many calls.
+
+    >>> session = Session(background="color:#ffffff", matting="none")
+    >>> result = session.remove("cat.jpg")           # or an array, bytes, PIL image, s3:// URI
+    >>> results = session.remove_many(["a.jpg", "b.png"])   # one model batch
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        weights: str | None = None,
+        classes: Sequence[str] | None = None,
+        seg_size: int | None = None,
+        refine: str | None = None,
+        trimap_band: float | None = None,
+        matting: str | None = None,
+        background: str | None = None,
+        format: str | None = None,
+        quality: int | None = None,
+        max_pixels: int | None = None,
+        device: str | None = None,
+        options: PipelineOptions | None = None,
+    ):
+        chosen = {
+            "model": model, "weights": weights, "classes": classes, "seg_size": seg_size,
+            "refine": refine, "trimap_band": trimap_band, "matting": matting,
+            "background": background, "format": format, "quality": quality,
+            "max_pixels": max_pixels,
+        }
+        self.options = _options(options, {k: v for k, v in chosen.items() if v is not None})
+        self.pipeline = Pipeline(self.options, device=device)
+
+    def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
+        """One image → its cutout. Raises a typed ``CutoutError`` for a bad input."""
+        prepared = _prepare(image, self.options.max_pixels)
+        mask = self.pipeline.segment([prepared.rgb])[0]
+        if trimap is not None:
+            from cutout.workers.trimap import normalise_trimap
+
+            trimap = normalise_trimap(trimap, prepared.rgb.shape[:2])
+        return self.pipeline.finish(prepared.rgb, mask, input_alpha=prepared.alpha, trimap=trimap)
+
+    def remove_many(self, images: Iterable[ImageInput]) -> list[CutoutResult | CutoutError]:
+        """A batch: the good inputs go through the model together; a bad one gets its error
+        in its place in the list and never fails its neighbours."""
+        results: list[CutoutResult | CutoutError] = []
+        prepared: dict[int, _Prepared] = {}
+        for index, image in enumerate(images):
+            results.append(CutoutError("not processed"))
+            try:
+                prepared[index] = _prepare(image, self.options.max_pixels)
+            except CutoutError as exc:
+                results[index] = exc
+        if not prepared:
+            return results
+        masks = self.pipeline.segment([item.rgb for item in prepared.values()])
+        for (index, item), mask in zip(prepared.items(), masks):
+            try:
+                results[index] = self.pipeline.finish(item.rgb, mask, input_alpha=item.alpha)
+            except CutoutError as exc:
+                results[index] = exc
+        return results
+
+
+_SESSIONS: dict[tuple, Session] = {}
+
+
+def remove_background(
+    image: ImageInput,
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    classes: Sequence[str] | None = None,
+    seg_size: int | None = None,
+    refine: str | None = None,
+    trimap_band: float | None = None,
+    matting: str | None = None,
+    background: str | None = None,
+    format: str | None = None,
+    quality: int | None = None,
+    max_pixels: int | None = None,
+    device: str | None = None,
+    trimap: np.ndarray | None = None,
+) -> CutoutResult:
+    """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
+
+    The session behind it is kept per settings, so calling it in a loop loads the model once.
+    ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
+    """
+    settings = dict(
+        model=model, weights=weights, classes=tuple(classes) if classes else None,
+        seg_size=seg_size, refine=refine, trimap_band=trimap_band, matting=matting,
+        background=background, format=format, quality=quality, max_pixels=max_pixels,
+        device=device,
+    )
+    key = tuple(sorted(settings.items()))
+    session = _SESSIONS.get(key)
+    if session is None:
+        session = _SESSIONS[key] = Session(**settings)
+    return session.remove(image, trimap=trimap)
+
+
+def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
+    """Explicit parameters over ``base`` (or the defaults), validated once."""
+    from pydantic import ValidationError
+
+    from cutout.jobs.cli_options import validation_message
+
+    fields = {**base.model_dump(), **chosen} if base is not None else chosen
+    try:
+        return PipelineOptions(**fields)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc)) from exc
+
+
+def _prepare(image: ImageInput, max_pixels: int) -> _Prepared:
+    """Any supported input → RGB (+ the alpha it carried)."""
+    from cutout.workers.decode import decode_image
+
+    if isinstance(image, (bytes, bytearray)):
+        return _decoded(decode_image(bytes(image), max_pixels=max_pixels), "bytes")
+    if isinstance(image, np.ndarray):
+        rgb, alpha = _split_array(image)
+        return _Prepared(rgb, alpha, "array")
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        decoded = decode_image(_read(name), max_pixels=max_pixels, name=name)
+        return _decoded(decoded, name)
+    if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
+        mode = "RGBA" if "A" in image.getbands() else "RGB"
+        rgb, alpha = _split_array(np.asarray(image.convert(mode)))
+        return _Prepared(rgb, alpha, "PIL image")
+    raise ConfigError(
+        f"unsupported image input {type(image).__name__}: give a path, URI, bytes, "
+        "a uint8 array or a PIL image"
+    )
+
+
+def _decoded(decoded, name: str) -> _Prepared:
+    return _Prepared(decoded.rgb, decoded.alpha, name)
+
+
+def _read(name: str) -> bytes:
+    """Local paths with the caller's own rights; URIs through cutout's storage layer."""
+    if name.startswith(_REMOTE_SCHEMES):
+        from cutout.jobs import storage
+
+        return storage.read_bytes(name)
+    with open(name, "rb") as handle:
+        return handle.read()
+
+
+def _split_array(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 gray, RGB or RGBA array → RGB and (for RGBA) the alpha it carried."""
+    if array.dtype != np.uint8:
+        raise ConfigError(f"expected a uint8 image array, got {array.dtype}")
+    if array.ndim == 2:
+        return np.ascontiguousarray(np.stack([array] * 3, axis=-1)), None
+    if array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array), None
+    if array.ndim == 3 and array.shape[2] == 4:
+        from cutout.workers.decode import _split_alpha  # the same rule as decoded RGBA files
+
+        return _split_alpha(array)
+    raise ConfigError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
