@@ -48,8 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
-# One cap for every caller: a 64 MP 16-bit RGBA TIFF, stored raw, is about 490 MiB.
-MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(512 * 1024 * 1024)))
+MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))  # run and shards
 IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes
 # Per item, on top of the storage layer's own retries: attempts, and seconds in all.
 ITEM_ATTEMPTS = int(os.environ.get("CUTOUT_ITEM_ATTEMPTS", "3"))
