@@ -50,14 +50,16 @@ def run_command(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
+    from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
 
     options = options_from_args(args)
     out_dir = _local_out_dir(args.out)
-    items = _run_items_plan(args.inputs, out_dir, options.extension)
+    listing_skips = ListingSkips()
+    items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips)
     started = time.perf_counter()
     bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
-    summary = _RunSummary(bar)
+    summary = _RunSummary(bar, listing_skips)
     sink = FolderRecords(out_dir, on_record=summary.add)
     todo = _not_done(items, sink, options.config_hash(), overwrite=args.overwrite)
     summary.skipped = len(items) - len(todo)
@@ -94,7 +96,7 @@ def _local_out_dir(out: str) -> str:
     return os.path.realpath(_local_path(out))
 
 
-def _run_items_plan(inputs: list[str], out_dir: str, extension: str) -> list:
+def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips) -> list:
     """The inputs with collision-free output keys, as ``submit`` gives them (``jobs.sharding``).
 
     Inputs inside ``out_dir`` are left out (an output folder inside an input folder is never
@@ -104,7 +106,7 @@ def _run_items_plan(inputs: list[str], out_dir: str, extension: str) -> list:
     from cutout.jobs.sources import iter_source_items
 
     inside_out = out_dir.rstrip(os.sep) + os.sep
-    sources = (item for item in iter_source_items(inputs)
+    sources = (item for item in iter_source_items(inputs, skips=skips)
                if not os.path.realpath(item.uri).startswith(inside_out))
     shards = iter_shards(sources, destination=out_dir, extension=extension, shard_size=10_000)
     return [item for shard in shards for item in shard.items]
@@ -162,8 +164,9 @@ def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:
 class _RunSummary:
     """Counts and failure lines as records arrive; the closing summary."""
 
-    def __init__(self, bar):
+    def __init__(self, bar, listing_skips):
         self.bar = bar
+        self.listing_skips = listing_skips
         self.done = 0
         self.failures: Counter[str] = Counter()
         self.skipped = 0
@@ -188,6 +191,9 @@ class _RunSummary:
             print(f"already done with these settings (skipped; --overwrite redoes them): {self.skipped}")
         for error_class, count in self.failures.most_common():
             print(f"  {count:6d}  {error_class}")
+        if self.listing_skips.total:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in self.listing_skips.counts.items())
+            print(f"not inputs (skipped by the listing): {reasons}")
         print(f"per-item records: {records_path}")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -41,21 +40,22 @@ from cutout.jobs.errors import (
     WorkerCrashError,
 )
 from cutout.jobs.records import ItemRecord
+from cutout.jobs.settings import settings
 from cutout.jobs.sharding import ShardItem
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BATCH_SIZE = int(os.environ.get("CUTOUT_BATCH_SIZE", "8"))
-MAX_INPUT_BYTES = int(os.environ.get("CUTOUT_MAX_INPUT_BYTES", str(200 * 1024 * 1024)))  # run and shards
-IO_THREADS = int(os.environ.get("CUTOUT_IO_THREADS", "8"))  # concurrent reads and writes
+BATCH_SIZE = settings().batch_size
+MAX_INPUT_BYTES = settings().max_input_bytes  # one cap for `cutout run` and shards
+IO_THREADS = settings().io_threads  # concurrent reads and writes
 # Per item, on top of the storage layer's own retries: attempts, and seconds in all.
-ITEM_ATTEMPTS = int(os.environ.get("CUTOUT_ITEM_ATTEMPTS", "3"))
-ITEM_RETRY_MAX_S = float(os.environ.get("CUTOUT_ITEM_RETRY_MAX_S", "120"))
-ITEM_BACKOFF_S = float(os.environ.get("CUTOUT_ITEM_BACKOFF_S", "1"))
+ITEM_ATTEMPTS = settings().item_attempts
+ITEM_RETRY_MAX_S = settings().item_retry_max_s
+ITEM_BACKOFF_S = settings().item_backoff_s
 # Times a worker may die with one input alone on the model before that input is recorded failed.
-MAX_ITEM_CRASHES = int(os.environ.get("CUTOUT_MAX_ITEM_CRASHES", "2"))
+MAX_ITEM_CRASHES = settings().max_item_crashes
 
 TrimapSource = Callable[[ShardItem], "bytes | None"]
 
@@ -233,27 +233,11 @@ class _Loop:
 
 def read_input(uri: str) -> tuple[bytes, float]:
     t0 = time.perf_counter()
-    _refuse_special_file(uri)
     try:
         data = with_item_retries(f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
     except OSError as exc:  # anything the storage layer did not type is still this item's error
         raise StorageError(f"cannot read {uri}: {exc}") from exc
     return data, time.perf_counter() - t0
-
-
-def _refuse_special_file(uri: str) -> None:
-    """A local input must be a regular file: opening a FIFO with no writer blocks forever, and
-    a symlink loop raises an untyped error."""
-    if storage.scheme_of(uri) != "local":
-        return
-    try:
-        mode = os.stat(storage._local_path(uri)).st_mode
-    except FileNotFoundError:
-        return  # the read says "not found", with its own typed error
-    except OSError as exc:
-        raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(mode):
-        raise StorageError(f"{uri} is not a regular file (a folder, FIFO, device or socket); not read")
 
 
 def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
