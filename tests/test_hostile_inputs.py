@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fast per-item retries against the loopback host that never answers; loopback sources allowed.
 FAST_ITEM_ENV = {
     "CUTOUT_STORAGE_CONNECT_TIMEOUT": "0.5",
+    "CUTOUT_STORAGE_READ_TIMEOUT": "1",
     "CUTOUT_STORAGE_RETRIES": "2",
     "CUTOUT_STORAGE_BACKOFF_S": "0.02",
     "CUTOUT_ITEM_BACKOFF_S": "0.05",
