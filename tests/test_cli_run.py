@@ -206,7 +206,7 @@ def test_run_refuses_an_object_store_output_before_anything_runs(tmp_path):
     photo = tmp_path / "one.png"
     photo.write_bytes(_disk_png())
     result = _run(str(photo), "--out", "s3://some-bucket/out/", "--model", "threshold")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error
     assert "cutout run writes to a local folder" in result.stderr and "cutout submit" in result.stderr
     assert "loaded" not in result.stderr and "Traceback" not in result.stderr
 

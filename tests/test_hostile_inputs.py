@@ -75,8 +75,8 @@ def write_corpus(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     """The corpus on disk: a folder and a list file whose entries climb out with ``../``.
     Returns the sources and input path -> what it must become.
 
-    The symlink loop is named by the list file: in a folder it aborts the listing on this
-    branch (issue 8 #5, fixed in the listing by another branch; add it to the folder then).
+    A symlink loop sits in the folder (the listing skips and counts it) and is named by the
+    list file (read directly: a typed record).
     """
     root = tmp_path / "corpus"
     root.mkdir(parents=True)
@@ -103,6 +103,8 @@ def write_corpus(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     put("x\\..\\..\\escape.png", images.png_rgb_bytes(), DONE)  # backslashes read as separators
     os.mkfifo(root / "pipe.png")
     expected[str(root / "pipe.png")] = RECORD_OR_SKIP
+    os.symlink("loop.png", root / "loop.png")
+    expected[str(root / "loop.png")] = RECORD_OR_SKIP
     (tmp_path / "links").mkdir()
     os.symlink("loop.png", tmp_path / "links" / "loop.png")
     expected[str(tmp_path / "links" / "loop.png")] = RECORD_OR_SKIP
@@ -165,6 +167,8 @@ def test_hostile_corpus_through_cutout_run(tmp_path):
     )
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
+    skipped = next(line for line in result.stdout.splitlines() if "skipped by the listing" in line)
+    assert "1 symlink loop" in skipped and "1 not a regular file" in skipped  # the loop, the FIFO
     records = [json.loads(line) for line in (out / "_cutout_run.jsonl").read_text().splitlines()]
     check_records(records, expected, out)
     assert tree_snapshot(tmp_path, skip=out) == before
