@@ -12,7 +12,7 @@ from PIL import Image
 
 from cutout.jobs.records import QUALITY_FLAGS, ItemRecord
 from cutout.jobs.spec import JobSpec, PipelineOptions
-from cutout.workers import quality, shard
+from cutout.workers import items, quality, shard
 from cutout.workers.pipeline import ItemOutcome, Pipeline
 
 H, W = 60, 80
@@ -85,7 +85,7 @@ def test_records_and_shard_stats_carry_quality(tmp_path):
         outcome = ItemOutcome(ok=True, data=b"png bytes", extension=".png",
                               quality={"alpha_coverage": 0.001, "confidence": 0.5}, flags=flagged)
         item = SimpleNamespace(uri=record.input_uri, output_uri=f"file://{tmp_path}/out/{name}.png")
-        shard._apply_outcome(spec, item, record, outcome)
+        items.apply_outcome(item, record, outcome)
         records.append(record)
     assert records[0].status == "done" and records[0].flags == ["empty_alpha", "low_confidence"]
     assert records[0].quality == {"alpha_coverage": 0.001, "confidence": 0.5}

@@ -58,16 +58,21 @@ def run_command(args: argparse.Namespace) -> int:
     listing_skips = ListingSkips()
     items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips)
     started = time.perf_counter()
-    bar = tqdm(total=0, unit="img", disable=args.no_progress, file=sys.stderr)
-    summary = _RunSummary(bar, listing_skips)
-    sink = FolderRecords(out_dir, on_record=summary.add)
+    sink = FolderRecords(out_dir)
     todo = _not_done(items, sink, options.config_hash(), overwrite=args.overwrite)
+    try:
+        pipeline = _loaded_pipeline(options, args.device) if todo else None  # before any write
+    except KeyboardInterrupt:
+        print("interrupted while loading the model: nothing was processed", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
+    summary = _RunSummary(bar, listing_skips)
     summary.skipped = len(items) - len(todo)
-    bar.total = len(todo)
+    sink.on_record = summary.add
     try:
         run_items(
             todo,
-            pipeline=_lazy_pipeline(options, args.device),
+            pipeline=lambda: pipeline,
             sink=sink,
             record_fields={"model": options.model, "config_hash": options.config_hash()},
             trimaps=(lambda item: _user_trimap(args.trimaps, item.rel_key)) if args.trimaps else None,
@@ -136,21 +141,14 @@ def _fingerprint(uri: str) -> str | None:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _lazy_pipeline(options, device: str | None):
-    """The pipeline, made and loaded on the first batch that needs it (a rerun with nothing
-    left to do never loads a model)."""
-    made = []
+def _loaded_pipeline(options, device: str | None):
+    """The pipeline with its model loaded, made only when some input needs it (a rerun with
+    nothing left to do never loads a model); a missing dependency stops here, before any write."""
+    from cutout.workers.pipeline import Pipeline
 
-    def get():
-        if not made:
-            from cutout.workers.pipeline import Pipeline
-
-            pipeline = Pipeline(options, device=device)
-            print(f"model {options.model} loaded in {pipeline.load_models():.1f} s", file=sys.stderr)
-            made.append(pipeline)
-        return made[0]
-
-    return get
+    pipeline = Pipeline(options, device=device)
+    print(f"model {options.model} loaded in {pipeline.load_models():.1f} s", file=sys.stderr)
+    return pipeline
 
 
 def _user_trimap(folder: str | None, rel_key: str) -> bytes | None:

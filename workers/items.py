@@ -87,12 +87,12 @@ class FolderRecords:
     FILE_NAME = "_cutout_run.jsonl"
 
     def __init__(self, out_dir: str, on_record: Callable[[ItemRecord], None] | None = None):
-        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
         self.path = os.path.join(out_dir, self.FILE_NAME)
         self.latest = self._load()
         self.fingerprints: dict[str, str] = {}
         self.on_record = on_record
-        self.handle = open(self.path, "a", encoding="utf-8")
+        self.handle = None  # opened with the first record: a run that stops early writes nothing
 
     def _load(self) -> dict[str, ItemRecord]:
         """Records of earlier runs, the last line per input winning; a torn line is ignored."""
@@ -121,6 +121,9 @@ class FolderRecords:
 
     def emit(self, record: ItemRecord) -> None:
         record.input_fingerprint = self.fingerprints.get(record.input_uri)
+        if self.handle is None:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.handle = open(self.path, "a", encoding="utf-8")
         self.handle.write(record.model_dump_json() + "\n")
         self.handle.flush()
         self.latest.pop(record.input_uri, None)
@@ -130,6 +133,8 @@ class FolderRecords:
 
     def close(self) -> None:
         """One line per input from now on (reruns appended newer lines for the same inputs)."""
+        if self.handle is None:
+            return  # nothing new: the file (if any) is as an earlier run left it
         self.handle.close()
         body = "".join(record.model_dump_json() + "\n" for record in self.latest.values())
         storage.write_bytes(self.path, body.encode())
