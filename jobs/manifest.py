@@ -11,6 +11,8 @@ Layout under ``job_prefix`` (= ``DEST/_cutout/jobs/<job_id>``)::
                              columns of list-file sources; assembled by the worker that
                              finishes the last shard (``assemble_if_complete``), again after
                              a retry or an incremental submit, and by ``report``
+    followups/<job>.json     redo jobs (``cutout redo``) whose records replace some of ours
+    parent.json              in a redo job: the job it redoes
 
 A shard is done exactly when its stats file exists; records without stats (a worker died
 between the two writes) count as not done, and the shard runs again.
