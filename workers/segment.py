@@ -10,21 +10,7 @@ from __future__ import annotations
 
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.models.cache import MODEL_CACHE
-from cutout.workers.models.base import (  # noqa: F401  (re-exported: older callers import them from here)
-    RUNTIMES,
-    Segmenter,
-    check_images,
-    choose_runtime,
-    cpu_threads,
-    default_device,
-    max_batch,
-    prepare_torch,
-    run_chunked,
-    runtime_setting,
-    to_original_sizes,
-    to_square_batch,
-    translate_oom,
-)
+from cutout.workers.models.base import Segmenter, cpu_threads, default_device  # noqa: F401  (callers' names)
 
 
 def get_segmenter(options: PipelineOptions, device: str | None = None) -> Segmenter:

@@ -39,8 +39,8 @@ class BatchedSegmenter:
     shape go through ``forward`` together, ``batch_size`` at a time; each output is
     post-processed (``finish``) and resized back to its image's size.
 
-    Subclasses set ``name``, ``device``, ``input_size``, ``batch_size``, ``mean``/``std``
-    (on 0..1 pixels) and implement ``forward`` (float32 N×3×H×W → N×H×W)."""
+    ``forward`` (float32 N×3×H×W → N×H×W) is given (a graph runner, ``onnx_session``) or
+    overridden; ``mean``/``std`` (on 0..1 pixels) come from the spec's weights."""
 
     name: str
     device: str
@@ -49,6 +49,18 @@ class BatchedSegmenter:
     batch_size: int = 1
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __init__(self, spec, input_size: int, device: str, runtime: str = "torch", forward=None):
+        self.name = spec.name
+        self.weights = spec.weights
+        if spec.weights is not None:
+            self.mean, self.std = spec.weights.mean, spec.weights.std
+        self.input_size = input_size
+        self.device = device
+        self.runtime = runtime
+        self.batch_size = max_batch(device)
+        if forward is not None:
+            self.forward = forward  # shadows the method
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cutout.workers.models.base import BatchedSegmenter, max_batch
+from cutout.workers.models.base import BatchedSegmenter
 from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model
 
 ALIGNMENT = 32  # the network's total stride: every input side must be a multiple of it
@@ -62,19 +62,9 @@ def build_modnet(spec: ModelSpec, options, device: str, runtime: str | None = No
     model = load_graph(spec, options)
     output = model.graph.output[0].name
     forward, runtime, device = graph_forward(model, output, device, runtime)
-    return ModnetSegmenter(spec, forward, _aligned(options.seg_size or spec.input_size), device, runtime)
+    return ModnetSegmenter(spec, _aligned(options.seg_size or spec.input_size), device, runtime, forward)
 
 
 class ModnetSegmenter(BatchedSegmenter):
-    def __init__(self, spec: ModelSpec, forward, short_side: int, device: str, runtime: str):
-        self.name = spec.name
-        self.weights = spec.weights
-        self.mean, self.std = spec.weights.mean, spec.weights.std
-        self.input_size = short_side
-        self.device = device
-        self.runtime = runtime
-        self.batch_size = max_batch(device)
-        self.forward = forward
-
     def input_hw(self, image: np.ndarray) -> tuple[int, int]:
         return modnet_input_hw(image.shape[0], image.shape[1], self.input_size)

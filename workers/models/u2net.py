@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cutout.workers.models.base import BatchedSegmenter, max_batch
+from cutout.workers.models.base import BatchedSegmenter
 from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model
 
 ALIGNMENT = 32  # five 2x poolings
@@ -54,20 +54,10 @@ def build_u2netp(spec: ModelSpec, options, device: str, runtime: str | None = No
     model = load_graph(spec, options)
     output = model.graph.output[0].name
     forward, runtime, device = graph_forward(model, output, device, runtime, input_hw=(size, size))
-    return U2netpSegmenter(spec, forward, size, device, runtime)
+    return U2netpSegmenter(spec, size, device, runtime, forward)
 
 
 class U2netpSegmenter(BatchedSegmenter):
-    def __init__(self, spec: ModelSpec, forward, size: int, device: str, runtime: str):
-        self.name = spec.name
-        self.weights = spec.weights
-        self.mean, self.std = spec.weights.mean, spec.weights.std
-        self.input_size = size
-        self.device = device
-        self.runtime = runtime
-        self.batch_size = max_batch(device)
-        self.forward = forward
-
     def normalise(self, resized: np.ndarray) -> np.ndarray:
         scaled = resized.astype(np.float32) / max(float(resized.max()), 1e-6)
         mean = np.asarray(self.mean, dtype=np.float32)
