@@ -273,6 +273,8 @@ def describe(spec: ModelSpec) -> dict:
         "takes_classes": spec.takes_classes,
         "default_classes": list(spec.default_classes),
     }
+    if spec.components:
+        info["components"] = list(spec.components)
     if weights is not None:
         target = models_dir() / weights.filename
         info.update(
