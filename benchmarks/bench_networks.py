@@ -10,7 +10,6 @@ so a cheap-but-wrong model shows. CPU time counts every thread of this process.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.models.registry import build_segmenter
 from cutout.workers.segment import cpu_threads
@@ -35,7 +35,7 @@ def iou(mask: np.ndarray, truth: np.ndarray) -> float:
 
 
 def photos(count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    root = Path(os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")) / "grabcut_msrc"
+    root = Path(settings().eval_data) / "grabcut_msrc"
     found = []
     for path in sorted((root / "image").iterdir())[:count]:
         truth = np.asarray(Image.open(root / "mask" / f"{path.stem}.png").convert("L"))
