@@ -123,3 +123,26 @@ def test_a_forged_task_is_refused_before_anything_is_read_or_written(job, tmp_pa
         process_shard_task(prefix, shard_id)
     assert _tree(tmp_path) == before  # nothing written anywhere, the planted file untouched
     assert not (outside / "evil_out.png").exists()
+
+
+# --- the worker's allowlist -----------------------------------------------------------------------
+def test_an_input_outside_the_allowlist_is_refused_and_its_neighbours_finish(job, tmp_path, monkeypatch):
+    """A list file naming /etc/hostname: before, the worker read it with its own rights."""
+    from cutout.jobs import manifest
+    from cutout.jobs.spec import JobSpec
+    from cutout.jobs.submit import submit_job
+
+    good = [str(path) for path in job["paths"] if path.name not in job["bad"]]
+    listing = tmp_path / "in" / "list.txt"
+    listing.write_text("\n".join([good[0], "/etc/hostname", "file:///etc/passwd", *good[1:4]]) + "\n")
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", f"s3://,{(tmp_path / 'in').as_uri()}/")
+    spec = JobSpec(sources=(str(listing),), destination=(tmp_path / "out").as_uri(),
+                   pipeline=job["spec"].pipeline, shard_size=3)
+    result = submit_job(spec, broker_url=job["url"], redis_url=job["url"])
+    run_all_shards(result.job_prefix)
+    records = {record.input_uri: record for record in manifest.iter_records(result.job_prefix)}
+    assert len(records) == 6
+    for refused in ("/etc/hostname", "/etc/passwd"):
+        assert records[refused].error_class == "SourceNotAllowedError", records[refused]
+        assert "CUTOUT_ALLOWED_SOURCES" in records[refused].error
+    assert all(records[path].status == "done" for path in good[:4])
