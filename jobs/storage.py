@@ -194,6 +194,20 @@ def _with_retries(what: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def patiently(call: Callable[[], T], rounds: int = 4) -> T:
+    """Up to ``rounds`` whole rounds of the retry policy around ``call`` (which retries inside
+    itself), with a backoff between rounds: for idempotent reads where giving up fails a whole
+    command (``status``, ``report``). Workers give each item 3 rounds the same way."""
+    for round_number in range(1, rounds + 1):
+        try:
+            return call()
+        except TransientStorageError:
+            if round_number == rounds:
+                raise
+            time.sleep(RetryPolicy.from_env().delay(round_number))
+    raise AssertionError("unreachable")
+
+
 def _connect_timeout() -> float:
     return float(os.environ.get("CUTOUT_STORAGE_CONNECT_TIMEOUT", "5"))
 
