@@ -277,3 +277,34 @@ def test_redirects_must_stay_inside_the_allowlist_and_off_private_addresses(monk
         storage.read_bytes(f"{first}/go", policy=_policy(monkeypatch, f"{first}/"))
     _Redirector.target = f"{second}/fine"
     assert storage.read_bytes(f"{first}/go", policy=_policy(monkeypatch, "http://", private=True)) == b"bytes"
+
+
+def test_cutout_run_over_a_folder_with_a_pipe_finishes(tmp_path):
+    """Before: `cutout run` listed the FIFO as an input and blocked forever opening it."""
+    import io
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    image = np.full((40, 50, 3), 230, np.uint8)
+    image[10:30, 10:30] = (20, 40, 200)
+    Image.fromarray(image).save(buffer, format="PNG")
+    (folder / "a.png").write_bytes(buffer.getvalue())
+    os.mkfifo(folder / "pipe.png")
+    (folder / "loop").symlink_to(folder)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cutout.jobs.cli", "run", str(folder), "--out", str(tmp_path / "out"),
+             "--model", "threshold", "--matting", "none", "--no-progress"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        _unblock_fifo(str(folder / "pipe.png"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "a.png").is_file()
+    assert "pipe.png: not a regular file" in done.stderr and "symlink loop" in done.stderr
