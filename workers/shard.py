@@ -19,6 +19,7 @@ from typing import Callable, Iterator, TypeVar
 from redis.exceptions import RedisError
 
 from cutout.jobs import manifest, sharding, storage
+from cutout.jobs.allowlist import SourcePolicy
 from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerCrashError
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
 from cutout.jobs.settings import settings
@@ -239,7 +240,8 @@ def _start_reads(io_pool: ThreadPoolExecutor, batch) -> list[Future]:
 
 def _read_input(uri: str) -> tuple[bytes, float]:
     t0 = time.perf_counter()
-    data = _with_item_retries(lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
+    policy = SourcePolicy.from_env()  # the worker's allowlist (its own settings, never the message's)
+    data = _with_item_retries(lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES, policy=policy))
     return data, time.perf_counter() - t0
 
 
