@@ -149,7 +149,7 @@ def _unexpected(task, exc: Exception, worker_name: str) -> dict:
         log.exception("shard %s: unexpected %s; trying again in %.0f s",
                       kwargs.get("shard_id"), type(exc).__name__, countdown)
         telemetry.SHARDS.labels("retried").inc()
-        raise task.retry(exc=exc, countdown=countdown)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=retries + 1)  # our own cap
     log.exception("shard %s: unexpected %s on all %d tries; recording its inputs as failed",
                   kwargs.get("shard_id"), type(exc).__name__, retries + 1)
     error = WorkerError(f"the shard failed {retries + 1} times: {type(exc).__name__}: {exc}")
