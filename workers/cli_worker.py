@@ -6,7 +6,7 @@ encode: about 0.25 s per 800-px photo on one core, docs/results.md) take far lon
 GPU's model pass, so several processes per GPU keep it busy. Without GPUs, about one process
 per two CPU cores, with torch's threads split between them. Importing this module
 is cheap: torch is never imported here. The worker refuses to start without the [worker]
-extra (exit status 4, before it connects anywhere) and serves Prometheus metrics on
+extra (exit status 2, a usage error, before it connects anywhere) and serves Prometheus metrics on
 ``--metrics-port`` (cutout.workers.telemetry).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from cutout.jobs.settings import settings
 
 # `cutout worker` exits with this when the [worker] extra is missing (documented in the README).
-EXIT_MISSING_DEPENDENCIES = 4
+EXIT_MISSING_DEPENDENCIES = 2  # the CLI's usage/configuration code (README, "Exit codes")
 # Imported in a child interpreter so this process stays free of torch until its pool forks;
 # pymatting is only located, since importing it compiles numba kernels (about 70 s cold).
 _DEPENDENCY_CHECK = """
