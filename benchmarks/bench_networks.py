@@ -1,11 +1,12 @@
 """Per-image cost of each segmentation network on real photos: CPU-seconds (user+sys) and wall.
 
-    python benchmarks/bench_networks.py [--models modnet,u2netp,isnet-general+modnet] [--photos 8]
+    python benchmarks/bench_networks.py [--models modnet:512,u2netp:320,isnet-general+modnet]
+                                        [--photos 8] [--set grabcut_msrc|alphamatting_lowres]
 
 Model stage only (resize in, forward, resize out), the model loaded first (its load is printed
-apart). Photos: the first N GrabCut photos in ``$CUTOUT_EVAL_DATA/grabcut_msrc`` (default
-``../shared/testdata``); IoU against their hand-made masks (boundary band left out) is printed
-so a cheap-but-wrong model shows. CPU time counts every thread of this process.
+apart). Photos: the first N of ``$CUTOUT_EVAL_DATA/<set>/image`` (default
+``../shared/testdata``); IoU against their hand-made ``mask/`` (boundary band left out) or
+``alpha/`` (at 0.5) is printed so a cheap-but-wrong model shows. CPU time counts every thread of this process.
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-def photos(count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    root = Path(settings().eval_data) / "grabcut_msrc"
+def photos(dataset: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    root = Path(settings().eval_data) / dataset
+    truths = root / "mask" if (root / "mask").is_dir() else root / "alpha"
     found = []
     for path in sorted((root / "image").iterdir())[:count]:
-        truth = np.asarray(Image.open(root / "mask" / f"{path.stem}.png").convert("L"))
+        truth = np.asarray(Image.open(truths / f"{path.stem}.png").convert("L"))
         found.append((path.stem, np.asarray(Image.open(path).convert("RGB")), truth))
     return found
 
@@ -66,9 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="modnet:512,u2netp:320", help="MODEL[:SIZE],...")
     parser.add_argument("--photos", type=int, default=8)
+    parser.add_argument("--set", default="grabcut_msrc", help="a folder of $CUTOUT_EVAL_DATA with image/ and mask/ or alpha/")
     args = parser.parse_args()
-    images = photos(args.photos)
-    print(f"{len(images)} GrabCut photos, cpu threads {cpu_threads()}; seconds are CPU (user+sys) / wall")
+    images = photos(args.set, args.photos)
+    print(f"{len(images)} photos of {args.set}, cpu threads {cpu_threads()}; seconds are CPU (user+sys) / wall")
     print(f"{'model':28} {'size':>8} {'runtime':>12} {'load cpu/wall':>14}   {'mean/image':>13}   {'median/image':>13}   IoU")
     for item in args.models.split(","):
         model, _, size = item.partition(":")

@@ -89,7 +89,7 @@ class PipelineOptions(BaseModel):
     # A fused model ("isnet-general+modnet") combines its components' soft masks by this rule;
     # None = the default rule (cutout.workers.models.fusion.DEFAULT_RULE). Fused models only.
     fusion: FusionRule | None = None
-    # Input size per component model, e.g. {"isnet-general": 1024, "modnet": 512}; it beats
+    # Input size per component of a fused model, e.g. {"isnet-general": 1024, "modnet": 512}; beats
     # seg_size for that model. Parsed from "NAME=SIZE,NAME=SIZE"; kept sorted (stable hash).
     model_sizes: tuple[tuple[str, int], ...] = ()
     # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
@@ -146,6 +146,8 @@ class PipelineOptions(BaseModel):
         components = self.component_models
         if self.fusion is not None and len(components) < 2:
             raise ConfigError(f"fusion {self.fusion!r} needs a fused model such as isnet-general+modnet (got {self.model!r})")
+        if self.model_sizes and len(components) < 2:
+            raise ConfigError(f"model_sizes is for a fused model (A+B); for {self.model!r} use seg_size")
         unknown = [name for name, _ in self.model_sizes if name not in components]
         if unknown:
             raise ConfigError(f"model_sizes names {', '.join(unknown)}, not part of model {self.model!r}")

@@ -120,6 +120,8 @@ def test_fused_names_are_checked():
 def test_fusion_options_are_validated_and_part_of_the_config_hash():
     with pytest.raises(ValueError, match="needs a fused model"):
         PipelineOptions(model="modnet", fusion="max")
+    with pytest.raises(ValueError, match="model_sizes is for a fused model"):
+        PipelineOptions(model="modnet", model_sizes="modnet=320")
     with pytest.raises(ValueError, match="not part of model"):
         PipelineOptions(model="isnet-general+modnet", model_sizes="u2netp=320")
     with pytest.raises(ValueError, match="a fused model has several"):

@@ -79,6 +79,19 @@ def test_seg_size_sets_the_network_input(network):
     assert segmenter.predict([rgb])[0].shape == rgb.shape[:2]
 
 
+def test_torch_runtime_agrees_with_onnxruntime(network):
+    """The torch conversion (the CUDA default) checked on CPU against onnxruntime (the CPU default)."""
+    from cutout.workers.models.registry import get_model_spec
+
+    spec, options = get_model_spec(network), PipelineOptions(model=network, seg_size=256)  # small: cheap
+    masks = {}
+    for runtime in ("torch", "onnxruntime"):
+        segmenter = spec.builder(spec, options, "cpu", runtime=runtime)
+        assert segmenter.runtime == runtime
+        masks[runtime] = segmenter.predict([grabcut_photo("llama")[0]])[0]
+    np.testing.assert_allclose(masks["torch"], masks["onnxruntime"], atol=1e-3)
+
+
 def test_modnet_input_keeps_the_aspect_ratio_on_a_32_grid():
     assert modnet_input_hw(600, 450, 512) == (672, 512)
     assert modnet_input_hw(321, 481, 512) == (512, 768)

@@ -76,7 +76,8 @@ def onnxruntime_forward(model, output: str, input_hw: tuple[int, int] | None, cu
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about every pruned constant
     # Idle pool threads sleep instead of spinning: measured here with 2 threads, CPU-seconds per
-    # image fell 0.80 -> 0.57 (MODNet 512x672) and 0.60 -> 0.50 (u2netp), wall no worse.
+    # image fell 0.80 -> 0.57 (MODNet 512x672), 0.60 -> 0.50 (u2netp), 3.78 -> 3.49 (IS-Net 1024),
+    # wall no worse (a loaded machine; spinning threads only help when cores are idle).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = ort.InferenceSession(prepared.SerializeToString(), options, providers=providers)
