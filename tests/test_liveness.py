@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.services import LOCAL_TEST_SOURCES
+
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +38,7 @@ REDELIVERY_BOUND_S = 120  # issue 8: "re-enqueued within about two minutes"
 def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = {**os.environ, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
            "CUTOUT_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "CUTOUT_METRICS_PORT": "0"}
+           "CUTOUT_METRICS_PORT": "0", **LOCAL_TEST_SOURCES}
     for name in ("CUTOUT_VISIBILITY_TIMEOUT", "CUTOUT_HEARTBEAT_INTERVAL", "CUTOUT_WORKER_STALE_S",
                  "CUTOUT_REAP_INTERVAL", "CUTOUT_UNACKED_RESTORE_INTERVAL"):
         env.pop(name, None)  # the defaults are what is tested

@@ -119,9 +119,10 @@ def _png(value: int) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
-def test_list_file_columns_reach_the_manifest(tmp_path, kind):
+def test_list_file_columns_reach_the_manifest(tmp_path, kind, monkeypatch):
     """img2dataset's save_additional_columns: the list's other columns travel in the shard file
     next to the URI and appear in each input's manifest row (a real shard run, threshold model)."""
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", tmp_path.as_uri() + "/")
     from cutout.jobs.spec import JobSpec, PipelineOptions
     from cutout.jobs.submit import ExtraColumns
     from cutout.workers.shard import process_shard

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import free_port
+from tests.services import LOCAL_TEST_SOURCES, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_scraped_metrics_match_the_jobs_records(pool, redis_client, redis_url, t
     make_inputs(source)
     port = free_port()
     queue = f"metrics-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
+    env = {**os.environ, **LOCAL_TEST_SOURCES, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
            "CUTOUT_METRICS_PORT": str(port), "CUTOUT_METRICS_ADDR": "127.0.0.1",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics-store"),
            "CUTOUT_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
