@@ -11,19 +11,24 @@ Layout under ``job_prefix`` (= ``DEST/_cutout/jobs/<job_id>``)::
                              columns of list-file sources; assembled by the worker that
                              finishes the last shard (``assemble_if_complete``), again after
                              a retry or an incremental submit, and by ``report``
+    followups/<job>.json     redo jobs (``cutout redo``) whose records replace some of ours
+    parent.json              in a redo job: the job it redoes
 
 A shard is done exactly when its stats file exists; records without stats (a worker died
 between the two writes) count as not done, and the shard runs again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from cutout.jobs import storage
 from cutout.jobs.errors import CutoutError, InvalidIdError, NotFoundError
@@ -35,7 +40,28 @@ from cutout.jobs.spec import JobSpec
 log = logging.getLogger(__name__)
 
 TOP_ERRORS_LIMIT = 20
+READ_THREADS = 16  # status and report read stats and records in parallel, in shard order
 OTHER_MESSAGES = "(other messages)"
+T = TypeVar("T")
+
+
+def _read(uri: str) -> bytes:
+    """One durable file, patiently: a report must not fail on one unlucky object."""
+    return storage.patiently(lambda: storage.read_bytes(uri))
+
+
+def _in_order(calls: Iterable[Callable[[], T]], threads: int = READ_THREADS) -> Iterator[T]:
+    """Run ``calls`` on a thread pool and yield their results in order; at most a few per
+    thread are held at once, so memory does not grow with the number of shards."""
+    window = 4 * threads
+    with ThreadPoolExecutor(threads, thread_name_prefix="cutout-read") as pool:
+        pending: deque = deque()
+        for call in calls:
+            pending.append(pool.submit(call))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _layout(job_prefix: str) -> JobLayout:
@@ -53,7 +79,7 @@ def load_spec(job_prefix: str) -> JobSpec:
     """The stored spec; ``NotFoundError`` names the URI when there is no job there."""
     layout = _layout(job_prefix)
     try:
-        data = storage.read_bytes(layout.spec)
+        data = _read(layout.spec)
     except NotFoundError as exc:
         raise NotFoundError(f"no job spec at {layout.spec} (wrong destination or job id?)") from exc
     spec = JobSpec.model_validate_json(data)
@@ -78,7 +104,7 @@ def save_totals(job_prefix: str, n_items: int, n_shards: int, *, skipped: dict[s
 def load_totals(job_prefix: str) -> tuple[int, int] | None:
     """``(items, shards)``, or None when submit has not finished writing shards."""
     try:
-        data = json.loads(storage.read_bytes(_layout(job_prefix).totals))
+        data = json.loads(_read(_layout(job_prefix).totals))
     except NotFoundError:
         return None
     return int(data["items"]), int(data["shards"])
@@ -108,19 +134,20 @@ def shard_done(job_prefix: str, shard_id: str) -> bool:
 def read_shard_records(job_prefix: str, shard_id: str) -> list[ItemRecord]:
     """The shard's records, or ``[]`` when it has none yet."""
     try:
-        data = storage.read_bytes(_layout(job_prefix).records(shard_id))
+        data = _read(_layout(job_prefix).records(shard_id))
     except NotFoundError:
         return []
     return [ItemRecord.model_validate_json(line) for line in data.decode().splitlines() if line.strip()]
 
 
 def read_shard_stats(job_prefix: str, shard_id: str) -> ShardStats:
-    return ShardStats.model_validate_json(storage.read_bytes(_layout(job_prefix).stats(shard_id)))
+    return ShardStats.model_validate_json(_read(_layout(job_prefix).stats(shard_id)))
 
 
 def _ids_under(job_prefix: str, folder: str, extension: str) -> list[str]:
     ids = []
-    for uri in storage.list_uris(_layout(job_prefix).folder(folder) + "/"):
+    listing = _layout(job_prefix).folder(folder) + "/"
+    for uri in storage.patiently(lambda: list(storage.list_uris(listing))):
         name = uri.rsplit("/", 1)[-1]
         if name.endswith(extension) and SHARD_ID.fullmatch(name[: -len(extension)]):
             ids.append(name[: -len(extension)])
@@ -137,14 +164,17 @@ def all_shard_ids(job_prefix: str) -> list[str]:
 
 
 def iter_shard_stats(job_prefix: str) -> Iterator[ShardStats]:
-    for shard_id in _ids_under(job_prefix, "stats", ".json"):
-        yield read_shard_stats(job_prefix, shard_id)
+    """Stats of done shards, in shard order, read in parallel."""
+    ids = _ids_under(job_prefix, "stats", ".json")
+    yield from _in_order(functools.partial(read_shard_stats, job_prefix, shard_id) for shard_id in ids)
 
 
 def iter_records(job_prefix: str) -> Iterator[ItemRecord]:
-    """Records of done shards, in shard order, one shard in memory at a time."""
-    for shard_id in _ids_under(job_prefix, "stats", ".json"):
-        yield from read_shard_records(job_prefix, shard_id)
+    """Records of done shards, in shard order, read in parallel (a bounded window of shards
+    in memory)."""
+    ids = _ids_under(job_prefix, "stats", ".json")
+    for records in _in_order(functools.partial(read_shard_records, job_prefix, shard_id) for shard_id in ids):
+        yield from records
 
 
 # --- the assembled manifest ---------------------------------------------------------------------
@@ -161,10 +191,10 @@ def assemble_manifest(job_prefix: str, *, fmt: str = "jsonl") -> str:
             with open(temp, "w", encoding="utf-8") as handle:
                 for row in iter_manifest_rows(job_prefix, extra_columns):
                     handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            storage.upload_file(temp, uri, content_type="application/x-ndjson")
+            storage.patiently(lambda: storage.upload_file(temp, uri, content_type="application/x-ndjson"))
         else:
             _write_parquet(iter_manifest_rows(job_prefix, extra_columns), temp, extra_columns)
-            storage.upload_file(temp, uri, content_type="application/vnd.apache.parquet")
+            storage.patiently(lambda: storage.upload_file(temp, uri, content_type="application/vnd.apache.parquet"))
     finally:
         os.remove(temp)
     return uri
@@ -391,8 +421,8 @@ def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> J
         destination = load_spec(job_prefix).destination
     except NotFoundError:
         destination = None
-    manifest = next((u for f in ("jsonl", "parquet")
-                     if storage.exists(u := _layout(job_prefix).manifest(f))), None)
+    candidates = (_layout(job_prefix).manifest(f) for f in ("jsonl", "parquet"))
+    manifest = next((uri for uri in candidates if storage.patiently(functools.partial(storage.exists, uri))), None)
     return JobSummary(
         job_prefix=job_prefix, destination=destination, shards_done=shards_done,
         shards_total=shards_total, items_total=totals[0] if totals else None, counts=counts,

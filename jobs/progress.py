@@ -231,16 +231,6 @@ class LiveProgress:
 
 
 # --- shards held by workers (liveness) ------------------------------------------------------------
-def hold_shard(redis_client, worker: str, job_id: str, task: dict) -> None:
-    """``worker`` now holds the shard that ``task`` (the message's kwargs and queue) names."""
-    entry = {"job_id": job_id, "since": time.time(), "task": task}
-    redis_client.hset(HELD_KEY, worker, json.dumps(entry))
-
-
-def release_shard(redis_client, worker: str) -> None:
-    redis_client.hdel(HELD_KEY, worker)
-
-
 # Take one hold, only if it is still the one read (a worker that took a new shard meanwhile,
 # or another reaper that got there first, leaves nothing to take). KEYS: held ARGV: worker, raw
 _CLAIM_SCRIPT = """
@@ -249,6 +239,30 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
+
+
+def hold_shard(redis_client, worker: str, job_id: str, task: dict) -> None:
+    """``worker`` now holds the shard that ``task`` (the message's kwargs and queue) names.
+
+    Older holds of the same shard by other workers are dropped: this run supersedes them (a
+    pool process killed by the OOM killer has its message requeued at once by Celery, and its
+    hold must not make a reaper send the shard a third time)."""
+    entry = {"job_id": job_id, "since": time.time(), "task": task}
+    shard_id = task.get("kwargs", {}).get("shard_id")
+    claim = redis_client.register_script(_CLAIM_SCRIPT)
+    for other, raw in redis_client.hgetall(HELD_KEY).items():
+        try:
+            held = json.loads(raw)
+            same = held["job_id"] == job_id and held["task"]["kwargs"].get("shard_id") == shard_id
+        except (ValueError, KeyError, TypeError):
+            continue
+        if same and _text(other) != worker:
+            claim(keys=[HELD_KEY], args=[other, raw])
+    redis_client.hset(HELD_KEY, worker, json.dumps(entry))
+
+
+def release_shard(redis_client, worker: str) -> None:
+    redis_client.hdel(HELD_KEY, worker)
 
 
 def claim_stale_holds(redis_client, *, stale_s: float = WORKER_STALE_S,

@@ -120,6 +120,8 @@ def _iter_local(source: str, all_files: bool, skips: storage.ListingSkips) -> It
         yield from _expect_some(source, found, _nothing_matched(all_files))
     elif os.path.isfile(path):
         yield SourceItem(path, os.path.basename(path))
+    elif os.path.lexists(path):
+        raise ConfigError(f"source {source!r} is not a regular file or folder (a pipe, socket, device or broken link)")
     else:
         raise ConfigError(f"source {source!r} does not exist (no such file or folder: {path})")
 

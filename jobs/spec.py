@@ -16,6 +16,7 @@ from cutout.jobs.errors import ConfigError
 
 MattingMethod = Literal["none", "closed-form", "knn"]
 OutputFormat = Literal["png", "webp", "webp-lossy", "jpeg"]
+FusionRule = Literal["max", "mean"]
 FORMAT_EXTENSIONS = {"png": ".png", "webp": ".webp", "webp-lossy": ".webp", "jpeg": ".jpg"}
 
 _HEX_COLOR = re.compile(r"^#?([0-9a-fA-F]{6})$")
@@ -85,6 +86,12 @@ class PipelineOptions(BaseModel):
     weights: str | None = None  # local path, file:// or s3:// override of the model's weights
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     seg_size: int | None = Field(None, ge=64, le=4096)  # model input side override
+    # A fused model ("isnet-general+modnet") combines its components' soft masks by this rule;
+    # None = the default rule (cutout.workers.models.fusion.DEFAULT_RULE). Fused models only.
+    fusion: FusionRule | None = None
+    # Input size per component of a fused model, e.g. {"isnet-general": 1024, "modnet": 512}; beats
+    # seg_size for that model. Parsed from "NAME=SIZE,NAME=SIZE"; kept sorted (stable hash).
+    model_sizes: tuple[tuple[str, int], ...] = ()
     # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
     mask_ramp: tuple[float, float] | None = None
     # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
@@ -108,9 +115,44 @@ class PipelineOptions(BaseModel):
             value = [c for c in value.split(",") if c.strip()]
         return tuple(c.strip().lower() for c in value)
 
+    @field_validator("model_sizes", mode="before")
+    @classmethod
+    def _parse_model_sizes(cls, value):
+        original = value
+        if isinstance(value, str):
+            value = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        pairs = value.items() if isinstance(value, dict) else value
+        try:
+            sizes = {str(name).strip(): int(size) for name, size in pairs}
+        except (TypeError, ValueError):
+            raise ConfigError(f"model_sizes {original!r}: expected NAME=SIZE[,NAME=SIZE...]") from None
+        for name, size in sizes.items():
+            if not 64 <= size <= 4096:
+                raise ConfigError(f"model_sizes: {name}={size} is outside 64..4096")
+        return tuple(sorted(sizes.items()))
+
+    @property
+    def component_models(self) -> tuple[str, ...]:
+        """The models a fused ``model`` ("a+b") combines; a plain model is its own component."""
+        return tuple(name.strip() for name in self.model.split("+"))
+
+    def model_size(self, name: str) -> int | None:
+        """Input size for component ``name``: ``model_sizes`` first, then ``seg_size``."""
+        return dict(self.model_sizes).get(name, self.seg_size)
+
     @model_validator(mode="after")
     def _check_consistent(self) -> "PipelineOptions":
         background = self.parsed_background()
+        components = self.component_models
+        if self.fusion is not None and len(components) < 2:
+            raise ConfigError(f"fusion {self.fusion!r} needs a fused model such as isnet-general+modnet (got {self.model!r})")
+        if self.model_sizes and len(components) < 2:
+            raise ConfigError(f"model_sizes is for a fused model (A+B); for {self.model!r} use seg_size")
+        unknown = [name for name, _ in self.model_sizes if name not in components]
+        if unknown:
+            raise ConfigError(f"model_sizes names {', '.join(unknown)}, not part of model {self.model!r}")
+        if len(components) > 1 and self.weights:
+            raise ConfigError("weights overrides one model's file; a fused model has several (use CUTOUT_MODELS_DIR)")
         if self.mask_ramp is not None and not 0.0 <= self.mask_ramp[0] < self.mask_ramp[1] <= 1.0:
             raise ConfigError(f"mask_ramp {self.mask_ramp}: need 0 <= low < high <= 1")
         if self.trimap_bg >= self.trimap_fg:

@@ -39,10 +39,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
+from cutout.jobs.allowlist import SourcePolicy
 from cutout.jobs.errors import (
     InputTooLargeError,
     NotARegularFileError,
     NotFoundError,
+    SourceNotAllowedError,
     StorageError,
     TransientStorageError,
 )
@@ -56,15 +58,21 @@ _CHUNK = 1024 * 1024
 
 
 # --- public API ---------------------------------------------------------------------------------
-def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
-    """The whole object; ``InputTooLargeError`` when it is bigger than ``max_bytes``."""
+def read_bytes(uri: str, *, max_bytes: int | None = None, policy: SourcePolicy | None = None) -> bytes:
+    """The whole object; ``InputTooLargeError`` when it is bigger than ``max_bytes``.
+
+    ``policy`` (a worker reading an input): ``SourceNotAllowedError`` before any read when the
+    URI is outside the allowlist, and for an HTTP request or redirect to a private address.
+    """
     kind = _kind(uri)
+    if policy is not None:
+        policy.check(uri)
     if kind == "local":
         return _local_read(_local_path(uri), max_bytes)
     if kind == "s3":
         bucket, key = _split_s3(uri)
         return _with_retries(f"read {uri}", lambda: _s3_read(bucket, key, uri, max_bytes))
-    return _with_retries(f"read {uri}", lambda: _http_read(uri, max_bytes))
+    return _with_retries(f"read {uri}", lambda: _http_read(uri, max_bytes, policy))
 
 
 def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> None:
@@ -185,6 +193,20 @@ def _with_retries(what: str, call: Callable[[], T]) -> T:
                     f"{what}: gave up after {attempt} attempt(s) in {elapsed:.1f}s: {exc}"
                 ) from exc
             time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def patiently(call: Callable[[], T], rounds: int = 4) -> T:
+    """Up to ``rounds`` whole rounds of the retry policy around ``call`` (which retries inside
+    itself), with a backoff between rounds: for idempotent reads where giving up fails a whole
+    command (``status``, ``report``). Workers give each item 3 rounds the same way."""
+    for round_number in range(1, rounds + 1):
+        try:
+            return call()
+        except TransientStorageError:
+            if round_number == rounds:
+                raise
+            time.sleep(RetryPolicy.from_env().delay(round_number))
     raise AssertionError("unreachable")
 
 
@@ -636,9 +658,10 @@ class _DeadlineResponse(http.client.HTTPResponse):
 class _Guarded:
     """Mixed into http.client's connections: the connect and every read fit in the deadline."""
 
-    def __init__(self, *args, deadline: float, total_s: float, **kwargs):
+    def __init__(self, *args, deadline: float, total_s: float, peer_check=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.deadline = deadline
+        self.peer_check = peer_check
         self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, total_s=total_s)
         self._create_connection = self._connect_in_time
 
@@ -646,7 +669,14 @@ class _Guarded:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("total deadline passed before connecting")
-        return socket.create_connection(address, min(timeout, left), source_address)
+        sock = socket.create_connection(address, min(timeout, left), source_address)
+        if self.peer_check is not None:  # the address really reached, before a byte is sent
+            try:
+                self.peer_check(sock.getpeername()[0])
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
 
 class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
@@ -657,39 +687,75 @@ class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
     pass
 
 
+class _Guard:
+    """What every connection of one read shares: the deadline and the source policy."""
+
+    def __init__(self, deadline: float, total_s: float, policy: SourcePolicy | None):
+        self.deadline, self.total_s, self.policy = deadline, total_s, policy
+
+    def connection(self, cls, req):
+        """``cls`` bound to the deadline, checking the peer's address unless it is a proxy
+        (then the target's resolved addresses are checked instead)."""
+        peer_check = None
+        if self.policy is not None:
+            url, policy = req.full_url, self.policy
+            if req.has_proxy() or getattr(req, "_tunnel_host", None):
+                policy.check_resolved(url)
+            else:
+                peer_check = functools.partial(policy.check_address, url)
+        return functools.partial(cls, deadline=self.deadline, total_s=self.total_s, peer_check=peer_check)
+
+
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: float, total_s: float):
+    def __init__(self, guard: _Guard):
         super().__init__()
-        self.guard = {"deadline": deadline, "total_s": total_s}
+        self.guard = guard
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTPConnection, **self.guard), req)
+        return self.do_open(self.guard.connection(_GuardedHTTPConnection, req), req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: float, total_s: float):
+    def __init__(self, guard: _Guard):
         super().__init__()
-        self.guard = {"deadline": deadline, "total_s": total_s}
+        self.guard = guard
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTPSConnection, **self.guard), req,
-                            context=self._context)
+        return self.do_open(self.guard.connection(_GuardedHTTPSConnection, req), req, context=self._context)
 
 
-def _http_opener() -> urllib.request.OpenerDirector:
+class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """A redirect must itself be an allowed source (its address is checked on connect)."""
+
+    def __init__(self, guard: _Guard):
+        super().__init__()
+        self.guard = guard
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if self.guard.policy is not None:
+            target = urllib.parse.urljoin(req.full_url, newurl)
+            try:
+                self.guard.policy.check(target)
+            except SourceNotAllowedError as exc:
+                fp.close()
+                raise SourceNotAllowedError(f"{req.full_url} redirects to {exc}") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _http_opener(policy: SourcePolicy | None = None) -> urllib.request.OpenerDirector:
     """An opener whose every connection (redirects included) shares one total deadline."""
     total_s = _http_deadline_s()
-    deadline = time.monotonic() + total_s
-    return urllib.request.build_opener(_GuardedHTTPHandler(deadline, total_s),
-                                       _GuardedHTTPSHandler(deadline, total_s))
+    guard = _Guard(time.monotonic() + total_s, total_s, policy)
+    return urllib.request.build_opener(_GuardedHTTPHandler(guard), _GuardedHTTPSHandler(guard),
+                                       _GuardedRedirectHandler(guard))
 
 
-def _http_open(uri: str, method: str = "GET"):
+def _http_open(uri: str, method: str = "GET", policy: SourcePolicy | None = None):
     request = urllib.request.Request(uri, method=method, headers={"User-Agent": _USER_AGENT})
     try:
         # urllib's timeout is the connect one here; each read then gets the read timeout,
         # shrunk to what is left of the total deadline (see _DeadlineReader)
-        return _http_opener().open(request, timeout=_connect_timeout())
+        return _http_opener(policy).open(request, timeout=_connect_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
@@ -701,8 +767,8 @@ def _http_open(uri: str, method: str = "GET"):
         raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
 
 
-def _http_read(uri: str, max_bytes: int | None) -> bytes:
-    response = _http_open(uri)
+def _http_read(uri: str, max_bytes: int | None, policy: SourcePolicy | None = None) -> bytes:
+    response = _http_open(uri, policy=policy)
     with response:
         length = response.headers.get("Content-Length")
         if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:

@@ -9,6 +9,7 @@ subprocesses simply connect to it, so the test switches faults by method calls):
     proxy = FaultProxy(upstream="http://127.0.0.1:5000").start()
     proxy.fail_next(3)          # the next 3 matching requests get 503 SlowDown
     proxy.fail_for(2.0)         # every matching request for 2 seconds
+    proxy.fail_fraction(0.25)   # each matching request with probability 0.25, until reset
     proxy.reset()
 
 As a separate process, steered by a JSON control file (re-read whenever it changes)::
@@ -26,6 +27,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import threading
 import time
 import urllib.parse
@@ -48,6 +50,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._fail_left = 0
         self._fail_until = 0.0
+        self._fraction = 0.0
+        self._random = random.Random(0)
         self._methods: set[str] | None = None
         self._path_contains: str | None = None
         self._control_mtime: float | None = None
@@ -62,12 +66,18 @@ class FaultProxy:
     # --- switching faults -----------------------------------------------------------------------
     def fail_next(self, count: int, *, methods=None, path_contains: str | None = None) -> None:
         with self._lock:
-            self._fail_left, self._fail_until = count, 0.0
+            self._fail_left, self._fail_until, self._fraction = count, 0.0, 0.0
             self._set_filter(methods, path_contains)
 
     def fail_for(self, seconds: float, *, methods=None, path_contains: str | None = None) -> None:
         with self._lock:
-            self._fail_left, self._fail_until = 0, time.time() + seconds
+            self._fail_left, self._fail_until, self._fraction = 0, time.time() + seconds, 0.0
+            self._set_filter(methods, path_contains)
+
+    def fail_fraction(self, fraction: float, *, methods=None, path_contains: str | None = None) -> None:
+        """Fail each matching request with probability ``fraction`` (a flaky store), until reset."""
+        with self._lock:
+            self._fail_left, self._fail_until, self._fraction = 0, 0.0, fraction
             self._set_filter(methods, path_contains)
 
     def reset(self) -> None:
@@ -90,7 +100,7 @@ class FaultProxy:
                 return False
             if self._fail_left > 0:
                 self._fail_left -= 1
-            elif time.time() >= self._fail_until:
+            elif time.time() >= self._fail_until and not (self._fraction and self._random.random() < self._fraction):
                 return False
             self.requests_failed += 1
             return True

@@ -152,6 +152,12 @@ S3_TEST_ENV = {
 }
 
 # Storage retries fast in tests: backoff 20 ms, at most 5 attempts / 5 s per call.
+# Workers read no local file unless its prefix is allowed (CUTOUT_ALLOWED_SOURCES); tests keep
+# their inputs under the temporary folder.
+LOCAL_TEST_SOURCES = {
+    "CUTOUT_ALLOWED_SOURCES": f"s3://,http://,https://,{Path(tempfile.gettempdir()).resolve().as_uri()}/",
+}
+
 FAST_RETRY_ENV = {
     "CUTOUT_STORAGE_RETRIES": "5",
     "CUTOUT_STORAGE_RETRY_MAX_S": "5",

@@ -152,8 +152,10 @@ def test_status_and_report_exit_4_while_the_job_is_unfinished(submitted):
     assert report.returncode == 4 and "not finished" in report.stdout, report.stderr
 
 
-def test_status_and_report_exit_3_when_finished_with_failed_inputs(submitted, redis_client):
+def test_status_and_report_exit_3_when_finished_with_failed_inputs(submitted, redis_client, monkeypatch):
     from cutout.jobs.sharding import job_prefix
+
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", "file:///")  # a worker that may read local inputs
 
     run_all_shards(job_prefix(submitted["dest"].as_uri(), submitted["job"]))  # as a worker would
     redis_client.flushall()  # live counts come from Celery workers; status rebuilds from the records

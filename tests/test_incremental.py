@@ -19,13 +19,14 @@ from tests.test_job_integration import (
     generated_objects,
     pipeline_options,
 )
+from tests.services import LOCAL_TEST_SOURCES
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def worker(redis_server, tmp_path_factory):
-    env = {**os.environ, **WORKER_ENV, "CUTOUT_BROKER_URL": redis_server.url,
+    env = {**os.environ, **WORKER_ENV, **LOCAL_TEST_SOURCES, "CUTOUT_BROKER_URL": redis_server.url,
            "CUTOUT_REDIS_URL": redis_server.url}
     fleet = WorkerFleet(env, tmp_path_factory.mktemp("worker-logs"))
     fleet.ensure(1)

@@ -205,6 +205,8 @@ def fleet(services, tmp_path_factory):
         "CUTOUT_BROKER_URL": services["redis_url"],
         "CUTOUT_REDIS_URL": services["redis_url"],
         "AWS_ENDPOINT_URL": services["proxy"].url,
+        # workers refuse local inputs unless listed (cutout.jobs.allowlist): this run's temp folders
+        "CUTOUT_ALLOWED_SOURCES": f"s3://,{tmp_path_factory.getbasetemp().resolve().as_uri()}/",
     }
     os.environ["CUTOUT_BROKER_URL"] = services["redis_url"]
     os.environ.setdefault("CUTOUT_STORAGE_READ_TIMEOUT", WORKER_ENV["CUTOUT_STORAGE_READ_TIMEOUT"])

@@ -3,7 +3,8 @@
 Real redis-server, real ``cutout worker`` processes (solo pool), local ``file://`` jobs:
 - a worker whose interpreter cannot import torch refuses to start, takes no message;
 - an unexpected exception in the shard code is retried, and a shard that keeps failing gets
-  ``WorkerError`` records, so the job completes;
+  ``WorkerError`` records (one out of transient retries, the transient class), so the job
+  completes;
 - a worker SIGKILLed with its whole process group (a dead machine: Celery cannot requeue, the
   message stays unacked for the 3-hour visibility timeout) has its shard finished by the other
   worker within about a minute and a half, with default liveness settings.
@@ -25,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.services import LOCAL_TEST_SOURCES
+
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +38,7 @@ REDELIVERY_BOUND_S = 120  # issue 8: "re-enqueued within about two minutes"
 def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = {**os.environ, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
            "CUTOUT_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "CUTOUT_METRICS_PORT": "0"}
+           "CUTOUT_METRICS_PORT": "0", **LOCAL_TEST_SOURCES}
     for name in ("CUTOUT_VISIBILITY_TIMEOUT", "CUTOUT_HEARTBEAT_INTERVAL", "CUTOUT_WORKER_STALE_S",
                  "CUTOUT_REAP_INTERVAL", "CUTOUT_UNACKED_RESTORE_INTERVAL"):
         env.pop(name, None)  # the defaults are what is tested
@@ -116,6 +119,38 @@ def records(prefix: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
+# --- the bookkeeping, on a real Redis ---------------------------------------------------------
+def _task(shard_id: str) -> dict:
+    return {"kwargs": {"job_prefix": "file:///d/_cutout/jobs/j1", "shard_id": shard_id}, "queue": "cutout"}
+
+
+def test_holds_of_silent_workers_are_claimed_once(redis_client):
+    from cutout.jobs.progress import claim_stale_holds, hold_shard
+
+    hold_shard(redis_client, "dead:1", "j1", _task("s000000"))
+    hold_shard(redis_client, "beating:2", "j1", _task("s000001"))
+    later = time.time() + 100  # both holds are 100 s old then; only one worker still beats
+    redis_client.zadd("cutout:job:j1:workers", {"beating:2": later - 5})
+    claimed = claim_stale_holds(redis_client, stale_s=60, now=later)
+    assert [(c["worker"], c["task"]["kwargs"]["shard_id"]) for c in claimed] == [("dead:1", "s000000")]
+    assert claimed[0]["task"]["queue"] == "cutout"
+    assert claim_stale_holds(redis_client, stale_s=60, now=later) == []  # sent once, not twice
+    assert set(redis_client.hkeys("cutout:held")) == {b"beating:2"}
+    assert claim_stale_holds(redis_client, stale_s=60, now=time.time() + 30) == []
+
+
+def test_a_new_run_of_a_shard_supersedes_older_holds_of_it(redis_client):
+    from cutout.jobs.progress import claim_stale_holds, hold_shard, release_shard
+
+    hold_shard(redis_client, "killed-child:1", "j1", _task("s000003"))
+    hold_shard(redis_client, "other:2", "j1", _task("s000004"))
+    hold_shard(redis_client, "new-child:3", "j1", _task("s000003"))  # Celery requeued it at once
+    assert set(redis_client.hkeys("cutout:held")) == {b"other:2", b"new-child:3"}
+    release_shard(redis_client, "new-child:3")
+    release_shard(redis_client, "other:2")
+    assert claim_stale_holds(redis_client, stale_s=60, now=time.time() + 100) == []
+
+
 # --- 13: a worker without its dependencies ------------------------------------------------------
 def test_worker_without_its_dependencies_refuses_to_start_and_takes_no_message(redis_client, redis_url, tmp_path):
     shim = tmp_path / "shim"
@@ -127,7 +162,7 @@ def test_worker_without_its_dependencies_refuses_to_start_and_takes_no_message(r
         [sys.executable, "-m", "cutout.jobs.cli", "worker", "--pool", "solo"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 4, result.stderr
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("install cutout-dataset[worker]"), result.stderr
     assert "torch" in lines[0]
@@ -147,6 +182,9 @@ FAULT_PRELUDE = textwrap.dedent("""
         _calls[key] += 1
         if "broken" in job_prefix or ("flaky" in job_prefix and _calls[key] <= 2):
             raise RuntimeError(f"injected fault {_calls[key]}")
+        if "unreachable" in job_prefix:
+            from cutout.jobs.errors import TransientStorageError
+            raise TransientStorageError(f"injected 503 {_calls[key]}")
         return _real(job_prefix, shard_id, **kwargs)
 
     shard.process_shard = process_shard  # before cutout.workers.tasks imports it
@@ -157,13 +195,15 @@ def test_unexpected_exceptions_retry_then_record_and_never_lose_a_shard(redis_cl
     source = tmp_path / "in"
     noise_folder(source, 6, side=48)
     log_path = tmp_path / "worker.log"
-    worker = start_worker(worker_env(redis_url, CUTOUT_UNEXPECTED_BACKOFF_S="0.2"), log_path, FAULT_PRELUDE)
+    env = worker_env(redis_url, CUTOUT_UNEXPECTED_BACKOFF_S="0.2", CUTOUT_TASK_MAX_RETRIES="1")
+    worker = start_worker(env, log_path, FAULT_PRELUDE)
     try:
         wait_ready(worker, log_path)
         flaky = submit_folder(source, tmp_path / "flaky", redis_url, shard_size=3)
         broken = submit_folder(source, tmp_path / "broken", redis_url, shard_size=3)
-        wait_done(flaky.job_prefix, flaky.shards_total, 90, [log_path])
-        wait_done(broken.job_prefix, broken.shards_total, 90, [log_path])
+        unreachable = submit_folder(source, tmp_path / "unreachable", redis_url, shard_size=3)
+        for job in (flaky, broken, unreachable):
+            wait_done(job.job_prefix, job.shards_total, 90, [log_path])
     finally:
         stop([worker])
     flaky_records = records(flaky.job_prefix)
@@ -172,6 +212,10 @@ def test_unexpected_exceptions_retry_then_record_and_never_lose_a_shard(redis_cl
     assert len(broken_records) == 6
     assert {(r["status"], r["error_class"], r["stage"]) for r in broken_records} == {("failed", "WorkerError", "worker")}
     assert "RuntimeError: injected fault 4" in broken_records[0]["error"]  # 1 try + 3 retries
+    unreachable_records = records(unreachable.job_prefix)  # out of transient retries: recorded
+    assert len(unreachable_records) == 6
+    assert {(r["status"], r["error_class"]) for r in unreachable_records} == {("failed", "TransientStorageError")}
+    assert "injected 503 2" in unreachable_records[0]["error"]  # 1 try + CUTOUT_TASK_MAX_RETRIES
     from cutout.jobs.progress import LiveProgress
 
     snap = LiveProgress(redis_client, broken.job_id).snapshot()

@@ -21,13 +21,13 @@ from cutout.jobs.sources import iter_source_items
 @pytest.fixture(params=["local", "s3"])
 def job_prefix(request, tmp_path):
     dest = str(tmp_path / "dest") if request.param == "local" else f"s3://{request.getfixturevalue('bucket')()}/dest"
-    return sharding.job_prefix(dest, "jobabc")
+    return sharding.job_prefix(dest, "0123456789abcdef")
 
 
 def _finish(prefix: str, shard_id: str, n: int = 2, status: str = "done", flags=()) -> None:
     records = [ItemRecord(input_uri=f"s3://in/{shard_id}/{i}.jpg", status=status, shard_id=shard_id,
                           flags=list(flags), quality={"alpha_coverage": 0.5}) for i in range(n)]
-    stats = ShardStats(job_id="jobabc", shard_id=shard_id, counts={status: n},
+    stats = ShardStats(job_id="0123456789abcdef", shard_id=shard_id, counts={status: n},
                        started_at=time.time() - 1, finished_at=time.time())
     manifest.write_shard_result(prefix, shard_id, records, stats)
 
@@ -52,21 +52,21 @@ def test_assembled_in_both_formats_only_when_the_last_shard_is_done(job_prefix):
     for uri in uris:
         rows = _rows(uri)
         assert [r["input_uri"] for r in rows] == [f"s3://in/s00000{s}/{i}.jpg" for s in range(3) for i in range(2)]
-        assert {r["job_id"] for r in rows} == {"jobabc"}
+        assert {r["job_id"] for r in rows} == {"0123456789abcdef"}
         assert list(rows[-1]["flags"]) == ["empty_alpha"]
 
 
 def test_no_totals_means_not_complete(tmp_path):
-    prefix = str(tmp_path / "job")
+    prefix = sharding.job_prefix(str(tmp_path / "out"), "0123456789abcdef")
     _finish(prefix, "s000000")  # submit has not finished writing shards: never assemble
     assert manifest.assemble_if_complete(prefix) == []
 
 
 def test_live_progress_saying_not_done_skips_the_listing(tmp_path, redis_client):
-    prefix = str(tmp_path / "job")
+    prefix = sharding.job_prefix(str(tmp_path / "out"), "0123456789abcdef")
     manifest.save_totals(prefix, 2, 1)
     _finish(prefix, "s000000")
-    progress = LiveProgress(redis_client, "jobabc")
+    progress = LiveProgress(redis_client, "0123456789abcdef")
     progress.set_total(2, 2)  # live view: one of two shards counted, none yet
     assert manifest.assemble_if_complete(prefix, progress=progress) == []
     progress.set_total(2, 1)
@@ -99,7 +99,7 @@ def test_two_workers_finishing_together_both_leave_a_whole_manifest(job_prefix):
 
 
 def test_refreshed_after_a_redo(tmp_path):
-    prefix = str(tmp_path / "job")
+    prefix = sharding.job_prefix(str(tmp_path / "out"), "0123456789abcdef")
     manifest.save_totals(prefix, 2, 1)
     _finish(prefix, "s000000", status="failed")
     manifest.assemble_if_complete(prefix)
@@ -119,9 +119,10 @@ def _png(value: int) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
-def test_list_file_columns_reach_the_manifest(tmp_path, kind):
+def test_list_file_columns_reach_the_manifest(tmp_path, kind, monkeypatch):
     """img2dataset's save_additional_columns: the list's other columns travel in the shard file
     next to the URI and appear in each input's manifest row (a real shard run, threshold model)."""
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", tmp_path.as_uri() + "/")
     from cutout.jobs.spec import JobSpec, PipelineOptions
     from cutout.jobs.submit import ExtraColumns
     from cutout.workers.shard import process_shard

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import free_port
+from tests.services import LOCAL_TEST_SOURCES, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -65,10 +65,14 @@ def test_scraped_metrics_match_the_jobs_records(pool, redis_client, redis_url, t
     make_inputs(source)
     port = free_port()
     queue = f"metrics-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
+    env = {**os.environ, **LOCAL_TEST_SOURCES, "CUTOUT_BROKER_URL": redis_url, "CUTOUT_REDIS_URL": redis_url,
            "CUTOUT_METRICS_PORT": str(port), "CUTOUT_METRICS_ADDR": "127.0.0.1",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics-store"),
            "CUTOUT_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if pool == "prefork":
+        env["CUTOUT_TASK_EVENTS"] = "1"  # for Flower; checked below on Redis' event channels
+    events = redis_client.pubsub()
+    events.psubscribe("*celeryev*")
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
@@ -90,6 +94,12 @@ def test_scraped_metrics_match_the_jobs_records(pool, redis_client, redis_url, t
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
+    channels = set()
+    while (message := events.get_message(timeout=0.1)) is not None:
+        channels.add(message["channel"].decode() if isinstance(message["channel"], bytes) else str(message["channel"]))
+    events.close()
+    task_events = {c for c in channels if ".celeryev/task." in c}  # task.succeeded, or batched
+    assert bool(task_events) == (pool == "prefork"), channels
     uri = manifest.assemble_manifest(job.job_prefix, fmt="jsonl")
     recs = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
     assert len(recs) == 9

@@ -55,7 +55,8 @@ def test_cutout_run_never_copies_input_content(tmp_path):
     assert "failed" in result.stderr and SECRET not in result.stderr + result.stdout
 
 
-def test_a_job_never_copies_input_content(tmp_path, redis_client, redis_url, caplog):
+def test_a_job_never_copies_input_content(tmp_path, redis_client, redis_url, caplog, monkeypatch):
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", tmp_path.as_uri() + "/")  # the worker may read them
     from cutout.jobs import manifest
     from cutout.jobs.spec import JobSpec, PipelineOptions
     from cutout.jobs.submit import submit_job

@@ -206,3 +206,15 @@ def test_remove_background_with_a_user_trimap():
     assert result.trimap is not None and (result.trimap[strip] == 128).all()
     assert result.alpha[strip][inside[strip]].mean() > 0.9
     assert result.alpha[strip][~inside[strip]].mean() < 0.1
+
+
+def test_decode_notes_and_quality_reach_the_outcome_and_the_api():
+    rgb, _ = disk_on_plain()
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", icc_profile=b"not a profile" * 20)
+    (outcome,) = Pipeline(THRESHOLD).process_batch([("tagged.png", buffer.getvalue())])
+    assert outcome.ok and "icc-profile-ignored: unreadable profile" in outcome.notes
+    assert 0.2 < outcome.quality["alpha_coverage"] < 0.4 and outcome.flags == []
+    result = remove_background(buffer.getvalue(), model="threshold")
+    assert "icc-profile-ignored: unreadable profile" in result.notes
+    assert result.quality == outcome.quality and {"decode", "segment", "composite"} <= set(result.timings)

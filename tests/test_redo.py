@@ -79,7 +79,7 @@ def test_redo_flagged_outputs_with_other_options(worker, redis_server, tmp_path)
     # The same redo again is the same job (resumed, nothing to do); an unknown flag is refused.
     again = _cli("redo", job_id, "--dest", dest, "--flag", "empty_alpha", *REDO_OPTIONS, env=env)
     bad = _cli("redo", job_id, "--dest", dest, "--flag", "blurry", env=env)
-    assert bad.returncode == 1 and "unknown quality flag" in bad.stderr
+    assert bad.returncode == 2 and "unknown quality flag" in bad.stderr  # a usage error
     if again.returncode == 0:  # after a redo the inputs may no longer be flagged at all
         assert again.stdout.split()[0] != job_id
     else:
@@ -91,7 +91,7 @@ def test_status_and_report_count_flags(tmp_path):
     dest = manifest.load_spec(prefix).destination
     env = {**os.environ, "CUTOUT_REDIS_URL": "redis://127.0.0.1:1/0"}
     report = _cli("report", job_id, "--dest", dest, "--json", env=env)
-    assert report.returncode == 0, report.stderr
+    assert report.returncode == 3, report.stderr  # finished, with failed inputs (README, "Exit codes")
     assert json.loads(report.stdout)["flag_counts"] == {"empty_alpha": 3, "full_frame_alpha": 3}
     text = _cli("report", job_id, "--dest", dest, env=env)
     assert "quality flags" in text.stdout and "empty_alpha" in text.stdout

@@ -43,10 +43,11 @@ def write_inputs(folder: Path, good: int, bad: dict[str, bytes]) -> list[Path]:
 
 
 @pytest.fixture
-def job(tmp_path, redis_client, redis_url):
+def job(tmp_path, redis_client, redis_url, monkeypatch):
     from cutout.jobs.spec import JobSpec, PipelineOptions
 
     source = tmp_path / "in"
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", f"{source.as_uri()}/")  # workers refuse local files by default
     bad = {"empty.png": images.empty_bytes(), "text.jpg": images.text_file()}
     paths = write_inputs(source, 10, bad)
     spec = JobSpec(

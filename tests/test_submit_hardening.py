@@ -123,3 +123,63 @@ def test_a_forged_task_is_refused_before_anything_is_read_or_written(job, tmp_pa
         process_shard_task(prefix, shard_id)
     assert _tree(tmp_path) == before  # nothing written anywhere, the planted file untouched
     assert not (outside / "evil_out.png").exists()
+
+
+# --- the worker's allowlist -----------------------------------------------------------------------
+def test_an_input_outside_the_allowlist_is_refused_and_its_neighbours_finish(job, tmp_path, monkeypatch):
+    """A list file naming /etc/hostname: before, the worker read it with its own rights."""
+    from cutout.jobs import manifest
+    from cutout.jobs.spec import JobSpec
+    from cutout.jobs.submit import submit_job
+
+    good = [str(path) for path in job["paths"] if path.name not in job["bad"]]
+    listing = tmp_path / "in" / "list.txt"
+    listing.write_text("\n".join([good[0], "/etc/hostname", "file:///etc/passwd", *good[1:4]]) + "\n")
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", f"s3://,{(tmp_path / 'in').as_uri()}/")
+    spec = JobSpec(sources=(str(listing),), destination=(tmp_path / "out").as_uri(),
+                   pipeline=job["spec"].pipeline, shard_size=3)
+    result = submit_job(spec, broker_url=job["url"], redis_url=job["url"])
+    run_all_shards(result.job_prefix)
+    records = {record.input_uri: record for record in manifest.iter_records(result.job_prefix)}
+    assert len(records) == 6
+    for refused in ("/etc/hostname", "/etc/passwd"):
+        assert records[refused].error_class == "SourceNotAllowedError", records[refused]
+        assert "CUTOUT_ALLOWED_SOURCES" in records[refused].error
+    assert all(records[path].status == "done" for path in good[:4])
+
+
+# --- status and report on a flaky store ----------------------------------------------------------
+def test_report_survives_a_quarter_of_requests_failing(bucket, s3_fault_proxy, monkeypatch):
+    """Before: one read given up (one retry policy round) failed the whole report; with 3
+    attempts a call and about 130 requests a report, nearly every report failed."""
+    import time
+
+    from cutout.jobs import manifest, sharding
+    from cutout.jobs.records import ItemRecord, ShardStats
+    from cutout.jobs.spec import JobSpec
+    from cutout.jobs.submit import job_report
+
+    shards = 60
+    destination = f"s3://{bucket()}/out"
+    spec = JobSpec(sources=("s3://in/",), destination=destination)
+    prefix = sharding.job_prefix(destination, spec.job_id)
+    manifest.save_spec(prefix, spec)
+    for index in range(shards):
+        shard_id = sharding.shard_id_for(index)
+        records = [ItemRecord(input_uri=f"s3://in/{shard_id}/{n}.jpg", status="done", shard_id=shard_id)
+                   for n in range(2)]
+        stats = ShardStats(job_id=spec.job_id, shard_id=shard_id, counts={"done": 2},
+                           started_at=time.time(), finished_at=time.time())
+        manifest.write_shard_result(prefix, shard_id, records, stats)
+    manifest.save_totals(prefix, 2 * shards, shards)
+
+    monkeypatch.setenv("CUTOUT_STORAGE_RETRIES", "3")
+    s3_fault_proxy.fail_fraction(0.25)
+    for _ in range(3):
+        report = job_report(spec.job_id, destination=destination)
+        assert report["complete"] and report["counts"] == {"done": 2 * shards}
+        assert report["shards_done"] == shards
+    assert s3_fault_proxy.requests_failed > 50
+    s3_fault_proxy.reset()
+    lines = manifest.storage.read_bytes(report["manifest_uri"]).decode().splitlines()
+    assert len(lines) == 2 * shards

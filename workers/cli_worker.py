@@ -5,7 +5,9 @@ One pool process per GPU when GPUs are present (each pinned to its own GPU, roun
 encode: about 0.25 s per 800-px photo on one core, docs/results.md) take far longer than a
 GPU's model pass, so several processes per GPU keep it busy. Without GPUs, about one process
 per two CPU cores, with torch's threads split between them. Importing this module
-is cheap: torch is never imported here.
+is cheap: torch is never imported here. The worker refuses to start without the [worker]
+extra (exit status 2, a usage error, before it connects anywhere) and serves Prometheus metrics on
+``--metrics-port`` (cutout.workers.telemetry).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import tempfile
 from cutout.jobs.settings import settings
 
 # `cutout worker` exits with this when the [worker] extra is missing (documented in the README).
-EXIT_MISSING_DEPENDENCIES = 4
+EXIT_MISSING_DEPENDENCIES = 2  # the CLI's usage/configuration code (README, "Exit codes")
 # Imported in a child interpreter so this process stays free of torch until its pool forks;
 # pymatting is only located, since importing it compiles numba kernels (about 70 s cold).
 _DEPENDENCY_CHECK = """
@@ -99,16 +101,19 @@ def missing_worker_dependency() -> str | None:
     return lines[-1][:300] if lines else f"exit status {check.returncode}"
 
 
-def prepare_metrics_store() -> str:
+def prepare_metrics_store() -> str | None:
     """prometheus_client's multiprocess store, emptied: every pool process (and a solo worker's
-    one) counts into it and the main process serves the sum (see cutout.workers.telemetry)."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="cutout-metrics-")
+    one) counts into it and the main process serves the sum (see cutout.workers.telemetry).
+    Returns the folder when it was made here (removed when the worker stops)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = None if path else tempfile.mkdtemp(prefix="cutout-metrics-")
+    path = path or made
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # only prometheus_client's own files: counts of an earlier run
         if name.endswith(".db"):
             os.unlink(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
+    return made
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -121,8 +126,7 @@ def run_worker(args: argparse.Namespace) -> int:
     os.environ.update(plan)
     if args.max_tasks_per_child:
         os.environ["CUTOUT_MAX_TASKS_PER_CHILD"] = str(args.max_tasks_per_child)
-    if args.metrics_port:
-        prepare_metrics_store()  # before anything imports prometheus_client
+    made_store = prepare_metrics_store() if args.metrics_port else None  # before prometheus_client loads
     from cutout.jobs.queue import broker_url
     from cutout.workers import telemetry
     from cutout.workers.celery_app import app
@@ -145,5 +149,9 @@ def run_worker(args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     if args.task_events:
         argv.append("--task-events")
-    app.worker_main(argv=argv)
+    try:
+        app.worker_main(argv=argv)
+    finally:
+        if made_store:
+            shutil.rmtree(made_store, ignore_errors=True)
     return 0

@@ -149,15 +149,17 @@ def run_items(
     guard: "CrashGuard | None" = None,
     trimaps: TrimapSource | None = None,
     batch_size: int | None = None,
+    source_policy=None,
 ) -> None:
     """Run every item and emit exactly one record for each.
 
     ``pipeline`` makes (or returns the cached) ``Pipeline`` on first need, so a shard of
     unreadable inputs never loads a model. ``record_fields`` fill every record (model,
-    config hash, shard, worker). A KeyboardInterrupt stops the loop: outputs being written
+    config hash, shard, worker). ``source_policy`` (a worker's allowlist, ``jobs.allowlist``)
+    is checked before each read; ``cutout run`` reads what its user names. A KeyboardInterrupt stops the loop: outputs being written
     finish and their records are emitted; nothing else is started.
     """
-    loop = _Loop(pipeline, sink, record_fields, guard or CrashGuard(), trimaps)
+    loop = _Loop(pipeline, sink, record_fields, guard or CrashGuard(), trimaps, source_policy)
     loop.record_condemned(items)
     batches = loop.guard.batches(items, batch_size or BATCH_SIZE)
     if batches:
@@ -166,7 +168,8 @@ def run_items(
 
 class _Loop:
     def __init__(self, pipeline, sink: RecordSink, record_fields: dict, guard: "CrashGuard",
-                 trimaps: TrimapSource | None):
+                 trimaps: TrimapSource | None, source_policy=None):
+        self.source_policy = source_policy
         self.pipeline = pipeline
         self.sink = sink
         self.record_fields = record_fields
@@ -207,7 +210,7 @@ class _Loop:
             io_pool.shutdown(wait=True, cancel_futures=True)
 
     def start_reads(self, io_pool: ThreadPoolExecutor, batch: list[ShardItem]) -> list[Future]:
-        return [io_pool.submit(read_input, item.uri) for item in batch]
+        return [io_pool.submit(read_input, item.uri, self.source_policy) for item in batch]
 
     def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
         readable = []
@@ -236,10 +239,11 @@ class _Loop:
         self.emit(record)
 
 
-def read_input(uri: str) -> tuple[bytes, float]:
+def read_input(uri: str, policy=None) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     try:
-        data = with_item_retries(f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES))
+        data = with_item_retries(
+            f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES, policy=policy))
     except OSError as exc:  # anything the storage layer did not type is still this item's error
         raise StorageError(f"cannot read {uri}: {exc}") from exc
     return data, time.perf_counter() - t0

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from cutout.jobs import progress
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
 from cutout.jobs.settings import settings
+from cutout.workers import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def reap_once(client, app, worker: str) -> int:
         log.warning("worker %s holding shard %s of job %s stopped beating; sending the shard again",
                     entry["worker"], task["kwargs"].get("shard_id"), entry["job_id"])
         app.send_task(TASK_PROCESS_SHARD, kwargs=task["kwargs"], queue=task.get("queue"))
+        telemetry.SHARDS.labels("resent").inc()
         sent += 1
     return sent
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from cutout.jobs import manifest, sharding
+from cutout.jobs.allowlist import SourcePolicy
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
 from cutout.jobs.settings import settings
 from cutout.jobs.spec import JobSpec
@@ -126,6 +127,7 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
         record_fields={"model": spec.pipeline.model, "config_hash": spec.pipeline.config_hash(),
                        "shard_id": shard_id, "worker": worker_name},
         guard=guard,
+        source_policy=SourcePolicy.from_env(),  # the worker's allowlist, never the message's
     )
     return sink.records
 

@@ -106,8 +106,19 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
         telemetry.SHARDS.labels("skipped").inc()
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
     _observe(job_prefix, run)
-    manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))  # the last shard
+    _assemble_if_last(job_prefix)
     return {"shard_id": shard_id, "counts": run.stats.counts}
+
+
+def _assemble_if_last(job_prefix: str) -> None:
+    """The worker that finishes a job's last shard writes its manifest (race-safe, idempotent).
+    A failure here loses nothing: the records are durable and `cutout report` assembles it."""
+    try:
+        spec = load_spec_cached(job_prefix)
+        manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))
+    except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
+        log.warning("manifest of %s not assembled now (%s); `cutout report` will", job_prefix,
+                    type(exc).__name__)
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
@@ -149,7 +160,7 @@ def _unexpected(task, exc: Exception, worker_name: str) -> dict:
         log.exception("shard %s: unexpected %s; trying again in %.0f s",
                       kwargs.get("shard_id"), type(exc).__name__, countdown)
         telemetry.SHARDS.labels("retried").inc()
-        raise task.retry(exc=exc, countdown=countdown)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=retries + 1)  # our own cap
     log.exception("shard %s: unexpected %s on all %d tries; recording its inputs as failed",
                   kwargs.get("shard_id"), type(exc).__name__, retries + 1)
     error = WorkerError(f"the shard failed {retries + 1} times: {type(exc).__name__}: {exc}")
@@ -169,6 +180,7 @@ def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
                   shard_id, type(exc).__name__, RECORD_FAILED_RETRY_S)
         raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
     telemetry.SHARDS.labels("recorded_failed").inc()
+    _assemble_if_last(job_prefix)  # a recorded failure can be the job's last shard too
     return {"shard_id": shard_id, "counts": counts}
 
 

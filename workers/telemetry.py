@@ -32,7 +32,8 @@ STAGE_SECONDS = Histogram("cutout_stage_seconds", "Seconds one input spent in a 
 SHARD_SECONDS = Histogram("cutout_shard_seconds", "Seconds from a shard's start to its records",
                           buckets=_LONG_BUCKETS)
 SHARDS = Counter("cutout_shards", "Shard tasks by outcome: processed, skipped, retried, "
-                 "recorded_failed (inputs recorded WorkerError/TransientStorageError)", ["outcome"])
+                 "recorded_failed (inputs recorded WorkerError/TransientStorageError), "
+                 "resent (the shard of a dead worker, sent again)", ["outcome"])
 MODEL_LOAD_SECONDS = Histogram("cutout_model_load_seconds",
                                "Seconds to load a configuration's models, once per process",
                                buckets=_LONG_BUCKETS)

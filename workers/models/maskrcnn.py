@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cutout.workers.models.base import check_images, max_batch, prepare_torch, translate_oom
 from cutout.workers.models.registry import ModelSpec, register_model, resolve_classes
 from cutout.workers.models.torchvision_semantic import torchvision_weights_spec
 
@@ -67,7 +68,6 @@ def build_maskrcnn(spec: ModelSpec, options, device: str) -> "MaskRcnnSegmenter"
     import torch
 
     from cutout.workers.models.weights import locate_weights
-    from cutout.workers.segment import prepare_torch
 
     prepare_torch(device)
     classes = resolve_classes(spec, options.classes)
@@ -88,8 +88,6 @@ def collapse_instances(masks: np.ndarray, labels: np.ndarray, scores: np.ndarray
 
 class MaskRcnnSegmenter:
     def __init__(self, spec: ModelSpec, module, labels: list[int], threshold: float, device: str):
-        from cutout.workers.segment import max_batch
-
         self.name = spec.name
         self.module = module
         self.labels = labels
@@ -99,8 +97,6 @@ class MaskRcnnSegmenter:
         self.batch_size = max_batch(device)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from cutout.workers.segment import check_images, translate_oom
-
         check_images(images)
         masks: list[np.ndarray] = []
         with translate_oom(self.device, self.name):

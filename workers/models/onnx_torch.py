@@ -1,11 +1,12 @@
-"""A small ONNX → torch interpreter for the convolutional graphs we ship (IS-Net).
+"""A small ONNX → torch interpreter for the convolutional graphs we ship (IS-Net, MODNet, u2netp).
 
-Why not onnx2torch & co.: we need exactly a dozen ops, plus three quirks of the IS-Net export
+Why not onnx2torch & co.: we need about twenty ops, plus three quirks of the IS-Net export
 that generic converters trip on — nodes stored out of topological order, fp16 initializers
 wrapped in ``Cast`` nodes, and ``Resize`` targets baked in as constants for the 1024×1024
 export size. Here fp16 weights become fp32 parameters, float ``Cast`` nodes are no-ops, nodes
 are sorted and pruned to the requested outputs, the batch dimension is free, and ``Resize``
-targets are scaled with the actual input size (``spatial_scale``), so the graph runs at any
+targets baked in as constants are scaled with the actual input size (``spatial_scale``; targets
+computed from ``Shape`` already follow it), so the graph runs at any
 input size the network's pooling divides evenly (see ``size_alignment``).
 
 The same graph edits for onnxruntime (sorted nodes, fewer outputs, dynamic batch, rescaled
@@ -215,6 +216,7 @@ class OnnxGraphModule(torch.nn.Module):
             if tensor.name in used:
                 self._add_initializer(index, tensor)
         self.steps = [self._step(node) for node in nodes]
+        self._mark_constant_resize_targets(nodes, graph)
         for step in self.steps:
             if step.op not in _OPS:
                 raise ModelError(f"ONNX op {step.op!r} is not supported by the torch converter")
@@ -233,6 +235,16 @@ class OnnxGraphModule(torch.nn.Module):
         if node.op_type == "Constant":
             attrs = {"value": torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())}
         return _Step(node.op_type, tuple(node.input), tuple(node.output), attrs)
+
+    def _mark_constant_resize_targets(self, nodes, graph) -> None:
+        """Only a ``Resize`` target baked in as a constant scales with the input size; one
+        computed from a ``Shape`` (u2netp's) already follows it, as in ``prepared_for_onnxruntime``."""
+        constants = _constant_values(nodes, graph)
+        producers = {out: node for node in nodes for out in node.output}
+        for step, node in zip(self.steps, nodes):
+            if step.op == "Resize":
+                sizes = node.input[3] if len(node.input) > 3 else ""
+                step.attrs["scale_sizes"] = bool(sizes and _spatial_constant_inputs(sizes, producers, constants))
 
     def _last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -314,7 +326,7 @@ def _resize(args, attrs, context):
     mode = _text(attrs.get("mode", "nearest"))
     transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
     if sizes is not None:
-        scale_h, scale_w = context["scale"]
+        scale_h, scale_w = context["scale"] if attrs.get("scale_sizes", True) else (1.0, 1.0)
         target_h, target_w = (int(v) for v in sizes.reshape(-1)[-2:].tolist())
         size = (round(target_h * scale_h), round(target_w * scale_w))
         kwargs: dict[str, Any] = {"size": size}
@@ -367,8 +379,44 @@ def _unsqueeze(args, attrs, context):
     return (x,)
 
 
+def _clip(args, attrs, context):
+    x, *bounds = args
+    low, high = (float(b) if b is not None else None for b in (bounds + [None, None])[:2])
+    return (torch.clamp(x, min=low, max=high),)
+
+
+def _batch_norm(args, attrs, context):
+    x, scale, bias, mean, var = args
+    return (F.batch_norm(x, mean, var, scale, bias, training=False, eps=attrs.get("epsilon", 1e-5)),)
+
+
+def _instance_norm(args, attrs, context):
+    x, scale, bias = args
+    return (F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5)),)
+
+
+def _reshape(args, attrs, context):
+    """ONNX Reshape: 0 copies the input's dimension, -1 is inferred."""
+    data, shape = args
+    target = [data.shape[i] if size == 0 else size for i, size in enumerate(shape.tolist())]
+    return (data.reshape(target),)
+
+
+def _expand(args, attrs, context):
+    x, shape = args
+    return (x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape.tolist()))),)
+
+
 _OPS = {
     "Conv": _conv,
+    "Clip": _clip,
+    "BatchNormalization": _batch_norm,
+    "InstanceNormalization": _instance_norm,
+    "Reshape": _reshape,
+    "Expand": _expand,
+    "MatMul": lambda args, attrs, context: (torch.matmul(args[0], args[1]),),
+    "Mul": lambda args, attrs, context: (args[0] * args[1],),
+    "GlobalAveragePool": lambda args, attrs, context: (args[0].mean(dim=(2, 3), keepdim=True),),
     "Relu": lambda args, attrs, context: (F.relu(args[0]),),
     "Sigmoid": lambda args, attrs, context: (torch.sigmoid(args[0]),),
     "Add": lambda args, attrs, context: (args[0] + args[1],),
@@ -383,3 +431,8 @@ _OPS = {
     "Gather": _gather,
     "Unsqueeze": _unsqueeze,
 }
+
+
+def supported_ops() -> frozenset[str]:
+    """The ONNX ops this converter runs (a graph with any other op stays on onnxruntime)."""
+    return frozenset(_OPS)

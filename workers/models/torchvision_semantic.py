@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cutout.workers.models.base import BatchedSegmenter, prepare_torch
 from cutout.workers.models.registry import ModelSpec, WeightsSpec, register_model, resolve_classes
 
 VOC_CATEGORIES = (
@@ -119,7 +120,6 @@ def load_state_dict(path) -> dict:
 
 def build_semantic(spec: ModelSpec, options, device: str) -> "SemanticSegmenter":
     from cutout.workers.models.weights import locate_weights
-    from cutout.workers.segment import prepare_torch
 
     prepare_torch(device)
     classes = resolve_classes(spec, options.classes)
@@ -134,27 +134,13 @@ def class_probability(logits, indices: list[int]):
     return logits.softmax(dim=1)[:, indices].sum(dim=1).clamp_(0.0, 1.0)
 
 
-class SemanticSegmenter:
+class SemanticSegmenter(BatchedSegmenter):
     def __init__(self, spec: ModelSpec, module, indices: list[int], size: int, device: str):
-        from cutout.workers.segment import max_batch
-
-        self.name = spec.name
-        self.weights = spec.weights
+        super().__init__(spec, size, device)
         self.module = module
         self.indices = indices
-        self.input_size = size
-        self.device = device
-        self.batch_size = max_batch(device)
 
-    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from cutout.workers.segment import run_chunked, to_original_sizes, to_square_batch, translate_oom
-
-        batch = to_square_batch(images, self.input_size, self.weights.mean, self.weights.std)
-        with translate_oom(self.device, f"{self.name} at {self.input_size}px"):
-            probabilities = run_chunked(self._forward, batch, self.batch_size)
-        return to_original_sizes(probabilities, images)
-
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
