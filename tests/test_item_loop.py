@@ -63,6 +63,13 @@ def hostile_host():
     host.stop()
 
 
+@pytest.fixture(autouse=True)
+def workers_may_read_these_tests_inputs(tmp_path, monkeypatch):
+    """Local files and the loopback host are outside a worker's default source allowlist."""
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", f"{tmp_path.as_uri()}/,http://127.0.0.1")
+    monkeypatch.setenv("CUTOUT_ALLOW_PRIVATE_HOSTS", "1")
+
+
 @pytest.fixture
 def fast_item_retries(monkeypatch):
     """Short timeouts and backoffs so a host that never answers costs a second, not minutes."""

@@ -110,7 +110,8 @@ class FolderRecords:
         return latest
 
     def already_done(self, item: ShardItem, fingerprint: str | None, config_hash: str) -> bool:
-        """Done earlier from the same input bytes with the same settings, output still there."""
+        """Done earlier from the same input (size and mtime) with the same settings, and the
+        output is still there."""
         record = self.latest.get(item.uri)
         return bool(
             record is not None and record.status == "done" and record.output_uris
@@ -167,6 +168,8 @@ def run_items(
 
 
 class _Loop:
+    """One ``run_items`` call: batches through the pipeline, storage I/O on a thread pool."""
+
     def __init__(self, pipeline, sink: RecordSink, record_fields: dict, guard: "CrashGuard",
                  trimaps: TrimapSource | None, source_policy=None):
         self.source_policy = source_policy
