@@ -29,7 +29,6 @@ import re
 import secrets
 import socket
 import stat
-import tempfile
 import threading
 import time
 import http.client

@@ -8,7 +8,6 @@ skipped.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
