@@ -253,9 +253,16 @@ def shards_done(prefix: str) -> int:
 
 
 def wait_for_job(prefix: str, shards_total: int, fleet: WorkerFleet, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Every shard done and the manifest written, in both formats, by the worker that finished
+    the last shard: a job's end as a user sees it."""
+    from cutout.jobs import storage
+    from cutout.jobs.layout import JobLayout
+
+    layout = JobLayout.from_prefix(prefix)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if shards_done(prefix) >= shards_total:
+        if shards_done(prefix) >= shards_total and all(
+                storage.exists(layout.manifest(fmt)) for fmt in ("jsonl", "parquet")):
             return
         time.sleep(0.5)
     pytest.fail(f"job did not finish: {shards_done(prefix)}/{shards_total} shards\n{fleet.all_logs()}")
@@ -478,7 +485,11 @@ def test_prefork_child_killed_mid_shard_is_redelivered_at_once(fleet, services, 
         log = fleet.log(parent)
         assert "exited with 'signal 9 (SIGKILL)'" in log
         assert _received_tasks(log).count(in_flight[0]) >= 2, "the killed child's shard was not redelivered"
-        assert in_flight[0] in _succeeded_tasks(log)
+        for _ in range(100):  # Celery logs the success a moment after the shard's files are written
+            if in_flight[0] in _succeeded_tasks(fleet.log(parent)):
+                break
+            time.sleep(0.1)
+        assert in_flight[0] in _succeeded_tasks(fleet.log(parent))
         records = read_manifest(result.job_prefix)
         assert_exactly_once(records, {f"s3://{source_bucket}/in/{k}" for k in files})
         assert all(r["status"] == "done" for r in records)
