@@ -117,9 +117,12 @@ class Pipeline:
 
     @property
     def seg_sizes(self) -> tuple[int | None, ...]:
-        """One pass at the user's seg_size, else the model's ensemble sizes (or its default)."""
+        """One pass at the user's seg_size, else the preset's sizes, else the model's ensemble
+        sizes (or its default)."""
         if self.options.seg_size:
             return (self.options.seg_size,)
+        if self.options.seg_sizes:
+            return self.options.seg_sizes
         from cutout.workers.models.registry import get_model_spec
 
         return get_model_spec(self.options.model).ensemble_sizes or (None,)
