@@ -56,3 +56,18 @@ def test_unknown_preset_and_bad_sizes_are_refused():
         PipelineOptions(preset="turbo")
     with pytest.raises((ConfigError, ValueError)):
         PipelineOptions(seg_sizes=(32,))
+
+
+def test_keyword_model_override_does_not_inherit_the_presets_isnet_settings():
+    """remove_background(model=...) resolves the preset around the override: the threshold
+    model must not get IS-Net's calibration ramp or sizes from the default preset."""
+    import numpy as np
+
+    from cutout.workers.pipeline import remove_background
+
+    rgb = np.full((40, 60, 3), 200, np.uint8)
+    rgb[10:30, 20:40] = (20, 40, 180)
+    result = remove_background(rgb, model="threshold", matting="none", refine="none")
+    plain = Pipeline(PipelineOptions(model="threshold", matting="none", refine="none"))
+    np.testing.assert_array_equal(result.mask, plain.segment([rgb])[0])
+    assert plain.mask_ramp == (0.0, 1.0)

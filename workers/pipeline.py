@@ -359,8 +359,10 @@ def remove_background(
     """
     from cutout.workers.decode import decode_image
 
-    base = options or PipelineOptions()
-    opts = PipelineOptions(**{**base.model_dump(), **overrides}) if overrides else base
+    if options is None:  # the preset resolves around the overrides (its model's values stay its own)
+        opts = PipelineOptions(**overrides)
+    else:
+        opts = PipelineOptions(**{**options.model_dump(), **overrides}) if overrides else options
     key = (opts.config_hash(), device)
     pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
     input_alpha = None
