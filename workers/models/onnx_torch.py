@@ -383,3 +383,8 @@ _OPS = {
     "Gather": _gather,
     "Unsqueeze": _unsqueeze,
 }
+
+
+def supported_ops() -> frozenset[str]:
+    """The ONNX ops this converter runs (a graph with any other op stays on onnxruntime)."""
+    return frozenset(_OPS)

