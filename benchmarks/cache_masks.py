@@ -58,14 +58,45 @@ def cache_model(cache: Path, model: str, size: int) -> None:
     print(model, size, stats, flush=True)
 
 
+def recost(cache: Path, jobs: list[tuple[str, int]], count: int) -> None:
+    """Re-measure every model's CPU cost in one interleaved pass over ``count`` photos, so the
+    costs compare (caching ran over an hour of changing machine load)."""
+    from cutout.jobs.spec import PipelineOptions
+    from cutout.workers.segment import get_segmenter
+
+    sample = [np.asarray(Image.open(p).convert("RGB")) for _s, p in photos()[::77 // count][:count]]
+    segmenters, cpu = {}, {job: [] for job in jobs}
+    for job in jobs:
+        start = time.process_time()
+        segmenters[job] = get_segmenter(PipelineOptions(model=job[0], seg_size=job[1]), device="cpu")
+        segmenters[job].predict(sample[:1])  # first call warms the session
+        cpu[job].append(time.process_time() - start)
+    for rgb in sample:
+        for job in jobs:
+            start = time.process_time()
+            segmenters[job].predict([rgb])
+            cpu[job].append(time.process_time() - start)
+    for (model, size), values in cpu.items():
+        path = cache / f"{SHORT_NAMES.get(model, model)}_{size}" / "cost.json"
+        stats = {**json.loads(path.read_text()), "load_cpu": values[0],
+                 "cpu_median": statistics.median(values[1:]), "recost_photos": count}
+        path.write_text(json.dumps(stats))
+        print(model, size, stats, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default=".cache/masks")
+    parser.add_argument("--recost", type=int, metavar="N",
+                        help="only re-measure the CPU cost of every job, interleaved, on N photos")
     parser.add_argument("jobs", nargs="+", metavar="MODEL:SIZE")
     args = parser.parse_args()
-    for job in args.jobs:
-        model, size = job.rsplit(":", 1)
-        cache_model(Path(args.cache), model, int(size))
+    jobs = [(job.rsplit(":", 1)[0], int(job.rsplit(":", 1)[1])) for job in args.jobs]
+    if args.recost:
+        recost(Path(args.cache), jobs, args.recost)
+        return
+    for model, size in jobs:
+        cache_model(Path(args.cache), model, size)
 
 
 if __name__ == "__main__":

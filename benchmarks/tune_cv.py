@@ -37,12 +37,14 @@ import numpy as np
 
 DATA = Path(os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata"))
 RAMPS = ((0.0, 1.0), (0.05, 0.55), (0.1, 0.9), (0.25, 0.75))
-# Post-processing variants: (refine, matting band or None for no matting).
-POSTS = tuple(itertools.product(("none", "grabcut"), (None, 0.01, 0.02)))
+# Post-processing variants: (refine, matting band or None for no matting); the winner's band
+# is then tuned among BANDS.
+POSTS = tuple(itertools.product(("none", "grabcut"), (None, 0.01)))
+BANDS = (0.005, 0.01, 0.02)
 FIXED_CPU = 0.15  # imports, decode, foreground, composite, encode per photo, CPU-s (bench_cost.py)
 IMAGES_PER_RUN = 27  # model load is amortised over a 27-photo run, as bench_cost.py measures
 # CPU-s per image each preset may spend (rembg -a measured at ~4.9 by bench_cost.py).
-BUDGETS = {"fast": 1.2, "balanced": 2.4, "best": 6.0}
+BUDGETS = {"fast": 1.35, "balanced": 2.7, "best": 6.0}
 REFERENCE = ("isnet@768", (0.0, 1.0), ("none", None))
 
 
@@ -224,20 +226,28 @@ def choose(configs, cached, data, masks, half, budget) -> tuple | None:
 
 
 # --- the procedure ------------------------------------------------------------------------------
-def procedure(data, masks: Masks, cached: dict, half: str | None) -> dict:
-    """Stage 1: every source × ramp, raw. Stage 2: the 3 best per budget × every post-process.
-    Everything is chosen on ``half`` (None = all data)."""
+def procedure(data, masks: Masks, cached: dict, half: str | None, save) -> dict:
+    """Stage 1: every source × ramp, raw. Stage 2: the 2 best per budget × refine × matting.
+    Stage 3: the winner's trimap band. Everything is chosen on ``half`` (None = all data)."""
     stage1 = [(s, r, ("none", None)) for s in candidate_sources(masks) for r in RAMPS] + [REFERENCE]
     score_grid(data, masks, stage1, cached)
+    save()
     ref = summary(cached[_key(*REFERENCE)], data, half)
     picks = {}
     for tier, budget in BUDGETS.items():
         ranked = sorted(
             (criterion(summary(cached[_key(*c)], data, half), ref), c) for c in stage1
-            if masks.cpu(c[0]) + FIXED_CPU + (0.1 if tier != "fast" else 0.0) <= budget)
-        stage2 = [(s, r, p) for _j, (s, r, _p) in ranked[:3] for p in POSTS]
+            if masks.cpu(c[0]) + FIXED_CPU <= budget)
+        stage2 = [(s, r, p) for _j, (s, r, _p) in ranked[:2] for p in POSTS]
         score_grid(data, masks, stage2, cached)
-        picks[tier] = choose(stage2 + [c for _j, c in ranked[:3]], cached, data, masks, half, budget)
+        save()
+        pick = choose(stage2, cached, data, masks, half, budget)
+        if pick and pick[2][1] is not None:
+            stage3 = [(pick[0], pick[1], (pick[2][0], band)) for band in BANDS]
+            score_grid(data, masks, stage3, cached)
+            save()
+            pick = choose(stage3, cached, data, masks, half, budget)
+        picks[tier] = pick
     return picks
 
 
@@ -264,9 +274,11 @@ def main() -> None:
     scores_path = Path(args.scores or Path(args.cache) / "scores.json")
     cached = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     results = {}
-    for label, tune, test in (("fold 1", "A", "B"), ("fold 2", "B", "A"), ("final", None, None)):
-        picks = procedure(data, masks, cached, tune)
+    def save():
         scores_path.write_text(json.dumps(cached))
+
+    for label, tune, test in (("fold 1", "A", "B"), ("fold 2", "B", "A"), ("final", None, None)):
+        picks = procedure(data, masks, cached, tune, save)
         results[label] = picks
         report(f"{label} (chosen on {'all data' if tune is None else 'half ' + tune})", picks, data,
                masks, cached, test)
