@@ -43,8 +43,8 @@ SETTINGS = {
     "fast": CUTOUT + ["--preset", "fast"],
     "balanced": CUTOUT + ["--preset", "balanced"],
     "best": CUTOUT + ["--preset", "best"],
-    "isnet-1024": CUTOUT + ["--model", "isnet-general", "--seg-size", "1024", "--refine", "none",
-                            "--matting", "none"],
+    # one raw IS-Net pass at 1024 (fast's raw settings at rembg's size): rembg without -a
+    "isnet-1024": CUTOUT + ["--preset", "fast", "--seg-size", "1024"],
     "modnet": CUTOUT + ["--model", "modnet", "--refine", "none"],
     "u2netp": CUTOUT + ["--model", "u2netp", "--refine", "none"],
     "rembg": [str(REMBG), "p", "-m", "dis_custom"],
