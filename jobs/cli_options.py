@@ -14,7 +14,10 @@ from cutout.jobs.errors import ConfigError
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``run``, ``eval`` and ``submit``; names match PipelineOptions."""
     group = parser.add_argument_group("pipeline")
-    group.add_argument("--model", default="isnet-general", help="segmentation model (cutout models list), or A+B to fuse two")
+    group.add_argument("--preset", choices=["fast", "balanced", "best"],
+                       help="quality/CPU trade-off (default balanced; docs/results.md); "
+                            "explicit flags override it")
+    group.add_argument("--model", help="segmentation model (cutout models list), or A+B to fuse two; default: the preset's")
     group.add_argument("--classes", default="", help="comma-separated class names (PASCAL VOC / COCO)")
     group.add_argument("--weights", help="weights file: local path, file:// or s3:// URI")
     group.add_argument("--score-threshold", type=float, default=0.5)
@@ -22,11 +25,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fusion", choices=["max", "mean"],
                        help="how a fused model (--model A+B) combines masks (default: max)")
     group.add_argument("--model-sizes", help="input size per model, e.g. isnet-general=1024,modnet=512")
-    group.add_argument("--refine", default="auto", choices=["auto", "none", "grabcut"],
-                       help="GrabCut refinement of the mask (auto: on for the IS-Net models)")
-    group.add_argument("--matting", default="closed-form", choices=["none", "closed-form", "knn"])
-    group.add_argument("--trimap-band", type=float, default=0.01,
-                       help="unknown band half-width as a fraction of the long side")
+    group.add_argument("--refine", choices=["auto", "none", "grabcut"],
+                       help="GrabCut refinement of the mask (default: the preset's; auto: the model's)")
+    group.add_argument("--matting", choices=["none", "closed-form", "knn"], help="default: the preset's")
+    group.add_argument("--trimap-band", type=float,
+                       help="unknown band half-width as a fraction of the long side (default: the preset's)")
     group.add_argument("--background", default="transparent",
                        help="transparent | mask | color:#RRGGBB | blur[:radius] | image:URI")
     group.add_argument("--format", default="png", choices=["png", "webp", "webp-lossy", "jpeg"])
@@ -38,7 +41,7 @@ def options_from_args(args: argparse.Namespace):
     from cutout.jobs.spec import PipelineOptions
 
     fields = {
-        "model": args.model, "classes": args.classes, "weights": args.weights,
+        "preset": args.preset, "model": args.model, "classes": args.classes, "weights": args.weights,
         "score_threshold": args.score_threshold, "seg_size": args.seg_size,
         "fusion": args.fusion, "model_sizes": args.model_sizes,
         "matting": args.matting, "refine": args.refine, "trimap_band": args.trimap_band,

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cutout.jobs.errors import ConfigError
+from cutout.jobs.presets import PresetName, apply_preset
 
 MattingMethod = Literal["none", "closed-form", "knn"]
 OutputFormat = Literal["png", "webp", "webp-lossy", "jpeg"]
@@ -81,6 +82,9 @@ class PipelineOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Fills every field below that the caller did not set (cutout.jobs.presets); stored and
+    # hashed with the resolved values.
+    preset: PresetName = "balanced"
     model: str = "isnet-general"
     classes: tuple[str, ...] = ()
     weights: str | None = None  # local path, file:// or s3:// override of the model's weights
@@ -92,6 +96,8 @@ class PipelineOptions(BaseModel):
     # Input size per component of a fused model, e.g. {"isnet-general": 1024, "modnet": 512}; beats
     # seg_size for that model. Parsed from "NAME=SIZE,NAME=SIZE"; kept sorted (stable hash).
     model_sizes: tuple[tuple[str, int], ...] = ()
+    # Input sides whose masks are averaged (None: the model's own); seg_size, when set, wins.
+    seg_sizes: tuple[int, ...] | None = None
     # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
     mask_ramp: tuple[float, float] | None = None
     # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
@@ -139,6 +145,17 @@ class PipelineOptions(BaseModel):
     def model_size(self, name: str) -> int | None:
         """Input size for component ``name``: ``model_sizes`` first, then ``seg_size``."""
         return dict(self.model_sizes).get(name, self.seg_size)
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data):
+        return apply_preset(dict(data)) if isinstance(data, dict) else data
+
+    @field_validator("seg_sizes")
+    @classmethod
+    def _check_sizes(cls, value):
+        if value is not None and (not value or not all(64 <= size <= 4096 for size in value)):
+            raise ConfigError(f"seg_sizes {value}: need one or more sides in 64..4096")
+        return value
 
     @model_validator(mode="after")
     def _check_consistent(self) -> "PipelineOptions":

@@ -75,3 +75,10 @@ def test_bad_arrays_are_refused(array):
 def test_unknown_format_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown output format"):
         encode_image(_arrays()["RGB"], "gif")
+
+
+def test_rgb_and_rgba_png_go_through_fpng():
+    """The fast writer is the one used when installed (it is a worker dependency)."""
+    import fpng
+    array = _arrays()["RGBA"]
+    assert encode_image(array, "png") == fpng.from_ndarray(np.ascontiguousarray(array))

@@ -7,6 +7,11 @@ Three measurements, printed as tables and written to ``OUT/eval.json``:
    SAD / MSE / gradient / connectivity over the unknown region;
 3. segmentation IoU on the GrabCut dataset, leaving out the 128 boundary band.
 A contact sheet (input | alpha | composite) is written to ``OUT/contact_sheet.png``.
+
+``--data DIR`` pointing at a user's own folder (``image/`` plus ``alpha/`` soft mattes or
+``mask/`` binary masks, matched by file stem) scores that folder instead (``run_user_eval``).
+Every image's CPU-seconds (user+sys of this process, all threads) are printed beside its wall
+time: on a shared or throttled machine wall time says little about what a run costs.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -60,6 +66,7 @@ class EndToEndRow:
     mse_refined: float = 0.0
     sad_single: float = 0.0  # one pass at the model's own input size, no ensemble
     mse_single: float = 0.0
+    cpu: float = 0.0  # CPU-seconds (user+sys) for this image's pipeline, decode to encode
 
 
 def _read_gray(path: Path) -> np.ndarray:
@@ -97,6 +104,12 @@ def load_grabcut(root: Path, limit: int | None = None) -> list[SegmentationSampl
     return samples
 
 
+def cpu_seconds() -> float:
+    """User+sys CPU-seconds of this process so far (every thread, onnxruntime's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[EndToEndRow]:
     """Run each photo through the real pipeline one by one, timing every stage."""
     from cutout.workers.decode import decode_image
@@ -109,25 +122,27 @@ def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[E
     rows = []
     for sample in samples:
         timings: dict[str, float] = {}
+        cpu_start = cpu_seconds()
         decoded = run_stage(timings, "decode", decode_image, sample.data)
         raw = run_stage(timings, "segment", pipeline.segment_raw, [decoded.rgb])[0]
-        single = raw if len(pipeline.seg_sizes) == 1 else pipeline.segment_at([decoded.rgb], None)[0]
         mask = run_stage(timings, "calibrate", pipeline.calibrate, raw)
         result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
         timings.update(result.timings)
         run_stage(timings, "encode", encode_image, result.image, options.format,
                   quality=options.quality)
+        cpu = cpu_seconds() - cpu_start
+        single = raw if len(pipeline.seg_sizes) == 1 else pipeline.segment_at([decoded.rgb], None)[0]
         gt = sample.gt_alpha
         rows.append(EndToEndRow(
             sample.name, metrics.sad(raw, gt), metrics.mse(raw, gt),
             metrics.sad(result.alpha, gt), metrics.mse(result.alpha, gt), timings,
             metrics.sad(mask, gt), metrics.mse(mask, gt), result.notes,
             metrics.sad(result.mask, gt), metrics.mse(result.mask, gt),
-            metrics.sad(single, gt), metrics.mse(single, gt),
+            metrics.sad(single, gt), metrics.mse(single, gt), cpu,
         ))
         print(f"  {sample.name}: SAD single {rows[-1].sad_single:6.1f}  raw {rows[-1].sad_mask:6.1f}  calibrated "
               f"{rows[-1].sad_calibrated:6.1f}  refined {rows[-1].sad_refined:6.1f}  pipeline {rows[-1].sad_full:6.1f}  "
-              f"{sum(timings.values()):.2f} s  {'; '.join(result.notes)}", flush=True)
+              f"{sum(timings.values()):.2f} s  {cpu:.2f} CPU-s  {'; '.join(result.notes)}", flush=True)
     return rows
 
 
@@ -275,6 +290,8 @@ def _summarise_rows(rows: list[EndToEndRow]) -> dict:
                  "mse_mean": statistics.fmean(r.mse_full for r in rows)},
         "seconds_per_image_median": statistics.median(totals),
         "seconds_per_image_mean": statistics.fmean(totals),
+        "cpu_seconds_per_image_median": statistics.median(r.cpu for r in rows),
+        "cpu_seconds_per_image_mean": statistics.fmean(r.cpu for r in rows),
         "stage_seconds_median": stage_medians,
         "matting_share_of_segment": (
             (stage_medians["trimap"] + stage_medians["matte"] + stage_medians["foreground"])
@@ -318,6 +335,94 @@ def run_eval(options: PipelineOptions, data_dir: Path, out_dir: Path, *, limit: 
     return report
 
 
+# --- a user's own folder ---------------------------------------------------------------------
+@dataclass
+class UserSample:
+    name: str
+    data: bytes
+    gt: np.ndarray  # float32 0..1: a soft alpha, or a binary mask as 0/1
+    ignore: np.ndarray | None  # mask/ only: the 128 band left out of every score
+
+
+def is_user_folder(root: Path) -> bool:
+    """A folder of the user's own photos: ``image/`` and ``alpha/`` or ``mask/`` beside it."""
+    return (root / "image").is_dir() and ((root / "alpha").is_dir() or (root / "mask").is_dir())
+
+
+def load_user_folder(root: Path, limit: int | None = None) -> list[UserSample]:
+    """Photos matched to their ground truth by file stem; a photo without one is left out, loudly."""
+    kind = "alpha" if (root / "alpha").is_dir() else "mask"
+    truths = {p.stem: p for p in (root / kind).iterdir() if p.is_file()}
+    samples = []
+    for path in sorted(p for p in (root / "image").iterdir() if p.is_file())[:limit]:
+        if path.stem not in truths:
+            print(f"  {path.name}: no {kind}/{path.stem}.* ground truth, left out")
+            continue
+        gray = _read_gray(truths[path.stem])
+        if kind == "alpha":
+            samples.append(UserSample(path.name, path.read_bytes(), gray.astype(np.float32) / 255, None))
+        else:  # GrabCut's convention: 0 background, 255 foreground, 128 a band to leave out
+            samples.append(UserSample(path.name, path.read_bytes(), (gray > 192).astype(np.float32),
+                                      (gray > 64) & (gray < 192)))
+    if not samples:
+        raise FileNotFoundError(f"no photo under {root / 'image'} has a {kind}/ ground truth")
+    return samples
+
+
+def score_user_sample(pipeline, sample: UserSample) -> dict:
+    """Run one photo through the whole pipeline (decode to encode) and score its alpha."""
+    from cutout.workers.decode import decode_image
+    from cutout.workers.encode import encode_image
+
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    decoded = decode_image(sample.data, name=sample.name)
+    mask = pipeline.segment([decoded.rgb])[0]
+    result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
+    encode_image(result.image, pipeline.options.format, quality=pipeline.options.quality)
+    wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
+    if result.alpha.shape != sample.gt.shape:
+        raise ValueError(f"{sample.name}: ground truth is {sample.gt.shape[::-1]} px, "
+                         f"the photo {result.alpha.shape[::-1]}")
+    keep = None if sample.ignore is None else ~sample.ignore
+    return {"name": sample.name, "sad": metrics.sad(result.alpha, sample.gt, keep),
+            "mse": metrics.mse(result.alpha, sample.gt, keep),
+            "iou": metrics.iou(result.alpha >= 0.5, sample.gt >= 0.5, sample.ignore),
+            "seconds": wall, "cpu_seconds": cpu, "notes": result.notes}
+
+
+def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
+                  limit: int | None = None) -> dict:
+    """Score the pipeline on a user's folder; print per-image and summary figures."""
+    from cutout.workers.pipeline import Pipeline
+
+    samples = load_user_folder(root, limit)
+    pipeline = Pipeline(options)
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    pipeline.load_models()
+    load = {"seconds": time.perf_counter() - wall_start, "cpu_seconds": cpu_seconds() - cpu_start}
+    print(f"== {len(samples)} photos from {root}, preset {options.preset}, model {options.model} "
+          f"(loaded in {load['seconds']:.1f} s, {load['cpu_seconds']:.1f} CPU-s)")
+    rows = []
+    for sample in samples:
+        rows.append(score_user_sample(pipeline, sample))
+        row = rows[-1]
+        print(f"  {row['name']}: SAD {row['sad']:7.2f}  MSE {row['mse']:.4f}  IoU {row['iou']:.4f}  "
+              f"{row['seconds']:.2f} s  {row['cpu_seconds']:.2f} CPU-s  {'; '.join(row['notes'])}",
+              flush=True)
+    summary = {key: {"mean": statistics.fmean(r[key] for r in rows),
+                     "median": statistics.median(r[key] for r in rows)}
+               for key in ("sad", "mse", "iou", "seconds", "cpu_seconds")}
+    report = {"options": options.model_dump(mode="json"), "data_dir": str(root),
+              "images": len(rows), "model_load": load, "summary": summary, "per_image": rows}
+    print(f"  mean: SAD {summary['sad']['mean']:.2f} (median {summary['sad']['median']:.2f})  "
+          f"MSE {summary['mse']['mean']:.4f}  IoU {summary['iou']['mean']:.4f}  per image "
+          f"{summary['seconds']['mean']:.2f} s, {summary['cpu_seconds']['mean']:.2f} CPU-s")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"wrote {out_dir / 'eval.json'}")
+    return report
+
+
 def _print_end_to_end(summary: dict) -> None:
     print(f"  {'':16} {'SAD mean':>9} {'SAD median':>11} {'MSE mean':>9}")
     names = {"single": "raw mask 1 pass", "mask": "raw mask (ens.)",
@@ -327,7 +432,9 @@ def _print_end_to_end(summary: dict) -> None:
         print(f"  {name:16} {s['sad_mean']:9.2f} {s['sad_median']:11.2f} {s['mse_mean']:9.5f}")
     stages = "  ".join(f"{k} {v:.3f}" for k, v in summary["stage_seconds_median"].items())
     print(f"  seconds/image median {summary['seconds_per_image_median']:.2f} "
-          f"(mean {summary['seconds_per_image_mean']:.2f}); per stage median: {stages}")
+          f"(mean {summary['seconds_per_image_mean']:.2f}); CPU-seconds/image median "
+          f"{summary['cpu_seconds_per_image_median']:.2f} (mean "
+          f"{summary['cpu_seconds_per_image_mean']:.2f}); per stage median: {stages}")
     share = summary["matting_share_of_segment"]
     if share is not None:
         print(f"  trimap+matte+foreground = {100 * share:.1f} % of segmentation time")

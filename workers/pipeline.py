@@ -104,9 +104,12 @@ class Pipeline:
 
     @property
     def seg_sizes(self) -> tuple[int | None, ...]:
-        """One pass at the user's seg_size, else the model's ensemble sizes (or its default)."""
+        """One pass at the user's seg_size, else the preset's sizes, else the model's ensemble
+        sizes (or its default)."""
         if self.options.seg_size:
             return (self.options.seg_size,)
+        if self.options.seg_sizes:
+            return self.options.seg_sizes
         from cutout.workers.models.registry import get_model_spec
 
         return get_model_spec(self.options.model).ensemble_sizes or (None,)
@@ -341,8 +344,10 @@ def remove_background(
     0 bg / 128 unknown / 255 fg) replaces the one built from the mask. Keyword overrides
     are PipelineOptions fields; the pipeline (and its model) is reused across calls.
     """
-    base = options or PipelineOptions()
-    opts = PipelineOptions(**{**base.model_dump(), **overrides}) if overrides else base
+    if options is None:  # the preset resolves around the overrides (its model's values stay its own)
+        opts = PipelineOptions(**overrides)
+    else:
+        opts = PipelineOptions(**{**options.model_dump(), **overrides}) if overrides else options
     key = (opts.config_hash(), device)
     pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
     input_alpha, notes = None, []
