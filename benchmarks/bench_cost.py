@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from cutout.jobs.settings import settings
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CUTOUT_EVAL_DATA", REPO.parent / "shared" / "testdata"))
-MODELS_DIR = Path(os.environ.get("CUTOUT_MODELS_DIR", Path.home() / ".cache" / "cutout" / "models"))
+DATA = Path(settings().eval_data)
+MODELS_DIR = Path(settings().models_dir or Path.home() / ".cache" / "cutout" / "models")
 REMBG = Path(os.environ.get("REMBG", REPO / ".cache" / "rembg-venv" / "bin" / "rembg"))
 CUTOUT = [str(REPO / ".venv" / "bin" / "cutout"), "run", "--no-progress"]
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from cutout.jobs.settings import settings
 
-DATA = Path(os.environ.get("CUTOUT_EVAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
+DATA = Path(settings().eval_data)
 SHORT_NAMES = {"isnet-general": "isnet"}
 
 

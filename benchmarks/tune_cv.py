@@ -30,14 +30,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from cutout.jobs.settings import settings
 
-DATA = Path(os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata"))
+DATA = Path(settings().eval_data)
 RAMPS = ((0.0, 1.0), (0.05, 0.55), (0.1, 0.9), (0.25, 0.75))
 # Post-processing variants: (refine, matting band or None for no matting); the winner's band
 # is then tuned among BANDS.

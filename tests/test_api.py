@@ -122,3 +122,14 @@ def test_calls_with_the_same_settings_reuse_one_session():
     cutout.remove_background(rgb, model="threshold")
     cutout.remove_background(rgb, model="threshold", matting="none")
     assert len(api._SESSIONS) == 2
+
+
+def test_presets_and_fusion_are_keywords_too():
+    rgb, inside = disk_on_plain()
+    fast = cutout.Session(preset="fast", model="threshold")
+    assert fast.options.preset == "fast" and fast.options.matting == "none"
+    assert fast.remove(rgb).alpha[inside].mean() > 0.9
+    with pytest.raises(ConfigError):
+        cutout.remove_background(rgb, preset="fastest")
+    fused = cutout.Session(model="threshold+grabcut", fusion="max", matting="none")
+    assert fused.options.fusion == "max" and fused.remove(rgb).alpha[inside].mean() > 0.9

@@ -33,7 +33,7 @@ class _Prepared:
 class Session:
     """A pipeline with its options fixed and its model loaded once, for many calls.
 
-    >>> session = Session(background="color:#ffffff", matting="none")
+    >>> session = Session(preset="fast", background="color:#ffffff")
     >>> result = session.remove("cat.jpg")           # or an array, bytes, PIL image, s3:// URI
     >>> results = session.remove_many(["a.jpg", "b.png"])   # one model batch
     """
@@ -41,7 +41,10 @@ class Session:
     def __init__(
         self,
         *,
+        preset: str | None = None,
         model: str | None = None,
+        fusion: str | None = None,
+        model_sizes: str | dict[str, int] | None = None,
         weights: str | None = None,
         classes: Sequence[str] | None = None,
         seg_size: int | None = None,
@@ -56,7 +59,8 @@ class Session:
         options: PipelineOptions | None = None,
     ):
         chosen = {
-            "model": model, "weights": weights, "classes": classes, "seg_size": seg_size,
+            "preset": preset, "model": model, "fusion": fusion, "model_sizes": model_sizes,
+            "weights": weights, "classes": classes, "seg_size": seg_size,
             "refine": refine, "trimap_band": trimap_band, "matting": matting,
             "background": background, "format": format, "quality": quality,
             "max_pixels": max_pixels,
@@ -102,7 +106,10 @@ _SESSIONS: dict[tuple, Session] = {}
 def remove_background(
     image: ImageInput,
     *,
+    preset: str | None = None,
     model: str | None = None,
+    fusion: str | None = None,
+    model_sizes: str | dict[str, int] | None = None,
     weights: str | None = None,
     classes: Sequence[str] | None = None,
     seg_size: int | None = None,
@@ -122,7 +129,10 @@ def remove_background(
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
     """
     settings = dict(
-        model=model, weights=weights, classes=tuple(classes) if classes else None,
+        preset=preset, model=model, fusion=fusion,
+        model_sizes=",".join(f"{k}={v}" for k, v in sorted(model_sizes.items()))
+        if isinstance(model_sizes, dict) else model_sizes,
+        weights=weights, classes=tuple(classes) if classes else None,
         seg_size=seg_size, refine=refine, trimap_band=trimap_band, matting=matting,
         background=background, format=format, quality=quality, max_pixels=max_pixels,
         device=device,
