@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def run_job(source: Path, dest: Path, model: str) -> tuple[str, str]:
     for shard in shards:
         sharding.write_shard(prefix, shard)
     manifest.save_totals(prefix, sum(len(s.items) for s in shards), len(shards))
+    os.environ["CUTOUT_ALLOWED_SOURCES"] = source.resolve().as_uri() + "/"  # this worker may read them
     for shard in shards:
         started = time.time()
         process_shard(prefix, shard.shard_id)
