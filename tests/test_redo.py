@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cutout.jobs import manifest, storage
-from cutout.jobs.spec import PipelineOptions
+from cutout.jobs import manifest, sharding, storage
 from tests.test_incremental import worker  # noqa: F401  (the module's real worker)
 from tests.test_job_integration import REPO_ROOT
 from tests.test_report_html import build_job
@@ -50,7 +49,10 @@ def test_redo_flagged_outputs_with_other_options(worker, redis_server, tmp_path)
     assert redo.returncode == 0, redo.stderr
     redo_id = redo.stdout.split()[0]
     assert redo_id != job_id and "3 inputs in 1 shards enqueued" in redo.stderr, redo.stderr
-    new_config = PipelineOptions(model="threshold", matting="none", background="color:#00ff00").config_hash()
+    redo_pipeline = manifest.load_spec(sharding.job_prefix(dest, redo_id)).pipeline
+    assert (redo_pipeline.model, redo_pipeline.matting, redo_pipeline.background) == (
+        "threshold", "none", "color:#00ff00")  # the options given; the rest kept from the job
+    new_config = redo_pipeline.config_hash()
 
     # The worker that finishes the redo's last shard refreshes the ORIGINAL job's manifest.
     deadline, rows = time.monotonic() + 90, []
