@@ -3,7 +3,9 @@
 Everyone else calls only the functions at the top of this module. Errors are typed:
 ``NotFoundError`` (missing), ``InputTooLargeError`` (over ``max_bytes``),
 ``TransientStorageError`` (5xx, throttling, timeouts, resets; raised only after our own
-retries with exponential backoff and jitter are exhausted) and ``StorageError`` (the rest).
+retries with exponential backoff and jitter are exhausted), ``NotARegularFileError`` (a pipe,
+socket or device: never opened for a blocking read), ``SourceNotAllowedError`` (outside a
+worker's allowlist, cutout.jobs.allowlist) and ``StorageError`` (the rest).
 
 Writes are atomic: a local write goes to a temp file in the same folder and is renamed into
 place; an S3 PUT is atomic by itself (multipart above ``CUTOUT_S3_MULTIPART_THRESHOLD``).

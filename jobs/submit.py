@@ -133,25 +133,20 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
         suffix=spec.suffix,
         shard_size=spec.shard_size,
     )
-    try:
-        with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
-            def send(shard_id: str) -> None:
-                send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
+    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
+        def send(shard_id: str) -> None:
+            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
 
-            for shard in shards:
-                shards_total += 1
-                items_total += len(shard.items)
-                if shard.shard_id in done:
-                    already_done += 1
-                    continue
-                writer.write_then(shard, send, skip_write=shard.shard_id in written)
-                enqueued += 1
-                if shards_total % PROGRESS_EVERY_SHARDS == 0:
-                    progress.set_total(items_total, shards_total)
-    except CutoutError as exc:
-        if shards_total == 0:
-            raise
-        raise _partly_submitted(exc, spec) from exc
+        for shard in _saying_how_to_finish(shards, spec):
+            shards_total += 1
+            items_total += len(shard.items)
+            if shard.shard_id in done:
+                already_done += 1
+                continue
+            writer.write_then(shard, send, skip_write=shard.shard_id in written)
+            enqueued += 1
+            if shards_total % PROGRESS_EVERY_SHARDS == 0:
+                progress.set_total(items_total, shards_total)
     if shards_total == 0:
         raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
     manifest.save_totals(prefix, items_total, shards_total, skipped=skips.counts, extra_columns=columns.names)
@@ -165,14 +160,23 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
                         skipped=dict(skips.counts))
 
 
-def _partly_submitted(exc: CutoutError, spec: JobSpec) -> CutoutError:
-    """The same error, saying how to finish: shards sent so far stay valid (their files are
-    reused and a done shard is never redone), so submitting again completes the job."""
-    return type(exc)(
-        f"{exc}. Job {spec.job_id} is only partly submitted: run the same `cutout submit` again, "
-        f"or `cutout resume {spec.job_id} --dest {spec.destination}`, to finish submitting it",
-        stage=exc.stage,
-    )
+def _saying_how_to_finish(shards, spec: JobSpec):
+    """Shards passed through; a listing that fails after the first shard re-raises its error
+    saying how to finish. Shards sent so far stay valid (their files are reused, a done shard
+    is never redone), so submitting again, or resuming, completes the job."""
+    started = False
+    try:
+        for shard in shards:
+            started = True
+            yield shard
+    except CutoutError as exc:
+        if not started:
+            raise
+        raise type(exc)(
+            f"{exc}. Job {spec.job_id} is only partly submitted: run the same `cutout submit` again, "
+            f"or `cutout resume {spec.job_id} --dest {spec.destination}`, to finish submitting it",
+            stage=exc.stage,
+        ) from exc
 
 
 class ExtraColumns:
