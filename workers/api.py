@@ -16,6 +16,7 @@ import numpy as np
 from cutout.jobs.errors import ConfigError, CutoutError
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.pipeline import CutoutResult, Pipeline
+from cutout.workers.stages import run_stage
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, np.ndarray, Any]
 _REMOTE_SCHEMES = ("s3://", "http://", "https://", "file://")
@@ -28,6 +29,7 @@ class _Prepared:
     rgb: np.ndarray
     alpha: np.ndarray | None
     name: str
+    notes: tuple[str, ...] = ()
 
 
 class Session:
@@ -69,35 +71,49 @@ class Session:
         self.pipeline = Pipeline(self.options, device=device)
 
     def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
-        """One image → its cutout. Raises a typed ``CutoutError`` for a bad input."""
-        prepared = _prepare(image, self.options.max_pixels)
-        mask = self.pipeline.segment([prepared.rgb])[0]
+        """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage)."""
+        timings: dict[str, float] = {}
+        prepared = _prepare(image, self.options.max_pixels, timings)
+        (mask,) = self.pipeline.masks([prepared.rgb], [timings])
         if trimap is not None:
             from cutout.workers.trimap import normalise_trimap
 
-            trimap = normalise_trimap(trimap, prepared.rgb.shape[:2])
-        return self.pipeline.finish(prepared.rgb, mask, input_alpha=prepared.alpha, trimap=trimap)
+            trimap = run_stage(timings, "trimap", normalise_trimap, trimap, prepared.rgb.shape[:2])
+        return self._finish(prepared, mask, timings, trimap)
 
     def remove_many(self, images: Iterable[ImageInput]) -> list[CutoutResult | CutoutError]:
         """A batch: the good inputs go through the model together; a bad one gets its error
         in its place in the list and never fails its neighbours."""
         results: list[CutoutResult | CutoutError] = []
-        prepared: dict[int, _Prepared] = {}
+        ready: dict[int, tuple[_Prepared, dict[str, float]]] = {}
         for index, image in enumerate(images):
             results.append(CutoutError("not processed"))
+            timings: dict[str, float] = {}
             try:
-                prepared[index] = _prepare(image, self.options.max_pixels)
+                ready[index] = (_prepare(image, self.options.max_pixels, timings), timings)
             except CutoutError as exc:
                 results[index] = exc
-        if not prepared:
+        if not ready:
             return results
-        masks = self.pipeline.segment([item.rgb for item in prepared.values()])
-        for (index, item), mask in zip(prepared.items(), masks):
+        masks = self.pipeline.masks([item.rgb for item, _ in ready.values()],
+                                    [timings for _, timings in ready.values()])
+        for (index, (item, timings)), mask in zip(ready.items(), masks):
             try:
-                results[index] = self.pipeline.finish(item.rgb, mask, input_alpha=item.alpha)
+                results[index] = self._finish(item, mask, timings)
             except CutoutError as exc:
                 results[index] = exc
         return results
+
+    def _finish(self, prepared: "_Prepared", mask: np.ndarray, timings: dict[str, float],
+                trimap: np.ndarray | None = None) -> CutoutResult:
+        """Trimap → matte → composite; the result carries every stage's seconds and the notes
+        decoding left (an ignored ICC profile, say)."""
+        result = self.pipeline.finish(prepared.rgb, mask, input_alpha=prepared.alpha, trimap=trimap)
+        for stage, seconds in result.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        result.timings = timings
+        result.notes = list(prepared.notes) + result.notes
+        return result
 
 
 _SESSIONS: dict[tuple, Session] = {}
@@ -150,6 +166,8 @@ def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
 
     from cutout.jobs.cli_options import validation_message
 
+    if base is not None and not chosen:
+        return base
     fields = {**base.model_dump(), **chosen} if base is not None else chosen
     try:
         return PipelineOptions(**fields)
@@ -157,31 +175,29 @@ def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
         raise ConfigError(validation_message(exc)) from exc
 
 
-def _prepare(image: ImageInput, max_pixels: int) -> _Prepared:
-    """Any supported input → RGB (+ the alpha it carried)."""
+def _prepare(image: ImageInput, max_pixels: int, timings: dict[str, float]) -> _Prepared:
+    """Any supported input → RGB (+ the alpha it carried); decoding is timed as its stage."""
     from cutout.workers.decode import decode_image
 
-    if isinstance(image, (bytes, bytearray)):
-        return _decoded(decode_image(bytes(image), max_pixels=max_pixels), "bytes")
     if isinstance(image, np.ndarray):
         rgb, alpha = _split_array(image)
         return _Prepared(rgb, alpha, "array")
-    if isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
-        decoded = decode_image(_read(name), max_pixels=max_pixels, name=name)
-        return _decoded(decoded, name)
     if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
         mode = "RGBA" if "A" in image.getbands() else "RGB"
         rgb, alpha = _split_array(np.asarray(image.convert(mode)))
         return _Prepared(rgb, alpha, "PIL image")
-    raise ConfigError(
-        f"unsupported image input {type(image).__name__}: give a path, URI, bytes, "
-        "a uint8 array or a PIL image"
-    )
-
-
-def _decoded(decoded, name: str) -> _Prepared:
-    return _Prepared(decoded.rgb, decoded.alpha, name)
+    if isinstance(image, (bytes, bytearray)):
+        data, name = bytes(image), ""
+    elif isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        data = _read(name)
+    else:
+        raise ConfigError(
+            f"unsupported image input {type(image).__name__}: give a path, URI, bytes, "
+            "a uint8 array or a PIL image"
+        )
+    decoded = run_stage(timings, "decode", decode_image, data, max_pixels=max_pixels, name=name)
+    return _Prepared(decoded.rgb, decoded.alpha, name or "bytes", tuple(decoded.notes))
 
 
 def _read(name: str) -> bytes:

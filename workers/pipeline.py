@@ -327,7 +327,7 @@ def _default_reader() -> Callable[[str], bytes]:
     return storage.read_bytes
 
 
-_PIPELINES: dict[tuple, Pipeline] = {}
+_PIPELINES: dict[tuple, object] = {}  # one cutout.workers.api.Session per (options, device)
 
 
 def remove_background(
@@ -338,55 +338,18 @@ def remove_background(
     trimap: np.ndarray | None = None,
     **overrides,
 ) -> CutoutResult:
-    """Typed one-call API: ``remove_background(rgb_array_or_path_or_bytes, background="blur")``.
-
-    ``image`` may be a uint8 RGB array, a PIL image, raw bytes or a path. ``trimap`` (gray,
-    0 bg / 128 unknown / 255 fg) replaces the one built from the mask. Keyword overrides
-    are PipelineOptions fields; the pipeline (and its model) is reused across calls.
+    """``cutout.remove_background`` for callers holding ``PipelineOptions`` (benchmarks, eval):
+    ``options`` and/or field overrides; the work is ``cutout.workers.api.Session.remove``, and
+    the session (its model) is reused across calls with the same options.
     """
+    from cutout.workers.api import Session
+
     if options is None:  # the preset resolves around the overrides (its model's values stay its own)
         opts = PipelineOptions(**overrides)
     else:
         opts = PipelineOptions(**{**options.model_dump(), **overrides}) if overrides else options
     key = (opts.config_hash(), device)
-    pipeline = _PIPELINES.setdefault(key, Pipeline(opts, device=device))
-    input_alpha, notes = None, []
-    timings: dict[str, float] = {}
-    if isinstance(image, (bytes, bytearray, str)) or hasattr(image, "__fspath__"):
-        from cutout.workers.decode import decode_image
-
-        data, name = _input_bytes(image)
-        decoded = run_stage(timings, "decode", decode_image, data, max_pixels=opts.max_pixels,
-                            name=name)
-        rgb, input_alpha, notes = decoded.rgb, decoded.alpha, list(decoded.notes)
-    elif isinstance(image, np.ndarray):
-        rgb = _as_rgb_array(image)
-    else:  # a PIL image
-        rgb = _as_rgb_array(np.asarray(image.convert("RGB")))
-    mask = pipeline.masks([rgb], [timings])[0]
-    if trimap is not None:
-        from cutout.workers.trimap import normalise_trimap
-
-        trimap = run_stage(timings, "trimap", normalise_trimap, trimap, rgb.shape[:2])
-    result = pipeline.finish(rgb, mask, input_alpha=input_alpha, trimap=trimap)
-    for stage, seconds in result.timings.items():
-        timings[stage] = timings.get(stage, 0.0) + seconds
-    result.timings = timings
-    result.notes = notes + result.notes
-    return result
-
-
-def _input_bytes(image) -> tuple[bytes, str]:
-    """Bytes or a path → (bytes, the name that labels a decode error)."""
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image), ""
-    with open(image, "rb") as handle:
-        return handle.read(), str(image)
-
-
-def _as_rgb_array(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        from cutout.jobs.errors import ConfigError
-
-        raise ConfigError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
-    return np.ascontiguousarray(array)
+    session = _PIPELINES.get(key)
+    if session is None:
+        session = _PIPELINES[key] = Session(options=opts, device=device)
+    return session.remove(image, trimap=trimap)
