@@ -10,7 +10,7 @@ Quality is scored on the outputs written: whole-image SAD / MSE against the 27 a
 mattes, IoU (alpha >= 0.5, the 128 band left out) against the 50 GrabCut masks.
 
 rembg lives in its own venv (never the project's): ``python3 -m venv .cache/rembg-venv &&
-.cache/rembg-venv/bin/pip install "rembg[cli]==2.0.86"``. It cannot download weights here, so
+.cache/rembg-venv/bin/pip install "rembg[cpu,cli]==2.0.86"`` (rembg 2.0.86 needs the cpu extra for onnxruntime). It cannot download weights here, so
 it gets our IS-Net file through its custom-model session (``-m dis_custom -x '{"model_path": F}'``,
 with ``U2NET_HOME`` set to our models folder: rembg only loads custom files from its own).
 Its IS-Net preprocessing matches ours (RGB, ``x/255 - 0.5``, std 1.0, 1024²) except that it

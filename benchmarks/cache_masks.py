@@ -7,8 +7,8 @@ float16 .npy at the photo's own size, and cost.json with the model's CPU-seconds
 
     .venv/bin/python benchmarks/cache_masks.py --cache .cache/masks \\
         isnet-general:512 isnet-general:640 isnet-general:768 isnet-general:1024 \\
-        modnet:384 modnet:512 u2netp:320
-Folders are named isnet_<size>, modnet_<size>, u2netp_<size> (what tune_cv.py reads).
+        modnet:384 modnet:512 u2netp:320 isnet-general:768:flip
+Folders are named isnet_<size>, modnet_<size>, u2netp_<size>, isnet_<size>f for flipped (what tune_cv.py reads).
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ def photos() -> list[tuple[str, Path]]:
     return [("am", p) for p in am] + [("gc", p) for p in gc]
 
 
-def cache_model(cache: Path, model: str, size: int) -> None:
+def cache_model(cache: Path, model: str, size: int, flip: bool = False) -> None:
+    """``flip``: the network sees the mirrored photo and its mask is mirrored back (folder
+    ``<model>_<size>f``), for test-time flip averaging."""
     from cutout.jobs.spec import PipelineOptions
     from cutout.workers.segment import get_segmenter
 
-    folder = cache / f"{SHORT_NAMES.get(model, model)}_{size}"
+    folder = cache / f"{SHORT_NAMES.get(model, model)}_{size}{'f' if flip else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     todo = [(s, p) for s, p in photos() if not (folder / f"{s}_{p.stem}.npy").exists()]
     if not todo:
@@ -47,8 +49,12 @@ def cache_model(cache: Path, model: str, size: int) -> None:
     cpu, wall = [], []
     for dataset, path in todo:
         rgb = np.asarray(Image.open(path).convert("RGB"))
+        if flip:
+            rgb = np.ascontiguousarray(rgb[:, ::-1])
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         mask = segmenter.predict([rgb])[0]
+        if flip:
+            mask = mask[:, ::-1]
         cpu.append(time.process_time() - cpu_start)
         wall.append(time.perf_counter() - wall_start)
         np.save(folder / f"{dataset}_{path.stem}.npy", mask.astype(np.float16))
@@ -91,12 +97,18 @@ def main() -> None:
                         help="only re-measure the CPU cost of every job, interleaved, on N photos")
     parser.add_argument("jobs", nargs="+", metavar="MODEL:SIZE")
     args = parser.parse_args()
-    jobs = [(job.rsplit(":", 1)[0], int(job.rsplit(":", 1)[1])) for job in args.jobs]
+    jobs = [parse_job(job) for job in args.jobs]
     if args.recost:
-        recost(Path(args.cache), jobs, args.recost)
+        recost(Path(args.cache), [(model, size) for model, size, _flip in jobs], args.recost)
         return
-    for model, size in jobs:
-        cache_model(Path(args.cache), model, size)
+    for model, size, flip in jobs:
+        cache_model(Path(args.cache), model, size, flip)
+
+
+def parse_job(job: str) -> tuple[str, int, bool]:
+    """``MODEL:SIZE`` or ``MODEL:SIZE:flip``."""
+    parts = job.split(":")
+    return parts[0], int(parts[1]), parts[2:] == ["flip"]
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ on A and reports on B; fold 2 the reverse; "all" applies the same procedure to a
 (the shipped defaults).
 
 Criterion (lower is better), each term relative to a rembg-like raw mask on the same images
-(one IS-Net pass at 768, no post-processing; 1024 was too slow to cache on the shared machine
-this ran on), so the four weigh the same:
+(one IS-Net pass at 1024, no post-processing), so the four weigh the same:
     J = mean(SAD_am / SAD_am_ref, MSE_am / MSE_am_ref,
              (1 - IoU_gc) / (1 - IoU_gc_ref), MSE_gc / MSE_gc_ref)
 over the half's means (am: alphamatting alpha; gc: GrabCut masks, 128 band left out).
@@ -23,7 +22,14 @@ CACHE/<model>_<size>/<set>_<stem>.npy with CACHE/<model>_<size>/cost.json (model
 image and load CPU-s), written by benchmarks/cache_masks.py.
 
     .venv/bin/python benchmarks/cache_masks.py isnet-general:640 modnet:512 ...   # slow, once
-    .venv/bin/python benchmarks/tune_cv.py --cache .cache/masks            # prints both folds
+    .venv/bin/python benchmarks/cache_masks.py --recost 6 isnet-general:640 ...   # costs, interleaved
+    .venv/bin/python benchmarks/bench_cost.py --settings rembg-a isnet-1024 --sets am
+    .venv/bin/python benchmarks/tune_cv.py --cache .cache/masks --rembg-a-cpu X    # both folds
+
+Budgets: rembg -a's CPU-s comes from bench_cost.py (whole process) and the masks' costs from
+cache_masks.py (per call, interleaved); the two count differently, so ``--rembg-a-cpu`` is rembg
+-a's bench figure scaled into the cache's units by the one setting both measure, a raw IS-Net
+pass at 1024: X = rembg_a_bench × (cache estimate of isnet@1024 / bench isnet-1024).
 """
 from __future__ import annotations
 
@@ -45,13 +51,20 @@ POSTS = tuple(itertools.product(("none", "grabcut"), (None, 0.01)))
 BANDS = (0.005, 0.01, 0.02)
 FIXED_CPU = 0.15  # imports, decode, foreground, composite, encode per photo, CPU-s (bench_cost.py)
 IMAGES_PER_RUN = 27  # model load is amortised over a 27-photo run, as bench_cost.py measures
-# CPU-s per image each preset may spend: 1/4, 1/2 and 1x of `rembg p -a` on the same IS-Net,
-# 7.73 CPU-s per photo whole process (bench_cost.py, 2026-11-25). The estimates below come from
-# model costs re-measured under heavy load, about 20 % above what bench_cost.py then measured
-# for the same settings, so the budgets are conservative.
-REMBG_A_CPU = 7.73
+# CPU-s per image each preset may spend: 1/4, 1/2 and 1x of `rembg p -a` on the same IS-Net, in
+# the cache's units (see the module docstring). Second study, 2026-11-25: rembg -a 10.04 CPU-s
+# per photo and cutout's raw 1024 pass 4.91 (bench_cost.py, interleaved), the cache's estimate
+# of that pass 5.96, so rembg -a = 10.04 × 5.96 / 4.91 = 12.2 here.
+REMBG_A_CPU = 12.2
 BUDGETS = {"fast": REMBG_A_CPU / 4, "balanced": REMBG_A_CPU / 2, "best": REMBG_A_CPU}
-REFERENCE = ("isnet@768", (0.0, 1.0), ("none", None))
+
+
+def set_budgets(rembg_a_cpu: float) -> None:
+    """Each preset's CPU-s per photo: 1/4, 1/2 and 1x of rembg -a (same units as the cache)."""
+    BUDGETS.update(fast=rembg_a_cpu / 4, balanced=rembg_a_cpu / 2, best=rembg_a_cpu)
+
+
+REFERENCE = ("isnet@1024", (0.0, 1.0), ("none", None))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -94,7 +107,7 @@ class Masks:
         parts = [self._single(m, dataset, stem) for m in members.split(",")]
         if len(parts) == 1:
             return parts[0]
-        return np.maximum(*parts) if rule == "max" else np.mean(parts, axis=0)
+        return np.max(parts, axis=0) if rule == "max" else np.mean(parts, axis=0)
 
     def _single(self, member: str, dataset: str, stem: str) -> np.ndarray:
         model, sizes = member.split("@")
@@ -118,13 +131,18 @@ class Masks:
 
 
 def candidate_sources(masks: Masks) -> list[str]:
+    """IS-Net single passes, size ensembles (mean and max of views), flipped views, and the
+    MODNet/u2netp fusions of the first study (kept so the tables stay comparable)."""
     isnet = [f"isnet@{s}" for s in (448, 512, 640, 768, 896, 1024)]
-    ens = ["isnet@640+768", "isnet@768+1024", "isnet@768+896+1024", "isnet@512+768"]
+    means = ["isnet@640+768", "isnet@768+1024", "isnet@768+896+1024", "isnet@512+768", "isnet@768+768f"]
+    views = [f"max:{','.join(f'isnet@{s}' for s in sizes)}" for sizes in (
+        ("512", "768"), ("640", "768"), ("640", "896"), ("768", "896"), ("768", "1024"),
+        ("896", "1024"), ("768", "768f"), ("640", "640f"), ("640", "768", "896"), ("768", "896", "1024"))]
     modnet = [f"modnet@{s}" for s in (320, 384, 512)]
     fused = [f"{rule}:isnet@{i},modnet@{m}" for rule in ("max", "mean")
              for i in (512, 640, 768, 1024) for m in (384, 512)]
     small = [f"{rule}:u2netp@320,modnet@384" for rule in ("max", "mean")]
-    sources = isnet + ens + modnet + ["u2netp@320"] + small + fused
+    sources = isnet + means + views + modnet + ["u2netp@320"] + small + fused
     return [s for s in sources if all(masks.available(m) for m in masks.members(s))]
 
 
@@ -274,7 +292,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default=".cache/masks", help="folder of cached raw masks")
     parser.add_argument("--scores", default=None, help="JSON file to keep per-image scores between runs")
+    parser.add_argument("--rembg-a-cpu", type=float, default=REMBG_A_CPU,
+                        help="rembg -a's CPU-s per photo measured with the costs in the cache (sets the budgets)")
     args = parser.parse_args()
+    set_budgets(args.rembg_a_cpu)
     masks = Masks(Path(args.cache))
     data = samples()
     scores_path = Path(args.scores or Path(args.cache) / "scores.json")

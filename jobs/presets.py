@@ -8,9 +8,10 @@ job and must resolve it without importing the workers.
 Each entry is split in two: ``common`` applies whatever the model; ``model_settings`` applies
 only when the job runs the preset's own model (sizes, ramp and refinement were chosen for that
 network, so another model keeps the defaults its registry entry measured for it).
-Values were chosen by cross-validation over both visible sets (benchmarks/tune_cv.py): the
-setting within each preset's CPU budget whose criterion on the WORSE of the two halves is lowest
-(the per-half choices disagreed: MODNet fusions won on one half and lost badly on the other).
+Values were chosen by cross-validation over both visible sets (benchmarks/tune_cv.py, second
+study in docs/results.md): the setting within each preset's CPU budget (1/4, 1/2 and 1x of
+``rembg p -a``) whose criterion on the WORSE of the two halves is lowest (the per-half choices
+disagree on details; MODNet fusions win on one half and lose badly on the other).
 """
 from __future__ import annotations
 
@@ -20,28 +21,31 @@ PresetName = Literal["fast", "balanced", "best"]
 DEFAULT_PRESET: PresetName = "balanced"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CV (docs/results.md): one IS-Net pass at 640, raw. Every cheaper network (u2netp, MODNet,
-    # their fusions) and IS-Net at 448/512 did worse on the half they were not tuned on.
+    # CV (docs/results.md, second study): one IS-Net pass at 640, grey mapped up (ramp
+    # 0.05..0.55), GrabCut, closed-form matting in a 1 % band. u2netp, MODNet and their fusions
+    # were cheaper or better on one half and much worse on the other.
     "fast": {
         "model": "isnet-general",
-        "common": {"matting": "none", "trimap_band": 0.01},
-        "model_settings": {"seg_sizes": (640,), "mask_ramp": (0.0, 1.0), "refine": "none"},
+        "common": {"matting": "closed-form", "trimap_band": 0.01},
+        "model_settings": {"seg_sizes": (640,), "size_rule": "mean", "mask_ramp": (0.05, 0.55),
+                           "refine": "grabcut"},
     },
-    # CV pick within half of rembg -a's CPU (and within all of it): one pass at 768, IS-Net's
-    # grey mapped up (ramp 0.05..0.55), GrabCut refinement, closed-form matting in a 0.5 % band.
+    # CV pick within half of rembg -a's CPU: one pass at 896 (no single size did better on both
+    # halves; 768 failed on half B's photos), ramp 0.05..0.55, GrabCut, matting in a 0.5 % band.
     "balanced": {
         "model": "isnet-general",
         "common": {"matting": "closed-form", "trimap_band": 0.005},
-        "model_settings": {"seg_sizes": (768,), "mask_ramp": (0.05, 0.55), "refine": "grabcut"},
+        "model_settings": {"seg_sizes": (896,), "size_rule": "mean", "mask_ramp": (0.05, 0.55),
+                           "refine": "grabcut"},
     },
-    # balanced with the 768/896/1024 size ensemble (about twice the model CPU). Not a CV
-    # candidate (896/1024 masks could not be cached in time); measured before: the ensemble's raw
-    # mask beats one pass on both sets (GrabCut IoU 0.877 vs 0.866 at 768).
+    # CV pick within rembg -a's CPU: passes at 768 and 896 combined by max (IS-Net fails by
+    # leaving parts grey, at different sizes on different photos), ramp, no GrabCut (it did not
+    # help this mask on the worse half), matting in a 1 % band.
     "best": {
         "model": "isnet-general",
-        "common": {"matting": "closed-form", "trimap_band": 0.005},
-        "model_settings": {"seg_sizes": (768, 896, 1024), "mask_ramp": (0.05, 0.55),
-                           "refine": "grabcut"},
+        "common": {"matting": "closed-form", "trimap_band": 0.01},
+        "model_settings": {"seg_sizes": (768, 896), "size_rule": "max", "mask_ramp": (0.05, 0.55),
+                           "refine": "none"},
     },
 }
 

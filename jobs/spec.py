@@ -96,8 +96,11 @@ class PipelineOptions(BaseModel):
     # Input size per component of a fused model, e.g. {"isnet-general": 1024, "modnet": 512}; beats
     # seg_size for that model. Parsed from "NAME=SIZE,NAME=SIZE"; kept sorted (stable hash).
     model_sizes: tuple[tuple[str, int], ...] = ()
-    # Input sides whose masks are averaged (None: the model's own); seg_size, when set, wins.
+    # Input sides of the passes (None: the model's own); seg_size, when set, wins.
     seg_sizes: tuple[int, ...] | None = None
+    # How several passes combine: "mean" averages; "max" keeps a pixel any pass is sure of (IS-Net
+    # fails by leaving parts of the subject grey, and at different sizes on different photos).
+    size_rule: Literal["mean", "max"] = "mean"
     # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
     mask_ramp: tuple[float, float] | None = None
     # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).

@@ -71,3 +71,23 @@ def test_keyword_model_override_does_not_inherit_the_presets_isnet_settings():
     plain = Pipeline(PipelineOptions(model="threshold", matting="none", refine="none"))
     np.testing.assert_array_equal(result.mask, plain.segment([rgb])[0])
     assert plain.mask_ramp == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("rule, expected", [("mean", 0.5), ("max", 0.8)])
+def test_size_rule_combines_the_passes(monkeypatch, rule, expected):
+    """Passes at several sizes are averaged ("mean") or the surest pass wins per pixel ("max")."""
+    import numpy as np
+
+    per_size = {512: 0.2, 768: 0.8}
+    options = PipelineOptions(model="isnet-general", seg_sizes=(512, 768), size_rule=rule, mask_ramp=(0.0, 1.0))
+    pipeline = Pipeline(options)
+    monkeypatch.setattr(pipeline, "segment_at",
+                        lambda images, size: [np.full(image.shape[:2], per_size[size], np.float32) for image in images])
+    mask = pipeline.segment([np.zeros((4, 6, 3), np.uint8)])[0]
+    assert mask.shape == (4, 6) and np.allclose(mask, expected)
+
+
+def test_size_rule_is_checked_and_hashed():
+    with pytest.raises((ConfigError, ValueError)):
+        PipelineOptions(size_rule="median")
+    assert PipelineOptions(size_rule="max").config_hash() != PipelineOptions(size_rule="mean").config_hash()

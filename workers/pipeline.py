@@ -124,11 +124,12 @@ class Pipeline:
         return time.perf_counter() - start
 
     def segment_raw(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """The model's soft masks, averaged over ``seg_sizes``."""
+        """The model's soft masks over ``seg_sizes``, combined by ``options.size_rule``."""
         per_size = [self.segment_at(images, size) for size in self.seg_sizes]
         if len(per_size) == 1:
             return per_size[0]
-        return [np.mean(masks, axis=0).astype(np.float32) for masks in zip(*per_size)]
+        combine = np.max if self.options.size_rule == "max" else np.mean
+        return [combine(masks, axis=0).astype(np.float32) for masks in zip(*per_size)]
 
     def segment_at(self, images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
         """One size; on device OOM retry one by one, then at half the size, then on CPU."""
