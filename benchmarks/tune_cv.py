@@ -131,8 +131,8 @@ class Masks:
 
 
 def candidate_sources(masks: Masks) -> list[str]:
-    """IS-Net single passes, size ensembles (mean and max of views), flipped views, and the
-    MODNet/u2netp fusions of the first study (kept so the tables stay comparable)."""
+    """IS-Net single passes, size ensembles (mean and max of views), flipped views, IS-Net fused
+    with u2netp, and the MODNet/u2netp fusions of the first study (kept so the tables compare)."""
     isnet = [f"isnet@{s}" for s in (448, 512, 640, 768, 896, 1024)]
     means = ["isnet@640+768", "isnet@768+1024", "isnet@768+896+1024", "isnet@512+768", "isnet@768+768f"]
     views = [f"max:{','.join(f'isnet@{s}' for s in sizes)}" for sizes in (
@@ -142,7 +142,8 @@ def candidate_sources(masks: Masks) -> list[str]:
     fused = [f"{rule}:isnet@{i},modnet@{m}" for rule in ("max", "mean")
              for i in (512, 640, 768, 1024) for m in (384, 512)]
     small = [f"{rule}:u2netp@320,modnet@384" for rule in ("max", "mean")]
-    sources = isnet + means + views + modnet + ["u2netp@320"] + small + fused
+    with_u2netp = [f"{rule}:isnet@{i},u2netp@320" for rule in ("max", "mean") for i in (512, 640, 768)]
+    sources = isnet + means + views + modnet + ["u2netp@320"] + small + fused + with_u2netp
     return [s for s in sources if all(masks.available(m) for m in masks.members(s))]
 
 

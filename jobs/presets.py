@@ -21,14 +21,14 @@ PresetName = Literal["fast", "balanced", "best"]
 DEFAULT_PRESET: PresetName = "balanced"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CV (docs/results.md, second study): one IS-Net pass at 640, grey mapped up (ramp
-    # 0.05..0.55), GrabCut, closed-form matting in a 1 % band. u2netp, MODNet and their fusions
-    # were cheaper or better on one half and much worse on the other.
+    # CV (docs/results.md, second study): the mean of IS-Net at 512 and u2netp at 320 (two cheap
+    # networks that fail on different photos), grey mapped up (ramp 0.05..0.55), GrabCut,
+    # closed-form matting in a 1 % band. Needs both weights (`cutout models fetch u2netp`).
     "fast": {
-        "model": "isnet-general",
+        "model": "isnet-general+u2netp",
         "common": {"matting": "closed-form", "trimap_band": 0.01},
-        "model_settings": {"seg_sizes": (640,), "size_rule": "mean", "mask_ramp": (0.05, 0.55),
-                           "refine": "grabcut"},
+        "model_settings": {"fusion": "mean", "model_sizes": (("isnet-general", 512),),
+                           "mask_ramp": (0.05, 0.55), "refine": "grabcut"},
     },
     # CV pick within half of rembg -a's CPU: one pass at 896 (no single size did better on both
     # halves; 768 failed on half B's photos), ramp 0.05..0.55, GrabCut, matting in a 0.5 % band.
