@@ -110,7 +110,7 @@ def _debug_setting() -> bool:
 
 def describe_error(exc: BaseException) -> tuple[int, str]:
     """Exit code and one line (secrets removed) for an error that reached the top."""
-    from cutout.jobs.errors import ConfigError, CutoutError, ServiceUnavailableError
+    from cutout.jobs.errors import ConfigError, CutoutError, MissingWeightsError, ServiceUnavailableError
     from cutout.jobs.redact import redact as redact_url
 
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -120,7 +120,7 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
         return EXIT_UNREACHABLE, redact_url(
             f"cannot reach Redis: {text}; is redis-server running? check CUTOUT_BROKER_URL / "
             "CUTOUT_REDIS_URL or --broker / --redis")
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, MissingWeightsError)):  # the message names the fix
         return EXIT_USAGE, redact_url(text)
     if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
         return EXIT_USAGE, (f"this command needs the worker extra (module {exc.name!r} is missing): "

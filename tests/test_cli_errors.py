@@ -111,6 +111,13 @@ def test_unreadable_image_background_is_refused_before_any_work(inputs, tmp_path
     assert not (tmp_path / "out").exists() and not (tmp_path / "dest").exists()
 
 
+def test_missing_weights_are_a_setup_error_naming_the_fetch_command(inputs, tmp_path):
+    """The fast preset runs IS-Net and u2netp: with neither fetched, exit 2 and the command."""
+    result = cutout_cli("run", str(inputs), "--out", str(tmp_path / "out"), "--preset", "fast",
+                        env={"CUTOUT_MODELS_DIR": str(tmp_path / "no-models")})
+    assert_one_line(result, 2, "not found", "run: cutout models fetch")
+
+
 def test_missing_worker_extra_says_what_to_install(inputs, tmp_path):
     blocker = tmp_path / "blocker" / "torch"
     blocker.mkdir(parents=True)
