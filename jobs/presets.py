@@ -35,8 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "balanced": {
         "model": "isnet-general",
         "common": {"matting": "closed-form", "trimap_band": 0.005},
-        "model_settings": {"seg_sizes": (896,), "size_rule": "mean", "mask_ramp": (0.05, 0.55),
-                           "refine": "grabcut"},
+        "model_settings": {"seg_sizes": (896,), "mask_ramp": (0.05, 0.55), "refine": "grabcut"},
     },
     # CV pick within rembg -a's CPU: passes at 768 and 896 combined by max (IS-Net fails by
     # leaving parts grey, at different sizes on different photos), ramp, no GrabCut (it did not
