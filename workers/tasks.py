@@ -22,9 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cutout.jobs import manifest, sharding
+from cutout.jobs import manifest, manifest_parts, sharding
 from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError, WorkerError
-from cutout.jobs.layout import check_task
+from cutout.jobs.layout import JobLayout, check_task
 from cutout.jobs.progress import hold_shard, release_shard
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
 from cutout.jobs.records import ItemRecord, ShardStats
@@ -43,6 +43,9 @@ UNEXPECTED_RETRIES = settings().unexpected_retries
 UNEXPECTED_BACKOFF_S = settings().unexpected_backoff_s
 # When even recording a failed shard fails, its message comes back this often, never lost.
 RECORD_FAILED_RETRY_S = 600
+TASK_BUILD_MANIFEST_GROUP = "cutout.build_manifest_group"
+# A group finished before submit wrote totals.json waits for it: this often, this many times.
+GROUP_WAIT_S, GROUP_WAIT_TRIES = 30, 240
 
 
 @lru_cache(maxsize=1)
@@ -106,19 +109,38 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
         telemetry.SHARDS.labels("skipped").inc()
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
     _observe(job_prefix, run)
-    _assemble_if_last(job_prefix)
+    _build_group_if_complete(job_prefix, shard_id)
     return {"shard_id": shard_id, "counts": run.stats.counts}
 
 
-def _assemble_if_last(job_prefix: str) -> None:
-    """The worker that finishes a job's last shard writes its manifest (race-safe, idempotent).
-    A failure here loses nothing: the records are durable and `cutout report` assembles it."""
+def _build_group_if_complete(job_prefix: str, shard_id: str) -> None:
+    """The worker that finishes a group's last shard writes (or queues) that group's manifest
+    part. A failure here loses nothing: the records are durable and `cutout report` builds it."""
     try:
         spec = load_spec_cached(job_prefix)
-        manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))
+        manifest_parts.after_shard(job_prefix, shard_id, live_progress(spec.job_id), _send_group)
     except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
-        log.warning("manifest of %s not assembled now (%s); `cutout report` will", job_prefix,
+        log.warning("manifest part of shard %s not written now (%s); `cutout report` will", shard_id,
                     type(exc).__name__)
+
+
+def _send_group(job_prefix: str, group: int) -> None:
+    queue = load_spec_cached(job_prefix).queue
+    build_manifest_group_task.apply_async(kwargs={"job_prefix": job_prefix, "group": group}, queue=queue)
+
+
+@app.task(name=TASK_BUILD_MANIFEST_GROUP, bind=True, acks_late=True, autoretry_for=TRANSIENT_ERRORS,
+          retry_backoff=2, retry_backoff_max=300, retry_jitter=True, max_retries=settings().task_max_retries)
+def build_manifest_group_task(self, job_prefix: str, group: int) -> dict:
+    """Write one group's manifest part and roll-up: reads that group only (a few minutes at most
+    for 10^6 rows), never the whole job."""
+    JobLayout.from_prefix(job_prefix)  # a forged message is refused before anything is read
+    if not isinstance(group, int) or group < 0:
+        raise Reject(f"not a group index: {group!r}", requeue=False)
+    result = manifest_parts.build_and_propagate(job_prefix, group, _send_group)
+    if result.reason == manifest_parts.WAITING_FOR_SUBMIT:
+        raise self.retry(countdown=GROUP_WAIT_S, max_retries=GROUP_WAIT_TRIES)
+    return {"group": group, "written": result.written, "rows": result.rows, "reason": result.reason}
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
@@ -180,7 +202,7 @@ def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
                   shard_id, type(exc).__name__, RECORD_FAILED_RETRY_S)
         raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
     telemetry.SHARDS.labels("recorded_failed").inc()
-    _assemble_if_last(job_prefix)  # a recorded failure can be the job's last shard too
+    _build_group_if_complete(job_prefix, shard_id)  # a recorded failure can end a group too
     return {"shard_id": shard_id, "counts": counts}
 
 
@@ -210,7 +232,7 @@ def record_failed_shard(job_prefix: str, shard_id: str, error: CutoutError, *,
                        started_at=started, finished_at=time.time(), worker=worker_name, attempt=attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
     try:
-        live_progress(spec.job_id).shard_finished(shard_id, counts)
+        live_progress(spec.job_id).shard_finished(shard_id, records)
     except RedisError as exc:
         log.warning("live progress update failed (records are still written): %s", exc)
     return counts
