@@ -150,8 +150,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     ref = find_job(args.job, destination=args.dest, redis_url=args.redis)
     if args.verify:
         return _print_durable(ref, verify=True)
+    from redis.exceptions import RedisError
+
     progress = live_progress(redis_client(args.redis), ref.job_id)
-    snapshot = progress.snapshot()
+    try:
+        snapshot = progress.snapshot()
+    except RedisError:  # Redis down: the job's files still answer
+        return _print_durable(ref, verify=False)
     if snapshot.shards_total == 0:  # Redis lost the job (or submit has not started it)
         return _print_durable(ref, verify=False)
     if not args.watch:

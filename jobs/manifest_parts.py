@@ -292,6 +292,21 @@ def read_part(job_prefix: str, group: int, columns: list[str] | None = None):
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
+def iter_rows(job_prefix: str, threads: int = 8) -> Iterator[dict]:
+    """Every row of every part, in part order (so in shard order), parts read in parallel."""
+    reads = (functools.partial(read_part, job_prefix, group) for group in part_groups(job_prefix))
+    for table in manifest.in_order(reads, threads=threads):
+        for row in table.to_pylist() if table is not None else ():
+            yield plain_row(row)
+
+
+def all_current(job_prefix: str) -> bool:
+    """Every group of a fully submitted job has a current part and roll-up."""
+    state = groups_state(job_prefix)
+    total = groups_total(state.shards_total, state.per_group)
+    return total > 0 and all(state.current(group) for group in range(total))
+
+
 def plain_row(row: dict) -> dict:
     """A part's row as the records have it: map columns (pairs in Arrow) back to objects."""
     for name in ("timings", "quality"):

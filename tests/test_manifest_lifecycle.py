@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from cutout.jobs import manifest, manifest_parts, sharding, storage
-from cutout.jobs.layout import JobLayout
 from cutout.jobs.progress import LiveProgress
 from cutout.jobs.records import ItemRecord, ShardStats
 from cutout.jobs.sources import iter_source_items
