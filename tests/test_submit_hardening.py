@@ -179,7 +179,7 @@ def test_report_survives_a_quarter_of_requests_failing(bucket, s3_fault_proxy, m
         report = job_report(spec.job_id, destination=destination)
         assert report["complete"] and report["counts"] == {"done": 2 * shards}
         assert report["shards_done"] == shards
-    assert s3_fault_proxy.requests_failed > 50
+    assert s3_fault_proxy.requests_failed > 20  # the first report builds the part: ~130 requests
     s3_fault_proxy.reset()
     from cutout.jobs import manifest_parts
 
