@@ -1,5 +1,5 @@
 """``cutout submit --incremental`` on a growing source, with a real redis-server and a real worker:
-only the new inputs are processed, and the manifest, assembled by the worker that finishes the
+only the new inputs are processed, and the manifest parts, written by the workers that finish each
 last shard (no ``report`` call), keeps exactly one record per input across the runs."""
 from __future__ import annotations
 
