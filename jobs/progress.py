@@ -43,11 +43,25 @@ def _ttl_s() -> int:
     return settings().progress_ttl_s
 
 
+# Adds flat fields (cutout.jobs.rollup) from ARGV[first] on: statuses to counts, the rest to tallies.
+_ADD_FIELDS_LUA = """
+local function add_fields(first, counts, tallies)
+  for i = first, #ARGV, 2 do
+    local name = ARGV[i]
+    if string.sub(name, 1, 7) == 'status:' then
+      redis.call('HINCRBY', counts, string.sub(name, 8), ARGV[i + 1])
+    else
+      redis.call('HINCRBYFLOAT', tallies, name, ARGV[i + 1])
+    end
+  end
+end
+"""
+
 # Fold a finished shard's fields in once: SETBIT tells whether it was new, and only then are its
 # fields added. The inputs its live hash did not already report go to the rate list.
 # KEYS: done, counts, tallies, completions, started, live, last
 # ARGV: shard, index, now, ttl, window, n_items, field, value, ...
-_FINISH_SCRIPT = """
+_FINISH_SCRIPT = _ADD_FIELDS_LUA + """
 local old = redis.call('SETBIT', KEYS[1], ARGV[2], 1)
 local live_items = 0
 local live = redis.call('HGETALL', KEYS[6])
@@ -55,14 +69,7 @@ for i = 1, #live, 2 do
   if string.sub(live[i], 1, 7) == 'status:' then live_items = live_items + tonumber(live[i + 1]) end
 end
 if old == 0 then
-  for i = 7, #ARGV, 2 do
-    local name = ARGV[i]
-    if string.sub(name, 1, 7) == 'status:' then
-      redis.call('HINCRBY', KEYS[2], string.sub(name, 8), ARGV[i + 1])
-    else
-      redis.call('HINCRBYFLOAT', KEYS[3], name, ARGV[i + 1])
-    end
-  end
+  add_fields(7, KEYS[2], KEYS[3])
   local unreported = tonumber(ARGV[6]) - live_items
   if unreported > 0 then
     redis.call('LPUSH', KEYS[4], ARGV[3] .. ' ' .. unreported)
@@ -81,20 +88,13 @@ return 0
 
 # Fold a whole group at once (rebuilding from roll-ups), only when none of its shards was
 # counted yet. KEYS: done, counts, tallies  ARGV: ttl, n_indices, index..., field, value, ...
-_FOLD_GROUP_SCRIPT = """
+_FOLD_GROUP_SCRIPT = _ADD_FIELDS_LUA + """
 local n = tonumber(ARGV[2])
 for i = 3, 2 + n do
   if redis.call('GETBIT', KEYS[1], ARGV[i]) == 1 then return 0 end
 end
 for i = 3, 2 + n do redis.call('SETBIT', KEYS[1], ARGV[i], 1) end
-for i = 3 + n, #ARGV, 2 do
-  local name = ARGV[i]
-  if string.sub(name, 1, 7) == 'status:' then
-    redis.call('HINCRBY', KEYS[2], string.sub(name, 8), ARGV[i + 1])
-  else
-    redis.call('HINCRBYFLOAT', KEYS[3], name, ARGV[i + 1])
-  end
-end
+add_fields(3 + n, KEYS[2], KEYS[3])
 for i = 1, 3 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 end
@@ -144,6 +144,14 @@ class ProgressSnapshot:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(fields: dict[str, float]) -> list:
+    """Fields as the scripts take them: name, value, ... (statuses as integers)."""
+    pairs: list = []
+    for name, value in fields.items():
+        pairs += [name, int(value) if name.startswith("status:") else repr(float(value))]
+    return pairs
 
 
 def _fields_of_outcome(outcome) -> dict[str, float]:
@@ -209,13 +217,10 @@ class LiveProgress:
 
         fields = _fields_of_outcome(outcome)
         items = sum(v for k, v in fields.items() if k.startswith("status:"))
-        pairs: list = []
-        for name, value in fields.items():
-            pairs += [name, int(value) if name.startswith("status:") else repr(float(value))]
         keys = [self.key("done"), self.key("counts"), self.key("tallies"), self.key("completions"),
                 self.key("started"), self.key(f"live:{shard_id}"), self.key("last")]
         now = f"{time.time():.3f}"
-        args = [shard_id, shard_index(shard_id), now, self.ttl_s, RATE_WINDOW, int(items), *pairs]
+        args = [shard_id, shard_index(shard_id), now, self.ttl_s, RATE_WINDOW, int(items), *_pairs(fields)]
         self.redis.set(self.key("first"), now, nx=True, ex=self.ttl_s)
         return bool(self._finish(keys=keys, args=args))
 
@@ -223,12 +228,9 @@ class LiveProgress:
         """Count a whole group from its roll-up, unless one of its shards is counted already."""
         from cutout.jobs.sharding import shard_index
 
-        pairs: list = []
-        for name, value in fields.items():
-            pairs += [name, int(value) if name.startswith("status:") else repr(float(value))]
         indices = [shard_index(shard_id) for shard_id in shard_ids]
         keys = [self.key("done"), self.key("counts"), self.key("tallies")]
-        return bool(self._fold_group(keys=keys, args=[self.ttl_s, len(indices), *indices, *pairs]))
+        return bool(self._fold_group(keys=keys, args=[self.ttl_s, len(indices), *indices, *_pairs(fields)]))
 
     def heartbeat(self, worker: str) -> None:
         pipe = self.redis.pipeline()

@@ -1,6 +1,6 @@
 """``cutout submit --incremental`` on a growing source, with a real redis-server and a real worker:
-only the new inputs are processed, and the manifest parts, written by the workers that finish each
-last shard (no ``report`` call), keeps exactly one record per input across the runs."""
+only the new inputs are processed, and the manifest parts, written by the workers that finish
+each group's last shard (no ``report`` call), keep exactly one record per input across the runs."""
 from __future__ import annotations
 
 import os
