@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     export = subparsers.add_parser(
         "manifest", help="export the job's manifest (its Parquet parts) as one JSONL, CSV or Parquet file")
     _add_job_args(export)
-    export.add_argument("--format", dest="fmt", default="jsonl", choices=("jsonl", "csv", "parquet"))
+    export.add_argument("--format", dest="fmt", default="jsonl", choices=("jsonl", "csv", "parquet"),
+                        help="jsonl (default), csv (lists and maps as JSON text) or parquet (one file)")
     export.add_argument("--out", required=True, metavar="PATH", help="local file to write ('-': stdout)")
     export.add_argument("--threads", type=int, default=8, help="parts read at once")
     export.set_defaults(func=cmd_manifest)
@@ -165,6 +166,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _watch(ref, progress, args.interval)
 
 
+SHARDS_READ_WHEN_LOST = 10  # done shards outside the roll-ups whose stats `status` reads when Redis lost the job
+
+
 def _print_durable(ref, *, verify: bool) -> int:
     from cutout.jobs import manifest
     from cutout.jobs.progress import ProgressSnapshot
@@ -174,7 +178,7 @@ def _print_durable(ref, *, verify: bool) -> int:
         summary = manifest.summarise_full(ref.prefix)
         note = "counted from every shard's stats file"
     else:
-        summary = manifest.summarise(ref.prefix, read_limit=0)
+        summary = manifest.summarise(ref.prefix, read_limit=SHARDS_READ_WHEN_LOST)
         note = "from the job's files (live progress is not in Redis; `cutout resume` restores it)"
         if summary.uncounted_shards:
             note += f"; {summary.uncounted_shards} done shard(s) of unfinished groups not in the counts"

@@ -343,10 +343,17 @@ class GroupsState:
 
 
 def groups_state(job_prefix: str) -> GroupsState:
+    """The roll-ups, and the done shards: from the roll-ups alone when every group is current
+    (a finished job), else from one listing of done-markers."""
     totals = manifest.load_totals(job_prefix)
     rollups = {rollup["group"]: rollup for rollup in load_rollups(job_prefix)}
-    return GroupsState(group_shards(job_prefix), totals[1] if totals else 0,
-                       manifest.done_shard_ids(job_prefix), rollups)
+    state = GroupsState(group_shards(job_prefix), totals[1] if totals else 0, set(), rollups)
+    groups = range(groups_total(state.shards_total, state.per_group))
+    if totals is not None and all(state.current(group) for group in groups):
+        state.done = {shard["id"] for rollup in rollups.values() for shard in rollup["shards"]}
+    else:
+        state.done = manifest.done_shard_ids(job_prefix)
+    return state
 
 
 def build_missing(job_prefix: str, state: GroupsState | None = None) -> list[int]:
