@@ -32,6 +32,7 @@ FLAGGED_PER_FLAG = 6  # flagged outputs shown per flag
 THUMB_BUDGET_BYTES = 2_000_000  # total size of every data: URI in the page
 MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # inputs bigger than this get no preview
 CHART_BINS = 40
+SAMPLE_GROUPS = 3  # parts the sample is drawn from (spread over the job)
 
 
 @dataclass
@@ -75,8 +76,9 @@ def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
     per_group = -(-sample_size // max(1, len(sample_groups)))  # fill the sample from few groups too
     for group in sorted(set().union(*wanted.values())):
         table = manifest_parts.read_part(job_prefix, group)
-        records = [ItemRecord.model_validate(manifest_parts.plain_row(row)) for row in table.to_pylist()] if table is not None else []
-        _collect(data, records, per_group if group in sample_groups else 0, sample_size)
+        if table is not None:
+            records = _rows_worth_showing(table, per_group if group in sample_groups else 0)
+            _collect(data, records, per_group if group in sample_groups else 0, sample_size)
     thumbs = _ThumbBudget(budget)
     for tiles in data.flagged.values():
         for tile in tiles:
@@ -84,6 +86,30 @@ def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
     for tile in data.sample:
         thumbs.fill(tile)
     return data
+
+
+def _rows_worth_showing(table, for_sample: int) -> list[ItemRecord]:
+    """Of a part (up to 10^6 rows), only the rows the page can show become records: the first
+    failure of each error class, the first few outputs of each flag, and the first unflagged
+    done outputs for the sample."""
+    import pyarrow.compute as pc
+
+    done = pc.equal(table["status"], "done")
+    failed = table.filter(pc.equal(table["status"], "failed"))
+    flagged = table.filter(pc.and_(done, pc.greater(pc.list_value_length(table["flags"]), 0)))
+    plain = table.filter(pc.and_(done, pc.equal(pc.list_value_length(table["flags"]), 0)))
+    first_of_class: dict[str, int] = {}
+    for index, name in enumerate(failed["error_class"].to_pylist()):
+        first_of_class.setdefault(name, index)
+    shown: dict[str, int] = {}
+    flag_rows = []
+    for index, flags in enumerate(flagged["flags"].to_pylist()):
+        if any(shown.get(flag, 0) < FLAGGED_PER_FLAG for flag in flags):
+            flag_rows.append(index)
+            for flag in flags:
+                shown[flag] = shown.get(flag, 0) + 1
+    picked = [failed.take(sorted(first_of_class.values())), flagged.take(flag_rows), plain.slice(0, for_sample)]
+    return [ItemRecord.model_validate(manifest_parts.plain_row(row)) for part in picked for row in part.to_pylist()]
 
 
 def _groups_to_read(rollups: list[dict], sample_size: int) -> dict[str, list[int]]:
@@ -101,8 +127,8 @@ def _groups_to_read(rollups: list[dict], sample_size: int) -> dict[str, list[int
             for name, count in tally.flag_counts.items():
                 flags_seen[name] = flags_seen.get(name, 0) + count
     with_done = [r["group"] for r in rollups if Tally.from_fields(r["fields"]).counts.get("done", 0)]
-    step = max(1, len(with_done) // max(1, sample_size))
-    return {"failures": failures, "flagged": flagged, "sample": with_done[::step][:sample_size]}
+    step = max(1, len(with_done) // SAMPLE_GROUPS)
+    return {"failures": failures, "flagged": flagged, "sample": with_done[::step][:SAMPLE_GROUPS]}
 
 
 def _collect(data: ReportData, records: list[ItemRecord], for_sample: int, sample_size: int) -> None:
