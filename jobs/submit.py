@@ -412,16 +412,18 @@ def retry_failed(
     client = redis_client(redis_url)
     progress = live_progress(client, job_id)
     app = submitter_app(broker_url or default_broker_url())
+    for shard_id in plan:
+        manifest.reopen_shard(ref.prefix, shard_id)  # not done again; its group's part is rebuilt
+    if plan:  # recount live progress without them, before a worker can count them again
+        progress.clear()
+        progress.rebuild_from_durable(ref.prefix)
     with app.producer_or_acquire() as producer:
         for shard_id, shard_inputs in plan.items():
-            manifest.reopen_shard(ref.prefix, shard_id)  # not done again; its group's part is rebuilt
             send_process_shard(
                 app, ref.prefix, shard_id, queue=spec.queue, redo_failed=True,
                 error_class=error_class, inputs=shard_inputs if inputs else None, producer=producer,
             )
-    if plan:  # recount live progress without the shards being redone (counted once each)
-        progress.clear()
-        progress.rebuild_from_durable(ref.prefix)
+    if plan:
         progress.mark_queued()
     items = sum(len(shard_inputs) for shard_inputs in plan.values())
     return RetryResult(job_id, len(plan), items)
