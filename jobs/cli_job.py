@@ -13,7 +13,7 @@ import time
 
 from pydantic import ValidationError
 
-from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
+from cutout.jobs.cli_options import add_pipeline_arguments, chosen_options, options_from_args, validation_message
 from cutout.jobs.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     redo.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
                       help="this input (repeatable), as the manifest names it")
     add_pipeline_arguments(redo)
-    redo.set_defaults(func=cmd_redo, **{name: None for name in PIPELINE_ARGUMENTS})
+    redo.set_defaults(func=cmd_redo)
     redo.epilog = "Pipeline options not given keep the job's values."
 
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
@@ -245,16 +245,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-PIPELINE_ARGUMENTS = ("model", "classes", "weights", "score_threshold", "seg_size", "refine", "matting",
-                      "trimap_band", "background", "format", "quality", "max_pixels")
-
-
 def cmd_redo(args: argparse.Namespace) -> int:
     from cutout.jobs.submit import redo_outputs
 
-    overrides = {name: getattr(args, name) for name in PIPELINE_ARGUMENTS if getattr(args, name) is not None}
     result = redo_outputs(
-        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=overrides,
+        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=chosen_options(args),
         destination=args.dest, broker_url=args.broker, redis_url=args.redis,
     )
     print(result.job_id)

@@ -7,14 +7,15 @@ Every parameter left as ``None`` keeps the pipeline's default.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 
 from cutout.jobs.errors import ConfigError, CutoutError
-from cutout.jobs.spec import PipelineOptions
+from cutout.jobs.spec import PipelineOptions, user_option_fields
 from cutout.workers.pipeline import CutoutResult, Pipeline
 from cutout.workers.stages import run_stage
 
@@ -40,34 +41,12 @@ class Session:
     >>> results = session.remove_many(["a.jpg", "b.png"])   # one model batch
     """
 
-    def __init__(
-        self,
-        *,
-        preset: str | None = None,
-        model: str | None = None,
-        fusion: str | None = None,
-        model_sizes: str | dict[str, int] | None = None,
-        weights: str | None = None,
-        classes: Sequence[str] | None = None,
-        seg_size: int | None = None,
-        refine: str | None = None,
-        trimap_band: float | None = None,
-        matting: str | None = None,
-        background: str | None = None,
-        format: str | None = None,
-        quality: int | None = None,
-        max_pixels: int | None = None,
-        device: str | None = None,
-        options: PipelineOptions | None = None,
-    ):
-        chosen = {
-            "preset": preset, "model": model, "fusion": fusion, "model_sizes": model_sizes,
-            "weights": weights, "classes": classes, "seg_size": seg_size,
-            "refine": refine, "trimap_band": trimap_band, "matting": matting,
-            "background": background, "format": format, "quality": quality,
-            "max_pixels": max_pixels,
-        }
-        self.options = _options(options, {k: v for k, v in chosen.items() if v is not None})
+    def __init__(self, *, device: str | None = None, options: PipelineOptions | None = None,
+                 **pipeline_options: Any):
+        """Keywords: every user-facing ``PipelineOptions`` field (see the signature), over
+        ``options`` when given; ``None`` keeps the default. An unknown keyword is a TypeError.
+        """
+        self.options = _options(options, _chosen("Session", pipeline_options))
         self.pipeline = Pipeline(self.options, device=device)
 
     def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
@@ -119,45 +98,30 @@ class Session:
 _SESSIONS: dict[tuple, Session] = {}
 
 
-def remove_background(
-    image: ImageInput,
-    *,
-    preset: str | None = None,
-    model: str | None = None,
-    fusion: str | None = None,
-    model_sizes: str | dict[str, int] | None = None,
-    weights: str | None = None,
-    classes: Sequence[str] | None = None,
-    seg_size: int | None = None,
-    refine: str | None = None,
-    trimap_band: float | None = None,
-    matting: str | None = None,
-    background: str | None = None,
-    format: str | None = None,
-    quality: int | None = None,
-    max_pixels: int | None = None,
-    device: str | None = None,
-    trimap: np.ndarray | None = None,
-) -> CutoutResult:
+def remove_background(image: ImageInput, *, device: str | None = None, trimap: np.ndarray | None = None,
+                      **pipeline_options: Any) -> CutoutResult:
     """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
 
-    The session behind it is kept per settings, so calling it in a loop loads the model once.
+    Keywords: every user-facing pipeline option (see the signature). The session behind it is
+    kept per resolved options and device, so calling it in a loop loads the model once.
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
     """
-    settings = dict(
-        preset=preset, model=model, fusion=fusion,
-        model_sizes=",".join(f"{k}={v}" for k, v in sorted(model_sizes.items()))
-        if isinstance(model_sizes, dict) else model_sizes,
-        weights=weights, classes=tuple(classes) if classes else None,
-        seg_size=seg_size, refine=refine, trimap_band=trimap_band, matting=matting,
-        background=background, format=format, quality=quality, max_pixels=max_pixels,
-        device=device,
-    )
-    key = tuple(sorted(settings.items()))
+    options = _options(None, _chosen("remove_background", pipeline_options))
+    key = (options.config_hash(), device)
     session = _SESSIONS.get(key)
     if session is None:
-        session = _SESSIONS[key] = Session(**settings)
+        session = _SESSIONS[key] = Session(device=device, options=options)
     return session.remove(image, trimap=trimap)
+
+
+def _chosen(function: str, keywords: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline keywords given (not None); one outside the schema is a TypeError, as for
+    any Python function, so a typo never silently keeps a default."""
+    fields = user_option_fields()
+    for name in keywords:
+        if name not in fields:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    return {name: value for name, value in keywords.items() if value is not None}
 
 
 def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
@@ -173,6 +137,29 @@ def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
         return PipelineOptions(**fields)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from exc
+
+
+def _keyword_signature(function, *leading: str) -> inspect.Signature:
+    """``function``'s signature with one keyword per user-facing pipeline option, so help(),
+    editors and ``inspect`` show every option the schema has."""
+    own = inspect.signature(function).parameters
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=info.annotation | None)
+               for name, info in user_option_fields().items()]
+    head = [own[name] for name in leading]
+    tail = [param for name, param in own.items() if name not in leading and param.kind != param.VAR_KEYWORD]
+    return inspect.Signature([*head, *options, *tail], return_annotation=inspect.signature(function).return_annotation)
+
+
+def _options_doc() -> str:
+    return "\n    Pipeline options (keywords; None keeps the schema's or the preset's default):\n" + "\n".join(
+        f"        {name}: {info.description}" for name, info in user_option_fields().items())
+
+
+Session.__init__.__signature__ = _keyword_signature(Session.__init__, "self")
+Session.__init__.__doc__ += _options_doc()
+remove_background.__signature__ = _keyword_signature(remove_background, "image")
+remove_background.__doc__ += _options_doc()
 
 
 def _prepare(image: ImageInput, max_pixels: int, timings: dict[str, float]) -> _Prepared:
