@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     _add_job_args(retry)
     retry.add_argument("--error-class", default=None, help="only failures of this class, e.g. TransientStorageError")
     retry.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
-                       help="only this failed input (repeatable), as the manifest names it")
+                       help="only this failed input (repeatable), as the manifest names it (a local file: path or file://)")
     retry.set_defaults(func=cmd_retry_failed)
 
     redo = subparsers.add_parser(
@@ -55,10 +55,11 @@ def register(subparsers) -> None:
     redo.add_argument("--flag", dest="flags", action="append", default=[], metavar="NAME",
                       help="done outputs carrying this quality flag (repeatable), e.g. empty_alpha")
     redo.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
-                      help="this input (repeatable), as the manifest names it")
+                      help="this input (repeatable), as the manifest names it (a local file: path or file://)")
     add_pipeline_arguments(redo)
     redo.set_defaults(func=cmd_redo)
-    redo.epilog = "Pipeline options not given keep the job's values."
+    redo.epilog = ("Pipeline options not given keep the job's values; a new --preset or --model fills "
+                   "again what the old preset chose (as submit with the new flags would).")
 
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
     _add_job_args(report)

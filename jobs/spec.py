@@ -228,6 +228,23 @@ class PipelineOptions(BaseModel):
             )
         return self
 
+    def with_overrides(self, overrides: dict) -> "PipelineOptions":
+        """These options changed as if ``overrides`` had been given with the original settings:
+        what the old preset filled in is filled again by the (new) preset and model, what
+        the caller chose stays, ``overrides`` win. Why: ``redo --preset best`` must get best's
+        sizes, not keep balanced's, which a plain merge of stored values would."""
+        return PipelineOptions(**{**self.explicit_fields(), **overrides})
+
+    def explicit_fields(self) -> dict:
+        """The fields that differ from what the preset alone fills in (with the same model when
+        the model is not the preset's own): the ones a caller chose, plus the preset."""
+        from cutout.jobs.presets import PRESETS
+
+        own_model = self.model == PRESETS[self.preset]["model"]
+        filled = PipelineOptions(preset=self.preset, **({} if own_model else {"model": self.model}))
+        chosen = {name: value for name, value in self.model_dump().items() if value != getattr(filled, name)}
+        return {"preset": self.preset, **chosen}
+
     def parsed_background(self) -> Background:
         return Background.parse(self.background)
 

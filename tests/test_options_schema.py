@@ -174,3 +174,26 @@ def test_redo_stores_every_override_it_accepts(job_env):
         pipeline = _redo_spec(dest, redo).pipeline
         stored = {name: getattr(pipeline, name) for name in names}
         assert stored == {name: SAMPLES[name][1] for name in names}
+
+
+def test_redo_with_another_preset_gets_that_presets_settings(job_env):
+    prefix, job_id, env = job_env
+    dest = manifest.load_spec(prefix).destination
+    first = _done_inputs(prefix)[0]
+    redo = _cli("redo", job_id, "--dest", dest, "--input", first, "--preset", "best", env=env)
+    assert _redo_spec(dest, redo).pipeline == PipelineOptions(preset="best")  # not balanced's sizes
+    kept = _cli("redo", job_id, "--dest", dest, "--input", first, "--preset", "fast", "--matting", "knn", env=env)
+    assert _redo_spec(dest, kept).pipeline == PipelineOptions(preset="fast", matting="knn")
+
+
+def test_a_file_uri_and_a_path_name_the_same_input(job_env):
+    prefix, job_id, env = job_env
+    dest = manifest.load_spec(prefix).destination
+    first = _done_inputs(prefix)[0]
+    assert first.startswith("/")  # the manifest names local inputs by path
+    redo = _cli("redo", job_id, "--dest", dest, "--input", "file://" + first, env=env)
+    spec = _redo_spec(dest, redo)
+    assert storage.read_bytes(spec.sources[0]).decode().split() == [first]
+    failed = next(r.input_uri for r in manifest.iter_records(prefix) if r.status == "failed")
+    retry = _cli("retry-failed", job_id, "--dest", dest, "--input", "file://" + failed, env=env)
+    assert retry.returncode == 0 and "1 failed inputs in 1 shards" in retry.stdout, retry.stderr
