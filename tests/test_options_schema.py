@@ -136,7 +136,7 @@ def test_an_unknown_api_keyword_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="trimap_fg"):  # internal: set through options=PipelineOptions(...)
         cutout.remove_background(b"", trimap_fg=0.9)
     session = cutout.Session(options=PipelineOptions(trimap_fg=0.9), model="threshold")
-    assert (session.options.trimap_fg, session.options.model) == (0.9, "threshold")
+    assert session.options == PipelineOptions(trimap_fg=0.9, model="threshold")  # as redo would
 
 
 # --- redo, through the real CLI against a finished job ----------------------------------------

@@ -125,16 +125,16 @@ def _chosen(function: str, keywords: dict[str, Any]) -> dict[str, Any]:
 
 
 def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
-    """Explicit parameters over ``base`` (or the defaults), validated once."""
+    """Explicit parameters over ``base`` (or the defaults), validated once; over ``base`` they
+    act as ``redo``'s overrides do (a new preset or model refills what the old preset chose)."""
     from pydantic import ValidationError
 
     from cutout.jobs.cli_options import validation_message
 
     if base is not None and not chosen:
         return base
-    fields = {**base.model_dump(), **chosen} if base is not None else chosen
     try:
-        return PipelineOptions(**fields)
+        return base.with_overrides(chosen) if base is not None else PipelineOptions(**chosen)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from exc
 
