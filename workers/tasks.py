@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
 
 TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
-# Tries of a shard that fails on an unexpected exception, and the first wait (doubled each time).
-UNEXPECTED_RETRIES = settings().unexpected_retries
-UNEXPECTED_BACKOFF_S = settings().unexpected_backoff_s
 # When even recording a failed shard fails, its message comes back this often, never lost.
 RECORD_FAILED_RETRY_S = 600
 
@@ -155,8 +152,8 @@ def _out_of_retries(task, exc: Exception, worker_name: str) -> dict:
 def _unexpected(task, exc: Exception, worker_name: str) -> dict:
     kwargs = task.request.kwargs or {}
     retries = task.request.retries
-    if retries < UNEXPECTED_RETRIES:
-        countdown = UNEXPECTED_BACKOFF_S * 2**retries
+    if retries < settings().unexpected_retries:  # then the first wait doubles each time
+        countdown = settings().unexpected_backoff_s * 2**retries
         log.exception("shard %s: unexpected %s; trying again in %.0f s",
                       kwargs.get("shard_id"), type(exc).__name__, countdown)
         telemetry.SHARDS.labels("retried").inc()
