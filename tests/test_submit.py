@@ -344,3 +344,21 @@ def test_cutout_submit_never_imports_torch(job):
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
     assert len(out.stdout.split()[0]) == 16  # the job id comes first
+
+
+WORKER_ONLY_MODULES = {"torch", "torchvision", "onnx", "onnxruntime", "cv2", "pymatting", "numba"}
+
+
+def test_no_module_of_jobs_imports_a_worker_only_library():
+    """Every import in jobs/, function-local ones included (the preflight's among them): the
+    submitter half installs without torch, so no code path there may need it."""
+    import ast
+
+    found = []
+    for path in sorted((REPO_ROOT / "jobs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} {name}" for name in names
+                      if name.split(".")[0] in WORKER_ONLY_MODULES]
+    assert found == []

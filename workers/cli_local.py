@@ -57,7 +57,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
+    from cutout.workers.models.base import check_device
 
+    check_device(args.device)  # before anything is written
     options = options_from_args(args)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
