@@ -1,5 +1,5 @@
-"""Checks a command makes before it writes anything: reachable Redis, a real device, a readable
-background image.
+"""Checks a command makes before it writes anything: reachable Redis, a readable background
+image. (The device check needs torch, so it is the worker side's: ``cutout.workers.models.base``.)
 
 Why: without them a stopped Redis showed up as a 51-line traceback after the spec was already
 written, and a bad ``image:`` background failed every input of a job one by one. Each check
@@ -13,7 +13,7 @@ import io
 from urllib.parse import urlsplit
 
 from cutout.jobs.errors import ConfigError, CutoutError, ServiceUnavailableError
-from cutout.jobs.settings import DEVICE_PATTERN, redact_url
+from cutout.jobs.settings import redact_url
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 CONNECT_TIMEOUT_S = 3.0
@@ -54,25 +54,6 @@ def check_queue(broker: str | None, progress_redis: str | None) -> None:
         check_redis(progress, "live-progress Redis", "set CUTOUT_REDIS_URL or --redis")
 
 
-def check_device(device: str | None) -> None:
-    """``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where torch sees one."""
-    if device is None:
-        return
-    if not DEVICE_PATTERN.match(device):
-        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N (or leave it out: cuda when present)")
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.partition(":")[2] or 0)
-    if count == 0:
-        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here; "
-                          "use --device cpu (or leave it out)")
-    if index >= count:
-        raise ConfigError(f"device {device!r}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
-
-
 def check_background(options) -> None:
     """An ``image:`` background is read and decoded once here, not failed once per input."""
     background = options.parsed_background()
@@ -99,8 +80,6 @@ def check_background(options) -> None:
 def run_checks(args: argparse.Namespace) -> None:
     """The checks of one command, in the order a user would fix them."""
     command = getattr(args, "command", None)
-    if command == "run":
-        check_device(args.device)
     if command in ("run", "submit"):
         from cutout.jobs.cli_options import options_from_args
 

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
+from cutout.jobs.settings import settings
 
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
 INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports it
@@ -56,7 +57,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
+    from cutout.workers.models.base import check_device
 
+    check_device(args.device)  # before anything is written
     options = options_from_args(args)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
@@ -200,10 +203,10 @@ class _RunSummary:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from cutout.workers.evaluate import DEFAULT_DATA, is_user_folder, run_eval, run_user_eval
+    from cutout.workers.evaluate import is_user_folder, run_eval, run_user_eval
 
     options = options_from_args(args)
-    data = Path(args.data or DEFAULT_DATA)
+    data = Path(args.data or settings().eval_data)
     if is_user_folder(data):
         report = run_user_eval(options, data, Path(args.out), limit=args.limit)
         print(json.dumps(report["summary"], default=float))

@@ -27,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers import metrics
 
-DEFAULT_DATA = settings().eval_data
 STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
 
 

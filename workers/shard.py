@@ -23,7 +23,6 @@ from cutout.workers.items import CrashGuard, JobRecords, best_effort, run_items
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = settings().heartbeat_interval
 
 _SPECS: dict[str, JobSpec] = {}
 _PIPELINES: dict[str, object] = {}
@@ -170,7 +169,7 @@ def heartbeat(progress, worker_name: str) -> Iterator[None]:
     def beat() -> None:
         while True:
             best_effort(lambda: progress.heartbeat(worker_name))
-            if stop.wait(HEARTBEAT_INTERVAL_S):
+            if stop.wait(settings().heartbeat_interval):
                 return
 
     thread = threading.Thread(target=beat, name="cutout-heartbeat", daemon=True)
