@@ -227,13 +227,13 @@ class _Loop:
                 self.emit(record)
         if not readable:
             return []
+        from cutout.workers.pipeline import PipelineInput
+
         pipeline = self.pipeline()  # loading the model is not the inputs' fault
-        inputs = [(item.uri, data) for item, data, _ in readable]
+        inputs = [PipelineInput(item.uri, data, trimap=self.trimaps(item) if self.trimaps else None)
+                  for item, data, _ in readable]
         with self.guard.on_model([item.uri for item, _, _ in readable]):
-            if self.trimaps is None:
-                outcomes = pipeline.process_batch(inputs)
-            else:
-                outcomes = pipeline.process_batch(inputs, [self.trimaps(item) for item, _, _ in readable])
+            outcomes = pipeline.run(inputs)
         return [io_pool.submit(self.finish, item, record, outcome)
                 for (item, _, record), outcome in zip(readable, outcomes)]
 
