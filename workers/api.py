@@ -15,7 +15,8 @@ import numpy as np
 
 from cutout.jobs.errors import ConfigError, CutoutError
 from cutout.jobs.spec import PipelineOptions
-from cutout.workers.pipeline import CutoutResult, Pipeline
+from cutout.workers.models.cache import MODEL_CACHE
+from cutout.workers.pipeline import CutoutResult
 from cutout.workers.stages import run_stage
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, np.ndarray, Any]
@@ -68,7 +69,7 @@ class Session:
             "max_pixels": max_pixels,
         }
         self.options = _options(options, {k: v for k, v in chosen.items() if v is not None})
-        self.pipeline = Pipeline(self.options, device=device)
+        self.pipeline = MODEL_CACHE.pipeline(self.options, device)
 
     def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
         """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage)."""
@@ -116,9 +117,6 @@ class Session:
         return result
 
 
-_SESSIONS: dict[tuple, Session] = {}
-
-
 def remove_background(
     image: ImageInput,
     *,
@@ -141,7 +139,7 @@ def remove_background(
 ) -> CutoutResult:
     """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
 
-    The session behind it is kept per settings, so calling it in a loop loads the model once.
+    The model stays loaded in the process cache, so calling it in a loop loads it once.
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
     """
     settings = dict(
@@ -153,11 +151,7 @@ def remove_background(
         background=background, format=format, quality=quality, max_pixels=max_pixels,
         device=device,
     )
-    key = tuple(sorted(settings.items()))
-    session = _SESSIONS.get(key)
-    if session is None:
-        session = _SESSIONS[key] = Session(**settings)
-    return session.remove(image, trimap=trimap)
+    return Session(**settings).remove(image, trimap=trimap)
 
 
 def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = settings().heartbeat_interval
 
 _SPECS: dict[str, JobSpec] = {}
-_PIPELINES: dict[str, object] = {}
 
 
 @dataclass
@@ -48,16 +47,10 @@ def load_spec_cached(job_prefix: str) -> JobSpec:
 
 
 def get_pipeline(spec: JobSpec):
-    """One Pipeline (and so one loaded model) per process and configuration, made on first use."""
-    key = spec.pipeline.config_hash()
-    pipeline = _PIPELINES.get(key)
-    if pipeline is None:
-        from cutout.workers.pipeline import Pipeline
+    """The job's Pipeline from the process cache: its model loads once per process and job."""
+    from cutout.workers.models.cache import MODEL_CACHE
 
-        pipeline = Pipeline(spec.pipeline, device=settings().device)
-        _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model
-        _PIPELINES[key] = pipeline
-    return pipeline
+    return MODEL_CACHE.pipeline(spec.pipeline, settings().device)
 
 
 def process_shard(
