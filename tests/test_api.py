@@ -150,3 +150,23 @@ def test_presets_and_fusion_are_keywords_too():
         cutout.remove_background(rgb, preset="fastest")
     fused = cutout.Session(model="threshold+grabcut", fusion="max", matting="none")
     assert fused.options.fusion == "max" and fused.remove(rgb).alpha[inside].mean() > 0.9
+
+
+def test_remove_many_puts_an_unreadable_input_s_error_in_its_slot(tmp_path):
+    rgb, inside = disk_on_plain()
+    path = tmp_path / "disk.png"
+    path.write_bytes(png(rgb))
+    results = cutout.Session(model="threshold").remove_many(
+        [str(path), str(tmp_path / "missing.jpg"), rgb, object()])
+    assert results[0].alpha[inside].mean() > 0.9 and results[2].alpha[inside].mean() > 0.9
+    assert isinstance(results[1], CutoutError) and "missing.jpg" in str(results[1])
+    assert isinstance(results[3], ConfigError)
+
+
+def test_a_missing_file_is_a_typed_one_line_error():
+    from cutout.jobs.errors import NotFoundError
+
+    with pytest.raises(NotFoundError) as caught:
+        cutout.remove_background("nope.jpg", model="threshold")
+    message = str(caught.value)
+    assert isinstance(caught.value, CutoutError) and "nope.jpg" in message and "\n" not in message
