@@ -198,3 +198,28 @@ def test_decode_notes_and_quality_reach_the_outcome_and_the_api():
     result = cutout.remove_background(buffer.getvalue(), model="threshold")
     assert "icc-profile-ignored: unreadable profile" in result.notes
     assert result.quality == outcome.quality and {"decode", "segment", "composite"} <= set(result.timings)
+
+
+def test_a_hand_trimap_replaces_segmentation(monkeypatch):
+    """Only the input without a hand trimap goes through the model; the other says why not."""
+    rgb, inside = disk_on_plain()
+    trimap = np.where(inside, 255, 0).astype(np.uint8)
+    trimap[:, 70:90] = 128
+    on_model: list[int] = []
+    real_segment = Pipeline.segment_raw
+
+    def counting(self, images_):
+        on_model.append(len(images_))
+        return real_segment(self, images_)
+
+    monkeypatch.setattr(Pipeline, "segment_raw", counting)
+    guided, auto = Pipeline(THRESHOLD).run(
+        [PipelineInput("guided", png(rgb), trimap=png(trimap)), PipelineInput("auto", png(rgb))])
+    assert on_model == [1]
+    assert guided.ok and "hand-trimap: segmentation skipped" in guided.notes
+    assert "segment" not in guided.timings and "segment" in auto.timings
+    assert not any(note.startswith("hand-trimap") for note in auto.notes)
+    alpha = decode(guided.data)[..., 3]
+    assert (alpha[:, :70][~inside[:, :70]] == 0).all() and (alpha[:, :70][inside[:, :70]] == 255).all()
+    Pipeline(THRESHOLD).run([PipelineInput("guided", rgb=rgb, trimap=trimap)])
+    assert on_model == [1]  # an array trimap (the Python API's) skips the model too

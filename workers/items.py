@@ -230,12 +230,22 @@ class _Loop:
         from cutout.workers.pipeline import PipelineInput
 
         pipeline = self.pipeline()  # loading the model is not the inputs' fault
-        inputs = [PipelineInput(item.uri, data, trimap=self.trimaps(item) if self.trimaps else None)
+        inputs = [PipelineInput(item.uri, data, trimap=self.hand_trimap(item))
                   for item, data, _ in readable]
         with self.guard.on_model([item.uri for item, _, _ in readable]):
             outcomes = pipeline.run(inputs)
+        if self.trimaps is not None:  # hand trimaps asked for: say which inputs had none
+            from cutout.workers.pipeline import NO_HAND_TRIMAP_NOTE
+
+            for item, outcome in zip(inputs, outcomes):
+                if item.trimap is None and outcome.ok:
+                    outcome.notes.append(NO_HAND_TRIMAP_NOTE)
         return [io_pool.submit(self.finish, item, record, outcome)
                 for (item, _, record), outcome in zip(readable, outcomes)]
+
+    def hand_trimap(self, item: ShardItem) -> bytes | None:
+        """The input's hand trimap, when trimaps were given and it has one."""
+        return self.trimaps(item) if self.trimaps is not None else None
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
         apply_outcome(item, record, outcome)

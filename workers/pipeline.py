@@ -263,14 +263,16 @@ class Pipeline:
         Every input gets an outcome in its slot, good or bad: a failure is the item's typed
         error (labelled with its stage), never its neighbours'. The decoded inputs go through
         the model as one batch; if the batch fails, one at a time, so only the culprit fails.
-        ``encode`` makes the output bytes (the
-        item loop); ``keep_result`` keeps the arrays on the outcome (the Python API, eval).
+        An input with a hand trimap is not segmented (its record notes ``hand-trimap``).
+        ``encode`` makes the output bytes (the item loop); ``keep_result`` keeps the arrays on
+        the outcome (the Python API, eval).
         """
         outcomes = [ItemOutcome(ok=False) for _ in inputs]
         images = self._decode(inputs, outcomes)
         trimaps = self._hand_trimaps(inputs, images, outcomes)
-        raw = self._segment_indexed(images, outcomes)
-        for index in sorted(raw):
+        raw = self._segment_indexed({i: image for i, image in images.items() if i not in trimaps},
+                                    outcomes)
+        for index in sorted(set(raw) | set(trimaps)):
             try:
                 self._finish_item(outcomes[index], images[index], raw.get(index),
                                   trimaps.get(index), encode=encode, keep_result=keep_result)
@@ -320,7 +322,11 @@ class Pipeline:
                      trimap: np.ndarray | None, *, encode: bool, keep_result: bool) -> None:
         """One decoded item with its raw mask (or hand trimap) to its result, every stage timed
         into its outcome."""
-        mask = run_stage(outcome.timings, "calibrate", self.calibrate, raw)
+        if trimap is None:
+            mask = run_stage(outcome.timings, "calibrate", self.calibrate, raw)
+        else:  # no model ran: the trimap is the mask (unknown = 0.5) for matting and quality
+            mask = trimap.astype(np.float32) / 255.0
+            outcome.notes.append(HAND_TRIMAP_NOTE)
         result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
         for stage, seconds in result.timings.items():
             outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
@@ -355,11 +361,6 @@ class Pipeline:
                 outcomes[i].error = _as_error(exc, "segment")
         return result
 
-    def masks(self, images: list[np.ndarray], timings: list[dict[str, float]]) -> list[np.ndarray]:
-        """Segment a batch as one stage (its seconds shared evenly), then calibrate each mask."""
-        return [run_stage(item_timings, "calibrate", self.calibrate, mask)
-                for item_timings, mask in zip(timings, self._segment_timed(images, timings))]
-
     def _segment_timed(self, images: list[np.ndarray], timings: list[dict[str, float]]) -> list[np.ndarray]:
         """Segment a batch as one stage, its seconds shared evenly among the items."""
         batch: dict[str, float] = {}
@@ -367,6 +368,10 @@ class Pipeline:
         for item_timings in timings:
             item_timings["segment"] = item_timings.get("segment", 0.0) + batch["segment"] / len(images)
         return raw
+
+
+HAND_TRIMAP_NOTE = "hand-trimap: segmentation skipped"
+NO_HAND_TRIMAP_NOTE = "no-hand-trimap: segmented by the model"
 
 
 def _load_trimap(trimap: bytes | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
