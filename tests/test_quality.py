@@ -91,5 +91,5 @@ def test_records_and_shard_stats_carry_quality(tmp_path):
     assert records[0].quality == {"alpha_coverage": 0.001, "confidence": 0.5}
     assert json.loads(records[0].model_dump_json())["flags"] == ["empty_alpha", "low_confidence"]
     failed = ItemRecord(input_uri="x", status="failed", flags=["empty_alpha"])  # not a done output
-    stats = shard._shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
+    stats = shard.shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
     assert stats.flag_counts == {"empty_alpha": 2, "low_confidence": 1}

@@ -93,7 +93,7 @@ def process_shard(
         todo = [item for item in shard.items if item.uri not in kept]
         fresh = _process_items(spec, shard_id, todo, worker_name, guard)
     records = [kept.get(item.uri) or fresh[item.uri] for item in shard.items]
-    stats = _shard_stats(spec, shard_id, records, started, worker_name, attempt)
+    stats = shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
     if progress is not None:
         best_effort(lambda: progress.shard_finished(shard_id, stats.counts))
@@ -124,7 +124,9 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
     return sink.records
 
 
-def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
+def shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
+    """The shard's counts, error classes, top messages and quality flags from its records (one
+    counting for a processed shard and for one recorded failed as a whole)."""
     counts = {"done": 0, "failed": 0, "skipped": 0}
     error_classes: dict[str, int] = {}
     messages = CappedCounter()
