@@ -1,6 +1,6 @@
 """Throughput on one device: images per second, GPU busy share and peak memory per preset, batch
 size and segmentation runtime (torch or onnxruntime), through the path a shard runs
-(``Pipeline.process_batch``: decode → segment → ... → encode).
+(``Pipeline.run``, the one driver: decode → segment → ... → encode).
 
     python benchmarks/bench_gpu.py --device cuda:0 [--presets fast,balanced,best]
         [--batch-sizes 1,4,8,16] [--runtimes torch,onnxruntime] [--images 32]
@@ -8,7 +8,7 @@ size and segmentation runtime (torch or onnxruntime), through the path a shard r
 
 Inputs: the photos of ``$CUTOUT_EVAL_DATA/alphamatting_lowres/image``, cycled to ``--images``
 (``--tiny``: two 64x64 synthetic images, the ``threshold`` model, batch sizes 1 and 2). The batch
-size is both the images per ``process_batch`` call and ``CUTOUT_SEG_BATCH``; each row loads its
+size is both the images per ``Pipeline.run`` call and ``CUTOUT_SEG_BATCH``; each row loads its
 models and runs one warm-up batch (CUDA context, cuDNN autotuning) before the timed run.
 Columns: wall and CPU seconds (user+sys of this process, all threads) of the timed run, images
 per wall second, GPU busy share (NVML through ``torch.cuda.utilization``, else ``nvidia-smi``,
@@ -178,9 +178,16 @@ def _peak_memory(device: str, sampler: Sampler) -> str:
     return allocated + (f", {used:.0f} MiB used" if used is not None else "")
 
 
+def _as_inputs(named: list[tuple[str, bytes]]):
+    """(name, encoded bytes) pairs as the driver's inputs (it decodes them, as a worker does)."""
+    from cutout.workers.pipeline import PipelineInput
+
+    return [PipelineInput(name, data) for name, data in named]
+
+
 def measure(options: PipelineOptions, preset: str, runtime: str, batch: int, device: str,
             inputs: list[tuple[str, bytes]]) -> Row:
-    """One configuration: load and warm up, then time every input through ``process_batch``."""
+    """One configuration: load and warm up, then time every input through ``Pipeline.run``."""
     from cutout.workers.models.base import choose_runtime
     from cutout.workers.models.cache import MODEL_CACHE
     from cutout.workers.pipeline import Pipeline
@@ -191,7 +198,7 @@ def measure(options: PipelineOptions, preset: str, runtime: str, batch: int, dev
     try:
         row.runtime = f"{runtime} -> {choose_runtime(device, runtime)}" if runtime == "auto" else runtime
         pipeline = Pipeline(options, device=device)
-        pipeline.process_batch(inputs[:batch])  # warm-up: models, CUDA context, autotuning
+        pipeline.run(_as_inputs(inputs[:batch]))  # warm-up: models, CUDA context, autotuning
     except CutoutError as exc:
         row.note = f"skipped: {type(exc).__name__}: {exc}"
         return row
@@ -204,7 +211,7 @@ def measure(options: PipelineOptions, preset: str, runtime: str, batch: int, dev
     cpu_before, started = _cpu_seconds(), time.perf_counter()
     with Sampler(device) as sampler:
         for chunk in _batches(inputs, batch):
-            outcomes = pipeline.process_batch(chunk)
+            outcomes = pipeline.run(_as_inputs(chunk))
             row.images += len(outcomes)
             row.failed += sum(not outcome.ok for outcome in outcomes)
         if cuda:

@@ -198,3 +198,29 @@ def test_retry_of_a_transient_failure_redoes_only_that_item(tmp_path, hostile_ho
     again = run_shard(prefix, redo_failed=True, error_class="TransientStorageError")
     assert hostile_host.requests == {"/fail.png": 6}  # only that input was read again
     assert again[good[0]] == first[good[0]] and again[str(bad)] == first[str(bad)]
+
+
+def test_a_hand_trimap_that_cannot_be_read_fails_its_input_only(tmp_path):
+    """The loop reads each input's hand trimap; an unreadable one is that input's record."""
+    from cutout.jobs.sharding import ShardItem
+    from cutout.jobs.spec import PipelineOptions
+    from cutout.workers.items import JobRecords, run_items
+    from cutout.workers.pipeline import Pipeline
+
+    items = []
+    for name in ("locked", "plain"):
+        (tmp_path / f"{name}.png").write_bytes(images.png_rgb_bytes())
+        items.append(ShardItem(str(tmp_path / f"{name}.png"), f"{name}.png", str(tmp_path / "out" / f"{name}.png")))
+
+    def trimaps(item):
+        if "locked" in item.uri:
+            raise PermissionError(13, "Permission denied")
+        return None
+
+    sink = JobRecords()
+    run_items(items, pipeline=lambda: Pipeline(PipelineOptions(model="threshold")), sink=sink,
+              record_fields={"model": "threshold", "config_hash": "x"}, trimaps=trimaps)
+    locked, plain = (sink.records[item.uri] for item in items)
+    assert (locked.status, locked.error_class) == ("failed", "StorageError")
+    assert "hand trimap" in locked.error and "Permission denied" in locked.error
+    assert plain.status == "done" and "no-hand-trimap: segmented by the model" in plain.notes

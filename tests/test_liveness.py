@@ -220,6 +220,12 @@ def test_unexpected_exceptions_retry_then_record_and_never_lose_a_shard(redis_cl
 
     snap = LiveProgress(redis_client, broken.job_id).snapshot()
     assert snap.counts.get("failed") == 6 and snap.in_flight == 0
+    from cutout.jobs import manifest
+
+    stats = list(manifest.iter_shard_stats(broken.job_prefix))  # counted like any shard's
+    assert sum(st.counts["failed"] for st in stats) == 6
+    assert all(st.error_classes == {"WorkerError": 3} for st in stats)
+    assert all(next(iter(st.top_errors)).startswith("WorkerError: ") for st in stats)
 
 
 # --- 14: a dead machine ----------------------------------------------------------------------

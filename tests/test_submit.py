@@ -128,7 +128,7 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
     reading = [0, 0]  # now, most at once
-    real_read, real_process_batch = storage.read_bytes, Pipeline.process_batch
+    real_read, real_run = storage.read_bytes, Pipeline.run
 
     def slow_read(uri, **kwargs):
         if "/_cutout/" not in uri:  # an input image, not the job's own files
@@ -141,12 +141,12 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
                 reading[0] -= 1
         return real_read(uri, **kwargs)
 
-    def logged_process_batch(self, inputs):
+    def logged_run(self, inputs, **kwargs):
         events.append(("model", str(len(inputs))))
-        return real_process_batch(self, inputs)
+        return real_run(self, inputs, **kwargs)
 
     monkeypatch.setattr(storage, "read_bytes", slow_read)
-    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
+    monkeypatch.setattr(Pipeline, "run", logged_run)
     monkeypatch.setenv("CUTOUT_BATCH_SIZE", "2")
     result = submit(job)
     first = manifest.all_shard_ids(result.job_prefix)[0]  # 4 inputs: 2 batches of 2
@@ -168,13 +168,13 @@ def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job,
     from cutout.workers.pipeline import Pipeline
 
     batch_sizes: list[int] = []
-    real_process_batch = Pipeline.process_batch
+    real_run = Pipeline.run
 
-    def logged_process_batch(self, inputs):
+    def logged_run(self, inputs, **kwargs):
         batch_sizes.append(len(inputs))
-        return real_process_batch(self, inputs)
+        return real_run(self, inputs, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
+    monkeypatch.setattr(Pipeline, "run", logged_run)
     monkeypatch.setenv("CUTOUT_MAX_ITEM_CRASHES", "2")
     result = submit(job)
     progress = LiveProgress(job["redis"], result.job_id)

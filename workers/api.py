@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 from typing import Any, Iterable, Union
 
 import numpy as np
 
 from cutout.jobs.errors import ConfigError, CutoutError
 from cutout.jobs.spec import PipelineOptions, user_option_fields
-from cutout.workers.pipeline import CutoutResult, Pipeline
-from cutout.workers.stages import run_stage
+from cutout.workers.models.cache import MODEL_CACHE
+from cutout.workers.pipeline import CutoutResult, PipelineInput
+from cutout.workers.stages import stage_error
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, np.ndarray, Any]
-_REMOTE_SCHEMES = ("s3://", "http://", "https://", "file://")
-
-
-@dataclass
-class _Prepared:
-    """One input made ready for the model: RGB, the alpha it carried, a name for errors."""
-
-    rgb: np.ndarray
-    alpha: np.ndarray | None
-    name: str
-    notes: tuple[str, ...] = ()
 
 
 class Session:
@@ -47,71 +36,42 @@ class Session:
         ``options`` when given; ``None`` keeps the default. An unknown keyword is a TypeError.
         """
         self.options = _options(options, _chosen("Session", pipeline_options))
-        self.pipeline = Pipeline(self.options, device=device)
+        self.pipeline = MODEL_CACHE.pipeline(self.options, device)
 
     def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
-        """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage)."""
-        timings: dict[str, float] = {}
-        prepared = _prepare(image, self.options.max_pixels, timings)
-        (mask,) = self.pipeline.masks([prepared.rgb], [timings])
-        if trimap is not None:
-            from cutout.workers.trimap import normalise_trimap
-
-            trimap = run_stage(timings, "trimap", normalise_trimap, trimap, prepared.rgb.shape[:2])
-        return self._finish(prepared, mask, timings, trimap)
-
-    def remove_many(self, images: Iterable[ImageInput]) -> list[CutoutResult | CutoutError]:
-        """A batch: the good inputs go through the model together; a bad one gets its error
-        in its place in the list and never fails its neighbours."""
-        results: list[CutoutResult | CutoutError] = []
-        ready: dict[int, tuple[_Prepared, dict[str, float]]] = {}
-        for index, image in enumerate(images):
-            results.append(CutoutError("not processed"))
-            timings: dict[str, float] = {}
-            try:
-                ready[index] = (_prepare(image, self.options.max_pixels, timings), timings)
-            except CutoutError as exc:
-                results[index] = exc
-        if not ready:
-            return results
-        masks = self.pipeline.masks([item.rgb for item, _ in ready.values()],
-                                    [timings for _, timings in ready.values()])
-        for (index, (item, timings)), mask in zip(ready.items(), masks):
-            try:
-                results[index] = self._finish(item, mask, timings)
-            except CutoutError as exc:
-                results[index] = exc
-        return results
-
-    def _finish(self, prepared: "_Prepared", mask: np.ndarray, timings: dict[str, float],
-                trimap: np.ndarray | None = None) -> CutoutResult:
-        """Trimap → matte → composite; the result carries every stage's seconds and the notes
-        decoding left (an ignored ICC profile, say)."""
-        result = self.pipeline.finish(prepared.rgb, mask, input_alpha=prepared.alpha, trimap=trimap)
-        for stage, seconds in result.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-        result.timings = timings
-        result.notes = list(prepared.notes) + result.notes
+        """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage).
+        ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces segmentation for this image."""
+        (result,) = self._run([image], [trimap])
+        if isinstance(result, CutoutError):
+            raise result
         return result
 
+    def remove_many(self, images: Iterable[ImageInput]) -> list[CutoutResult | CutoutError]:
+        """A batch: the good inputs go through the model together; a bad one (unreadable,
+        undecodable, failing a stage) gets its error in its place in the list and never fails
+        its neighbours."""
+        images = list(images)
+        return self._run(images, [None] * len(images))
 
-_SESSIONS: dict[tuple, Session] = {}
+    def _run(self, images: list, trimaps: list) -> list[CutoutResult | CutoutError]:
+        """The pipeline's driver over the inputs that could be read; the others keep their
+        error in their slot."""
+        slots = [_prepare(image, trimap) for image, trimap in zip(images, trimaps)]
+        ready = [slot for slot in slots if isinstance(slot, PipelineInput)]
+        outcomes = iter(self.pipeline.run(ready, encode=False, keep_result=True))
+        return [slot if isinstance(slot, CutoutError) else _result(next(outcomes)) for slot in slots]
 
 
 def remove_background(image: ImageInput, *, device: str | None = None, trimap: np.ndarray | None = None,
                       **pipeline_options: Any) -> CutoutResult:
     """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
 
-    Keywords: every user-facing pipeline option (see the signature). The session behind it is
-    kept per resolved options and device, so calling it in a loop loads the model once.
+    Keywords: every user-facing pipeline option (see the signature). The model stays loaded in
+    the process cache, so calling it in a loop loads it once.
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
     """
     options = _options(None, _chosen("remove_background", pipeline_options))
-    key = (options.config_hash(), device)
-    session = _SESSIONS.get(key)
-    if session is None:
-        session = _SESSIONS[key] = Session(device=device, options=options)
-    return session.remove(image, trimap=trimap)
+    return Session(device=device, options=options).remove(image, trimap=trimap)
 
 
 def _chosen(function: str, keywords: dict[str, Any]) -> dict[str, Any]:
@@ -162,39 +122,36 @@ remove_background.__signature__ = _keyword_signature(remove_background, "image")
 remove_background.__doc__ += _options_doc()
 
 
-def _prepare(image: ImageInput, max_pixels: int, timings: dict[str, float]) -> _Prepared:
-    """Any supported input → RGB (+ the alpha it carried); decoding is timed as its stage."""
-    from cutout.workers.decode import decode_image
+def _prepare(image: ImageInput, trimap: np.ndarray | None) -> PipelineInput | CutoutError:
+    """Any supported input → the driver's input (bytes it decodes, or an RGB array and the
+    alpha it carried), or the typed error that keeps it out."""
+    try:
+        if isinstance(image, np.ndarray):
+            rgb, alpha = _split_array(image)
+            return PipelineInput("array", rgb=rgb, alpha=alpha, trimap=trimap)
+        if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
+            mode = "RGBA" if "A" in image.getbands() else "RGB"
+            rgb, alpha = _split_array(np.asarray(image.convert(mode)))
+            return PipelineInput("PIL image", rgb=rgb, alpha=alpha, trimap=trimap)
+        if isinstance(image, (bytes, bytearray)):
+            return PipelineInput("", bytes(image), trimap=trimap)
+        if isinstance(image, (str, os.PathLike)):
+            from cutout.jobs import storage  # local paths with the caller's own rights
 
-    if isinstance(image, np.ndarray):
-        rgb, alpha = _split_array(image)
-        return _Prepared(rgb, alpha, "array")
-    if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
-        mode = "RGBA" if "A" in image.getbands() else "RGB"
-        rgb, alpha = _split_array(np.asarray(image.convert(mode)))
-        return _Prepared(rgb, alpha, "PIL image")
-    if isinstance(image, (bytes, bytearray)):
-        data, name = bytes(image), ""
-    elif isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
-        data = _read(name)
-    else:
-        raise ConfigError(
-            f"unsupported image input {type(image).__name__}: give a path, URI, bytes, "
-            "a uint8 array or a PIL image"
-        )
-    decoded = run_stage(timings, "decode", decode_image, data, max_pixels=max_pixels, name=name)
-    return _Prepared(decoded.rgb, decoded.alpha, name or "bytes", tuple(decoded.notes))
+            name = os.fspath(image)
+            return PipelineInput(name, storage.read_bytes(name), trimap=trimap)
+    except CutoutError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - one unreadable input never fails its neighbours
+        return stage_error(exc, "decode")
+    return ConfigError(
+        f"unsupported image input {type(image).__name__}: give a path, URI, bytes, "
+        "a uint8 array or a PIL image"
+    )
 
 
-def _read(name: str) -> bytes:
-    """Local paths with the caller's own rights; URIs through cutout's storage layer."""
-    if name.startswith(_REMOTE_SCHEMES):
-        from cutout.jobs import storage
-
-        return storage.read_bytes(name)
-    with open(name, "rb") as handle:
-        return handle.read()
+def _result(outcome) -> CutoutResult | CutoutError:
+    return outcome.result if outcome.ok else outcome.error
 
 
 def _split_array(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

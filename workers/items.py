@@ -206,26 +206,40 @@ class _Loop:
         return [io_pool.submit(read_input, item.uri, self.source_policy) for item in batch]
 
     def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
-        readable = []
+        from cutout.workers.pipeline import PipelineInput
+
+        ready: list[tuple[ShardItem, ItemRecord, PipelineInput]] = []
         for item, read in zip(batch, reads):
             record = self.new_record(item)
             try:
                 data, record.timings["read"] = read.result()
-                readable.append((item, data, record))
+                ready.append((item, record, PipelineInput(item.uri, data, trimap=self.hand_trimap(item))))
             except CutoutError as exc:  # transient ones too: retried per item already
                 mark_failed(record, exc, default_stage="read")
                 self.emit(record)
-        if not readable:
+        if not ready:
             return []
         pipeline = self.pipeline()  # loading the model is not the inputs' fault
-        inputs = [(item.uri, data) for item, data, _ in readable]
-        with self.guard.on_model([item.uri for item, _, _ in readable]):
-            if self.trimaps is None:
-                outcomes = pipeline.process_batch(inputs)
-            else:
-                outcomes = pipeline.process_batch(inputs, [self.trimaps(item) for item, _, _ in readable])
+        with self.guard.on_model([item.uri for item, _, _ in ready]):
+            outcomes = pipeline.run([given for _, _, given in ready])
+        if self.trimaps is not None:  # hand trimaps asked for: say which inputs had none
+            from cutout.workers.pipeline import NO_HAND_TRIMAP_NOTE
+
+            for (_, _, given), outcome in zip(ready, outcomes):
+                if given.trimap is None and outcome.ok:
+                    outcome.notes.append(NO_HAND_TRIMAP_NOTE)
         return [io_pool.submit(self.finish, item, record, outcome)
-                for (item, _, record), outcome in zip(readable, outcomes)]
+                for (item, record, _), outcome in zip(ready, outcomes)]
+
+    def hand_trimap(self, item: ShardItem) -> bytes | None:
+        """The input's hand trimap, when trimaps were given and it has one; one that cannot be
+        read fails its input, not the batch."""
+        if self.trimaps is None:
+            return None
+        try:
+            return self.trimaps(item)
+        except OSError as exc:
+            raise StorageError(f"cannot read the hand trimap of {item.uri}: {exc.strerror or exc}") from exc
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
         apply_outcome(item, record, outcome)

@@ -25,12 +25,12 @@ from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerError
 from cutout.jobs.layout import check_task
 from cutout.jobs.progress import hold_shard, release_shard
 from cutout.jobs.queue import TASK_PROCESS_SHARD, TRANSIENT_ERRORS, ReliableTask, redis_url
-from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.records import ItemRecord
 from cutout.jobs.redact import install_log_redaction
 from cutout.jobs.settings import settings
 from cutout.workers import telemetry
 from cutout.workers.celery_app import app
-from cutout.workers.shard import heartbeat, load_spec_cached, process_shard
+from cutout.workers.shard import heartbeat, load_spec_cached, process_shard, shard_stats
 
 log = logging.getLogger(__name__)
 install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
@@ -186,17 +186,9 @@ def record_failed_shard(job_prefix: str, shard_id: str, error: CutoutError, *,
             error=str(error)[:1000], model=spec.pipeline.model, config_hash=spec.pipeline.config_hash(),
             shard_id=shard_id, worker=worker_name, job_id=spec.job_id,
         ))
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    error_classes: dict[str, int] = {}
-    for record in records:
-        counts[record.status] = counts.get(record.status, 0) + 1
-        if record.status == "failed":
-            key = record.error_class or "UnknownError"
-            error_classes[key] = error_classes.get(key, 0) + 1
-    stats = ShardStats(job_id=spec.job_id, shard_id=shard_id, counts=counts, error_classes=error_classes,
-                       top_errors={f"{error.error_class}: {error}"[:300]: error_classes.get(error.error_class, 0)},
-                       started_at=started, finished_at=time.time(), worker=worker_name, attempt=attempt)
+    stats = shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
+    counts = stats.counts
     try:
         live_progress(spec.job_id).shard_finished(shard_id, counts)
     except RedisError as exc:
