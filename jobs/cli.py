@@ -32,10 +32,26 @@ JOB_FILE_COMMANDS = ("run", "submit")
 WORKER_EXTRA_MODULES = {"torch", "torchvision", "cv2", "pymatting", "onnx", "onnxruntime", "numba"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and a pointer to --help, not a usage block."""
+
+    def error(self, message: str):
+        print(f"cutout: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """``--broker`` / ``--redis``: one Redis serves both unless ``--redis`` (or CUTOUT_REDIS_URL)
+    names another (resolved in ``cutout.jobs.preflight.resolve_connection``)."""
+    parser.add_argument("--broker", default=None, help="broker URL (env CUTOUT_BROKER_URL)")
+    parser.add_argument("--redis", default=None,
+                        help="live-progress Redis URL (env CUTOUT_REDIS_URL; default: the broker)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cutout import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cutout",
         description="Background removal at dataset scale: local runs, distributed jobs, evaluation.",
     )

@@ -20,14 +20,32 @@ CONNECT_TIMEOUT_S = 3.0
 BACKGROUND_MAX_BYTES = 256 * 1024 * 1024
 
 
+def check_redis_url(url: str, what: str, hint: str) -> None:
+    """``url`` is a well-formed Redis URL (no connection made): a typo such as ``redis:/host``
+    is a usage error for every command, not an unexpected ValueError half-way through."""
+    from redis.connection import parse_url
+
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"{what} {redact_url(url)!r}: cutout needs Redis "
+                          f"({', '.join(s + '://' for s in REDIS_SCHEMES)}); {hint}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{what} {redact_url(url)!r} names no host (redis://HOST:PORT/DB); {hint}")
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {redact_url(url)!r}: {exc}; {hint}") from None
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError(f"{what} {redact_url(url)!r}: the database must be a number "
+                          f"(redis://HOST:PORT/0), not {database!r}; {hint}")
+
+
 def check_redis(url: str, what: str, hint: str) -> None:
     """``url`` names a Redis we can PING; ``what`` and ``hint`` make the message say which one."""
     import redis
 
-    scheme = urlsplit(url).scheme
-    if scheme not in REDIS_SCHEMES:
-        raise ConfigError(f"{what} {redact_url(url)!r}: cutout needs Redis "
-                          f"({', '.join(s + '://' for s in REDIS_SCHEMES)}); {hint}")
+    check_redis_url(url, what, hint)
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                       socket_timeout=CONNECT_TIMEOUT_S)
@@ -43,15 +61,38 @@ def check_redis(url: str, what: str, hint: str) -> None:
                                       f"is redis-server running? {hint}") from None
 
 
-def check_queue(broker: str | None, progress_redis: str | None) -> None:
-    """The broker and the live-progress Redis (often the same one) answer."""
-    from cutout.jobs.queue import broker_url, redis_url
+BROKER_HINT = "set CUTOUT_BROKER_URL or --broker"
+PROGRESS_HINT = "set CUTOUT_REDIS_URL or --redis"
 
-    broker = broker or broker_url()
-    check_redis(broker, "broker", "set CUTOUT_BROKER_URL or --broker")
-    progress = progress_redis or redis_url()  # as cutout.jobs.submit.redis_client picks it
-    if progress != broker:
-        check_redis(progress, "live-progress Redis", "set CUTOUT_REDIS_URL or --redis")
+
+def resolve_connection(args: argparse.Namespace) -> None:
+    """One Redis for the queue and the live progress unless told otherwise.
+
+    ``--broker`` (else CUTOUT_BROKER_URL) names the broker; the progress Redis is ``--redis``,
+    else CUTOUT_REDIS_URL, else that same broker, for every command alike. Without this,
+    ``submit --broker H`` queued on H but wrote progress to the default local Redis, and
+    ``status --broker H`` could not find the job.
+    """
+    if not hasattr(args, "broker"):
+        return
+    from cutout.jobs.settings import settings
+
+    args.broker = args.broker or settings().broker_url
+    args.redis = args.redis or settings().redis_url or args.broker
+
+
+def check_connection_urls(args: argparse.Namespace) -> None:
+    """Both URLs are well formed (every command that takes them)."""
+    check_redis_url(args.broker, "broker", BROKER_HINT)
+    if args.redis != args.broker:
+        check_redis_url(args.redis, "live-progress Redis", PROGRESS_HINT)
+
+
+def check_queue(broker: str, progress_redis: str) -> None:
+    """The broker and the live-progress Redis (often the same one) answer."""
+    check_redis(broker, "broker", BROKER_HINT)
+    if progress_redis != broker:
+        check_redis(progress_redis, "live-progress Redis", PROGRESS_HINT)
 
 
 def check_device(device: str | None) -> None:
@@ -105,5 +146,8 @@ def run_checks(args: argparse.Namespace) -> None:
         from cutout.jobs.cli_options import options_from_args
 
         check_background(options_from_args(args))
-    if command in ("submit", "resume", "retry-failed"):
+    resolve_connection(args)
+    if hasattr(args, "broker"):
+        check_connection_urls(args)
+    if command in ("submit", "resume", "retry-failed", "redo"):
         check_queue(args.broker, args.redis)
