@@ -186,10 +186,10 @@ def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
 
 
 def _watch(ref, progress, interval: float) -> int:
-    from tqdm import tqdm
+    from cutout.jobs.cli import progress_bar
 
     snap = progress.snapshot()
-    with tqdm(total=snap.total or None, unit="img", desc=ref.job_id) as bar:
+    with progress_bar(snap.total or None, desc=ref.job_id, interval_s=interval) as bar:
         while True:
             snap = progress.snapshot()
             processed = sum(snap.counts.values())

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import os
+import sys
 from urllib.parse import urlsplit
 
 from cutout.jobs.errors import ConfigError, CutoutError, ServiceUnavailableError
@@ -137,6 +140,56 @@ def check_background(options) -> None:
                           f"({type(exc).__name__})") from None
 
 
+LIST_FILE_PEEK = 100  # entries of a local list file looked at for local paths
+
+
+def local_sources_warning(sources: list[str], *, all_files: bool = False) -> str | None:
+    """One line when workers would refuse local inputs of this submit under the allowlist this
+    environment gives (CUTOUT_ALLOWED_SOURCES; by default no local file), else None.
+
+    Why: ``submit photos/`` was accepted and every input then failed ``SourceNotAllowedError``
+    on the workers. The job is still submitted: the workers may be configured otherwise.
+    """
+    from cutout.jobs.allowlist import SourcePolicy
+    from cutout.jobs.errors import SourceNotAllowedError
+    from cutout.jobs.sources import is_list_file, iter_source_items
+    from cutout.jobs.storage import scheme_of
+
+    policy = SourcePolicy.from_env()
+    for source in sources:
+        if scheme_of(source) != "local":
+            continue
+        if is_list_file(source):
+            entries = itertools.islice(iter_source_items([source], all_files=all_files), LIST_FILE_PEEK)
+            candidates = [(item.uri, os.path.dirname(_local_path(item.uri))) for item in entries]
+        else:
+            candidates = [(source, _folder_of(source))]
+        for uri, folder in candidates:
+            if scheme_of(uri) != "local":
+                continue
+            try:
+                policy.check(uri)
+            except SourceNotAllowedError:
+                allowed = ",".join(policy.prefixes) or "(empty)"
+                return (f"workers read local files only below a prefix of CUTOUT_ALLOWED_SOURCES "
+                        f"(here {allowed}), so the local inputs of {source!r} would fail SourceNotAllowedError: "
+                        f"start the workers with CUTOUT_ALLOWED_SOURCES={allowed},file://"
+                        f"{folder.rstrip('/')}/ and that folder at the same path (submitted anyway)")
+    return None
+
+
+def _local_path(uri: str) -> str:
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _folder_of(source: str) -> str:
+    """The folder a folder, file or glob source lies in, as an absolute path."""
+    path = _local_path(source)
+    while any(c in path for c in "*?["):
+        path = os.path.dirname(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def run_checks(args: argparse.Namespace) -> None:
     """The checks of one command, in the order a user would fix them."""
     command = getattr(args, "command", None)
@@ -151,3 +204,7 @@ def run_checks(args: argparse.Namespace) -> None:
         check_connection_urls(args)
     if command in ("submit", "resume", "retry-failed", "redo"):
         check_queue(args.broker, args.redis)
+    if command == "submit":
+        warning = local_sources_warning(args.sources, all_files=args.all_files)
+        if warning:
+            print(f"cutout: warning: {warning}", file=sys.stderr)

@@ -53,8 +53,7 @@ def run_command(args: argparse.Namespace) -> int:
     Exit codes: 0 all written, 3 some inputs failed (the others were written), 130 stopped
     by Ctrl-C (the records so far are kept; a rerun does the rest).
     """
-    from tqdm import tqdm
-
+    from cutout.jobs.cli import progress_bar
     from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
 
@@ -71,7 +70,7 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted while loading the model: nothing was processed", file=sys.stderr)
         return INTERRUPTED_EXIT
-    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
+    bar = progress_bar(len(todo), disable=args.no_progress)
     summary = _RunSummary(bar, listing_skips)
     summary.skipped = len(items) - len(todo)
     sink.on_record = summary.add
