@@ -31,6 +31,8 @@ COMMAND_MODULES = (
 JOB_FILE_COMMANDS = ("run", "submit")
 # Modules of the [worker] extra: a command that needs one says how to install it.
 WORKER_EXTRA_MODULES = {"torch", "torchvision", "cv2", "pymatting", "onnx", "onnxruntime", "numba"}
+# Not on PyPI yet: the extra is installed from the repository (README, "Install").
+WORKER_EXTRA_HINT = "install the worker extra: pip install -e '.[worker]' in a clone of the repository"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -196,8 +198,7 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, (ConfigError, MissingWeightsError)):  # the message names the fix
         return EXIT_USAGE, redact_url(text)
     if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
-        return EXIT_USAGE, (f"this command needs the worker extra (module {exc.name!r} is missing): "
-                            "pip install 'cutout-dataset[worker]'")
+        return EXIT_USAGE, f"this command needs the worker extra (module {exc.name!r} is missing): {WORKER_EXTRA_HINT}"
     if isinstance(exc, CutoutError):
         return EXIT_ERROR, redact_url(text)
     return EXIT_ERROR, redact_url(f"unexpected {type(exc).__name__}: {text} "

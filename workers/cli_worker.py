@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from cutout.jobs.cli import add_connection_args
+from cutout.jobs.cli import WORKER_EXTRA_HINT, add_connection_args
 from cutout.jobs.settings import redact_url, settings
 
 # `cutout worker` exits with this when the [worker] extra is missing (documented in the README).
@@ -150,8 +150,7 @@ def wait_for_broker(url: str) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     missing = missing_worker_dependency()
     if missing:
-        print(f"cutout: error: the worker cannot start ({missing}): install cutout-dataset[worker]",
-              file=sys.stderr)
+        print(f"cutout: error: the worker cannot start ({missing}): {WORKER_EXTRA_HINT}", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCIES
     plan = worker_plan(args.concurrency, os.cpu_count() or 1, count_gpus(), args.processes_per_gpu)
     os.environ.update(plan)
