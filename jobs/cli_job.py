@@ -13,6 +13,7 @@ import time
 
 from pydantic import ValidationError
 
+from cutout.jobs.cli import add_connection_args
 from cutout.jobs.cli_options import add_pipeline_arguments, chosen_options, options_from_args, validation_message
 from cutout.jobs.errors import ConfigError
 
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     submit.add_argument("--incremental", action="store_true",
                         help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
-    _add_connection_args(submit)
+    add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
 
     status = subparsers.add_parser("status", help="live progress of a job")
@@ -75,15 +76,10 @@ def register(subparsers) -> None:
     cancel.set_defaults(func=cmd_cancel)
 
 
-def _add_connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default=None, help="broker URL (env CUTOUT_BROKER_URL)")
-    parser.add_argument("--redis", default=None, help="live-progress Redis URL (env CUTOUT_REDIS_URL)")
-
-
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", metavar="JOB", help="job id printed by `cutout submit`")
     parser.add_argument("--dest", default=None, help="the job's destination (when Redis was lost)")
-    _add_connection_args(parser)
+    add_connection_args(parser)
 
 
 # --- submit -------------------------------------------------------------------------------------
@@ -191,10 +187,10 @@ def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
 
 
 def _watch(ref, progress, interval: float) -> int:
-    from tqdm import tqdm
+    from cutout.jobs.cli import progress_bar
 
     snap = progress.snapshot()
-    with tqdm(total=snap.total or None, unit="img", desc=ref.job_id) as bar:
+    with progress_bar(snap.total or None, desc=ref.job_id, interval_s=interval) as bar:
         while True:
             snap = progress.snapshot()
             processed = sum(snap.counts.values())

@@ -164,7 +164,7 @@ def test_worker_without_its_dependencies_refuses_to_start_and_takes_no_message(r
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("install cutout-dataset[worker]"), result.stderr
+    assert len(lines) == 1 and lines[0].endswith("pip install -e '.[worker]' in a clone of the repository"), result.stderr
     assert "torch" in lines[0]
     assert redis_client.llen("cutout") == 1
     assert not redis_client.exists("unacked")
