@@ -39,10 +39,6 @@ RATE_WINDOW = 200  # completions kept for the rate
 RATE_WINDOW_S = 600.0  # and only those younger than this
 
 
-def _ttl_s() -> int:
-    return settings().progress_ttl_s
-
-
 # Adds flat fields (cutout.jobs.rollup) from ARGV[first] on: statuses to counts, the rest to tallies.
 _ADD_FIELDS_LUA = """
 local function add_fields(first, counts, tallies)
@@ -165,7 +161,7 @@ class LiveProgress:
     def __init__(self, redis_client, job_id: str, *, ttl_s: int | None = None):
         self.redis = redis_client
         self.job_id = job_id
-        self.ttl_s = ttl_s or _ttl_s()
+        self.ttl_s = settings().progress_ttl_s if ttl_s is None else ttl_s
         self._finish = redis_client.register_script(_FINISH_SCRIPT)
         self._fold_group = redis_client.register_script(_FOLD_GROUP_SCRIPT)
         self._crash_history = redis_client.register_script(_CRASH_HISTORY_SCRIPT)
@@ -419,9 +415,13 @@ def worker_seen(redis_client, worker: str) -> None:
 def claim_stale_holds(redis_client, *, stale_s: float | None = None,
                       now: float | None = None) -> list[dict]:
     """Take the holds of workers silent for over ``stale_s`` (no job heartbeat and no hold
-    younger than that); each returned entry's ``task`` is to be sent again, once."""
-    now = time.time() if now is None else now
+    younger than that); each returned entry's ``task`` is to be sent again, once.
+
+    A worker holding a shard with no heartbeat for ``CUTOUT_WORKER_STALE_S`` is taken for dead
+    (beats come every ``CUTOUT_HEARTBEAT_INTERVAL`` s): its shard is re-sent; a false alarm
+    costs only work."""
     stale_s = settings().worker_stale_s if stale_s is None else stale_s
+    now = time.time() if now is None else now
     claimed = []
     claim = redis_client.register_script(_CLAIM_SCRIPT)
     for worker, raw in redis_client.hgetall(HELD_KEY).items():

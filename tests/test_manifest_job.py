@@ -212,9 +212,9 @@ def test_item_counters_move_before_the_shard_ends(redis_client, tmp_path):
     real = Pipeline(pipeline_options())
 
     class Observed:
-        def process_batch(self, inputs, trimaps=None):
+        def run(self, inputs, **kwargs):
             seen.append(progress.snapshot().processed)
-            return real.process_batch(inputs)
+            return real.run(inputs, **kwargs)
 
     sink = JobRecords()
     run_items(items, pipeline=lambda: Observed(), sink=sink, record_fields={"shard_id": "s000000"},
