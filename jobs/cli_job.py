@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     submit.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
     submit.add_argument("--to", dest="destination", help="destination prefix (file:// or s3://); required")
-    submit.add_argument("--shard-size", type=int, default=32)
+    submit.add_argument("--shard-size", type=int, default=None,
+                        help="inputs per shard (default: 32, growing with the job to 1000 past 10^7 inputs)")
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
     submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
