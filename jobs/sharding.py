@@ -75,11 +75,11 @@ def output_key(rel_key: str, extension: str, suffix: str = "", *, keep_source_ex
     """Relative output key: ``a/b.jpg`` → ``a/b<suffix>.png``; ``keep_source_extension`` → ``a/b.jpg<suffix>.png``."""
     key = safe_key(rel_key)
     ext = extension if extension.startswith(".") or not extension else "." + extension
-    folder, name = posixpath.split(key)
+    folder, _, name = key.rpartition("/")  # str methods: this runs once per input at submit
     stem = name if keep_source_extension else posixpath.splitext(name)[0] or name
     if "/" in suffix or "\\" in suffix or ".." in suffix:
         raise UnsafeKeyError(f"suffix {suffix!r} must not contain path separators or '..'")
-    return posixpath.join(folder, f"{stem}{suffix}{ext}")
+    return f"{folder}/{stem}{suffix}{ext}" if folder else f"{stem}{suffix}{ext}"
 
 
 def output_uri(destination: str, rel_key: str, extension: str, suffix: str = "") -> str:
@@ -189,6 +189,7 @@ def iter_shards(
     if shard_size is not None and shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     claims = claims if claims is not None else KeyClaims()
+    base = storage.join_uri(destination, "x")[:-1]  # the destination with one trailing "/"
     stream = iter(items)
     index, placed = first_index, items_before
     while True:
@@ -198,7 +199,7 @@ def iter_shards(
             return
         keys = claims.claim_batch(batch, extension, suffix)
         yield Shard(shard_id_for(index), [
-            ShardItem(item.uri, item.rel_key, storage.join_uri(destination, key), getattr(item, "extra", None))
+            ShardItem(item.uri, item.rel_key, base + key, getattr(item, "extra", None))
             for item, key in zip(batch, keys)
         ])
         index, placed = index + 1, placed + len(batch)

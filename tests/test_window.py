@@ -144,7 +144,7 @@ def test_window_of_two_over_ten_shards_survives_flushall_resume_and_a_killed_wor
     from cutout.jobs import manifest
 
     source = tmp_path / "in"
-    noise_folder(source, 30, side=160)
+    noise_folder(source, 30, side=400)
     monkeypatch.setenv("CUTOUT_QUEUE_WINDOW", "2")
     extra = {"CUTOUT_QUEUE_WINDOW": "2", "CUTOUT_WORKER_STALE_S": "6", "CUTOUT_REAP_INTERVAL": "1",
              "CUTOUT_HEARTBEAT_INTERVAL": "1", "CUTOUT_QUEUES": QUEUE}
@@ -175,21 +175,19 @@ def test_window_of_two_over_ten_shards_survives_flushall_resume_and_a_killed_wor
             capture_output=True, text=True, timeout=120,
         )
         assert resumed.returncode == 0, resumed.stderr
-        victim = workers[0]
         started_key = f"cutout:job:{result.job_id}:started"
+        by_pid = {str(proc.pid): proc for proc in workers}
         deadline = time.monotonic() + 60
-        held = None
-        while held is None and time.monotonic() < deadline:
-            for shard_id, entry in redis_client.hgetall(started_key).items():
-                if entry.decode().split()[0].endswith(f":{victim.pid}"):
-                    held = shard_id.decode()
-            time.sleep(0.02)
-        if held is not None:  # the victim got a shard after the resume: it dies holding it
-            os.killpg(victim.pid, signal.SIGKILL)
-            victim.wait(timeout=10)
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            for entry in redis_client.hvals(started_key):  # shard -> "worker time"
+                victim = victim or by_pid.get(entry.decode().split()[0].rsplit(":", 1)[-1])
+            time.sleep(0.01)
+        assert victim is not None, "no worker held a shard after the resume"
+        os.killpg(victim.pid, signal.SIGKILL)  # a dead machine, holding a shard of the window
+        victim.wait(timeout=10)
         workers.append(start_worker(env, logs[2]))
         wait_done(result.job_prefix, 10, 180, logs)
-        assert held is not None, "the victim never held a shard after the resume"
     finally:
         stop(workers)
     rows = records(result.job_prefix)
