@@ -115,6 +115,26 @@ def test_a_cancelled_job_sends_nothing_more_and_a_dead_sender_is_rescued(redis_c
     assert window.claim() == [2]
 
 
+def test_cancel_stops_the_flow_and_resume_or_the_reaper_starts_it_again(tmp_path, redis_client, redis_url, monkeypatch):
+    from cutout.jobs.queue import submitter_app
+    from cutout.jobs.submit import cancel_job, resume_job
+    from cutout.jobs.window import ShardWindow, reap_windows, shard_left_queue
+
+    monkeypatch.setenv("CUTOUT_QUEUE_WINDOW", "2")
+    result = submit(make_job(tmp_path, 5, 1), redis_url)  # 5 shards, 2 sent
+    app = submitter_app(redis_url)
+    cancel_job(result.job_id, redis_url=redis_url)
+    redis_client.delete(QUEUE)  # the workers took both messages and skipped them (cancelled)
+    for shard_id in ("s000000", "s000001"):
+        assert shard_left_queue(redis_client, app, result.job_id, shard_id) == 0
+    assert reap_windows(redis_client, app, stale_s=60) == 0 and redis_client.llen(QUEUE) == 0
+    resumed = resume_job(result.job_id, broker_url=redis_url, redis_url=redis_url)
+    assert resumed.shards_enqueued == 2 and sorted(queued_shards(redis_client)) == ["s000000", "s000001"]
+    ShardWindow(redis_client, result.job_id).finished("s000000")  # a top-up lost with its worker
+    assert reap_windows(redis_client, app, stale_s=60) == 1  # the reaper lets the next shard in
+    assert queued_shards(redis_client)[0] == "s000002"
+
+
 def test_resume_rebuilds_the_window_from_done_markers_after_flushall(tmp_path, redis_client, redis_url, monkeypatch):
     from cutout.jobs import manifest
     from cutout.jobs.submit import resume_job
