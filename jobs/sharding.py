@@ -235,10 +235,14 @@ def shard_uri(job_prefix: str, shard_id: str) -> str:
     return JobLayout.from_prefix(job_prefix).shard(shard_id)
 
 
+# One encoder for every line: ``json.dumps`` with options builds a new encoder per call.
+_SHARD_LINE = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
 def write_shard(job_prefix: str, shard: Shard) -> str:
     lines = (
-        json.dumps({"uri": i.uri, "rel_key": i.rel_key, "output_uri": i.output_uri,
-                    **({"extra": i.extra} if i.extra else {})}, ensure_ascii=False, default=str)
+        _SHARD_LINE.encode({"uri": i.uri, "rel_key": i.rel_key, "output_uri": i.output_uri,
+                            **({"extra": i.extra} if i.extra else {})})
         for i in shard.items
     )
     uri = shard_uri(job_prefix, shard.shard_id)
