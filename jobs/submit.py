@@ -356,12 +356,13 @@ class _KnownInputs:
         base = storage.join_uri(destination, "x")[:-1]  # the destination with one trailing "/"
         shard_ids = manifest.all_shard_ids(prefix)
         with ThreadPoolExecutor(16, thread_name_prefix="shard-reader") as pool:
-            for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), shard_ids):
-                for item in shard.items:
-                    known._inputs.add(digest(item.uri))
-                    if item.output_uri.startswith(base):
-                        known.output_keys.take(item.output_uri[len(base):])
-                known._inputs.settle()
+            for some in sharding.batches(shard_ids, 64):  # a bounded number of shards in memory
+                for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), some):
+                    for item in shard.items:
+                        known._inputs.add(digest(item.uri))
+                        if item.output_uri.startswith(base):
+                            known.output_keys.take(item.output_uri[len(base):])
+                    known._inputs.settle()
         if shard_ids:
             known.next_index = sharding.shard_index(shard_ids[-1]) + 1
         return known
