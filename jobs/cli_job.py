@@ -126,7 +126,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{result.items_new} new inputs", file=sys.stderr)
     print(
         f"{result.items_total} inputs in {result.shards_total} shards: "
-        f"{result.shards_enqueued} enqueued on queue {spec.queue!r}, "
+        f"{result.shards_enqueued} enqueued on queue {spec.queue!r} (the rest follow as it drains), "
         f"{result.shards_already_done} already done",
         file=sys.stderr,
     )
@@ -221,8 +221,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     result = resume_job(args.job, destination=args.dest, broker_url=args.broker, redis_url=args.redis)
     print(
-        f"job {result.job_id}: {result.shards_enqueued} shards re-enqueued, "
-        f"{result.shards_already_done}/{result.shards_total} already done"
+        f"job {result.job_id}: {result.shards_enqueued} shards re-enqueued (the rest follow as the "
+        f"queue drains), {result.shards_already_done}/{result.shards_total} already done"
     )
     return 0
 
