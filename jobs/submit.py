@@ -23,11 +23,11 @@ from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
-from cutout.jobs.window import ShardWindow
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
 from cutout.jobs.sources import input_identity, iter_source_items
 from cutout.jobs.spec import JobSpec
+from cutout.jobs.window import ShardWindow
 
 log = logging.getLogger(__name__)
 
