@@ -28,6 +28,7 @@ from cutout.jobs.queue import TASK_PROCESS_SHARD, TRANSIENT_ERRORS, ReliableTask
 from cutout.jobs.records import ItemRecord
 from cutout.jobs.redact import install_log_redaction
 from cutout.jobs.settings import settings
+from cutout.jobs.window import shard_left_queue
 from cutout.workers import telemetry
 from cutout.workers.celery_app import app
 from cutout.workers.shard import heartbeat, load_spec_cached, process_shard, shard_stats
@@ -83,6 +84,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
     except CutoutError as exc:
         if exc.permanent:
             log.error("shard %s of %s cannot run: %s: %s", shard_id, job_prefix, exc.error_class, exc)
+            _next_shards(self.app, job_prefix, shard_id)
             raise Reject(f"{exc.error_class}: {exc}", requeue=False) from exc
         return _out_of_retries(self, exc, worker_name)
     except TRANSIENT_ERRORS as exc:
@@ -92,6 +94,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
     finally:
         telemetry.BUSY_SECONDS.inc(time.monotonic() - began)
         _release(worker_name)
+    _next_shards(self.app, job_prefix, shard_id)
     if run.stats is None:
         log.info("shard %s skipped: %s", shard_id, run.skipped_reason)
         telemetry.SHARDS.labels("skipped").inc()
@@ -128,6 +131,15 @@ def build_manifest_group_task(self, job_prefix: str, group: int) -> dict:
     if result.reason == manifest_parts.WAITING_FOR_SUBMIT:
         raise self.retry(countdown=GROUP_WAIT_S, max_retries=GROUP_WAIT_TRIES)
     return {"group": group, "written": result.written, "rows": result.rows, "reason": result.reason}
+
+
+def _next_shards(app, job_prefix: str, shard_id: str) -> None:
+    """This shard's message leaves the queue: free its place in the job's window and send the
+    next shards (best effort: the reaper tops the window up too)."""
+    try:
+        shard_left_queue(_redis_client(), app, JobLayout.from_prefix(job_prefix).job_id, shard_id)
+    except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
+        log.warning("job window not topped up now (%s); the reaper will", type(exc).__name__)
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
@@ -189,6 +201,7 @@ def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
                   shard_id, type(exc).__name__, RECORD_FAILED_RETRY_S)
         raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
     telemetry.SHARDS.labels("recorded_failed").inc()
+    _next_shards(task.app, job_prefix, shard_id)
     _build_group_if_complete(job_prefix, shard_id)  # a recorded failure can end a group too
     return {"shard_id": shard_id, "counts": counts}
 
