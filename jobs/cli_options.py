@@ -9,14 +9,19 @@ import argparse
 from pydantic import ValidationError
 
 from cutout.jobs.errors import ConfigError
+from cutout.jobs.presets import PRESETS
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``run``, ``eval`` and ``submit``; names match PipelineOptions."""
     group = parser.add_argument_group("pipeline")
-    group.add_argument("--preset", choices=["fast", "balanced", "best"],
-                       help="quality/CPU trade-off (default balanced; docs/results.md); "
-                            "explicit flags override it")
+    group.add_argument("--preset", choices=list(PRESETS),
+                       help="quality/CPU trade-off (default balanced; auto: fast, and best again where "
+                            "the quality score is low; docs/results.md); explicit flags override it")
+    group.add_argument("--escalate", choices=list(PRESETS),
+                       help="rerun outputs whose quality score is below --escalate-below with this "
+                            "preset, keeping the higher score (default: the preset's)")
+    group.add_argument("--escalate-below", type=float, help="quality score threshold for --escalate")
     group.add_argument("--model", help="segmentation model (cutout models list), or A+B to fuse two; default: the preset's")
     group.add_argument("--classes", default="", help="comma-separated class names (PASCAL VOC / COCO)")
     group.add_argument("--weights", help="weights file: local path, file:// or s3:// URI")
@@ -46,7 +51,7 @@ def options_from_args(args: argparse.Namespace):
         "fusion": args.fusion, "model_sizes": args.model_sizes,
         "matting": args.matting, "refine": args.refine, "trimap_band": args.trimap_band,
         "background": args.background, "format": args.format, "quality": args.quality,
-        "max_pixels": args.max_pixels,
+        "max_pixels": args.max_pixels, "escalate": args.escalate, "escalate_below": args.escalate_below,
         **(getattr(args, "pipeline_extra", None) or {}),  # job-file fields without a flag
     }
     try:

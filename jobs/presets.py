@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-PresetName = Literal["fast", "balanced", "best"]
+PresetName = Literal["fast", "balanced", "best", "auto"]
 DEFAULT_PRESET: PresetName = "balanced"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -46,6 +46,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_settings": {"seg_sizes": (768, 896), "size_rule": "max", "mask_ramp": (0.05, 0.55),
                            "refine": "none"},
     },
+}
+
+# The cascade (benchmarks/quality_cv.py, docs/results.md): `fast` on every photo, and the photos
+# whose quality score is below ESCALATE_BELOW run again with `best`; the higher score is kept.
+# The threshold is the frontier's point that reaches `best`'s quality at no more CPU than
+# `balanced`.
+AUTO_ESCALATE_BELOW = 0.5
+PRESETS["auto"] = {
+    **PRESETS["fast"],
+    "model_settings": {**PRESETS["fast"]["model_settings"], "escalate": "best",
+                       "escalate_below": AUTO_ESCALATE_BELOW},
 }
 
 

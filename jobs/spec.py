@@ -105,6 +105,13 @@ class PipelineOptions(BaseModel):
     mask_ramp: tuple[float, float] | None = None
     # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
     refine: Literal["auto", "none", "grabcut"] = "auto"
+    # Refinement is undone when it changes the mask by more than this (1 - IoU of the two): a
+    # GrabCut that moves that much has usually followed the background's colours (1 = never).
+    refine_max_change: float = Field(1.0, gt=0.0, le=1.0)
+    # Cascade: when an output's quality score is below ``escalate_below``, the image is run
+    # again with preset ``escalate`` and the output with the higher score is kept.
+    escalate: PresetName | None = None
+    escalate_below: float = Field(0.5, ge=0.0, le=1.0)
     trimap_fg: float = Field(0.95, gt=0.0, lt=1.0)
     trimap_bg: float = Field(0.05, gt=0.0, lt=1.0)
     trimap_band: float = Field(0.01, ge=0.0, le=0.2)  # band half-width, fraction of long side
@@ -192,7 +199,10 @@ class PipelineOptions(BaseModel):
         return FORMAT_EXTENSIONS[self.format]
 
     def config_hash(self) -> str:
-        return stable_hash(self.model_dump(mode="json"))
+        """The options and the quality score's model version: both decide what a record holds."""
+        from cutout.jobs.records import QUALITY_MODEL
+
+        return stable_hash({**self.model_dump(mode="json"), "quality_model": QUALITY_MODEL})
 
 
 class JobSpec(BaseModel):

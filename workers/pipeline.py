@@ -67,12 +67,15 @@ class Pipeline:
         *,
         device: str | None = None,
         read_uri: Callable[[str], bytes] | None = None,
+        nested: bool = False,
     ):
         self.options = options or PipelineOptions()
         self.device = device
+        self.nested = nested  # a cascade's second pipeline: its models join the job's, none dropped
         self.background = self.options.parsed_background()
         self._read_uri = read_uri
         self._background_image: np.ndarray | None = None
+        self._escalation: Pipeline | None = None  # the cascade's costlier pipeline, built on first use
 
     # --- stages ------------------------------------------------------------------------------
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -133,15 +136,21 @@ class Pipeline:
 
     def segment_at(self, images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
         """One size; on device OOM retry one by one, then at half the size, then on CPU."""
-        from cutout.workers.segment import get_segmenter
-
         options = self.options.model_copy(update={"seg_size": size})
         try:
-            return get_segmenter(options, device=self.device).predict(images)
+            return self._segmenter(options).predict(images)
         except OutOfMemoryError:
             if len(images) > 1:
                 return [self.segment_at([image], size)[0] for image in images]
             return [self._segment_after_oom(images[0], options)]
+
+    def _segmenter(self, options: PipelineOptions):
+        from cutout.workers.models.cache import MODEL_CACHE
+        from cutout.workers.segment import get_segmenter
+
+        if self.nested:
+            return MODEL_CACHE.component(options, self.device)
+        return get_segmenter(options, device=self.device)
 
     def _segment_after_oom(self, image: np.ndarray, options: PipelineOptions) -> np.ndarray:
         from cutout.workers.segment import get_segmenter
@@ -176,12 +185,14 @@ class Pipeline:
         opts = self.options
         notes: list[str] = []
         timings: dict[str, float] = {}
+        unrefined = mask
         if self.refine_method == "grabcut" and trimap is None:
             from cutout.workers.refine import refine_with_grabcut
 
             mask, skipped = run_stage(timings, "refine", refine_with_grabcut, rgb, mask)
             if skipped:
                 notes.append(skipped)
+            mask = self._undo_harmful_refinement(unrefined, mask, notes)
         alpha = mask
         user_trimap = trimap is not None
         if opts.matting != "none" or user_trimap:
@@ -200,8 +211,40 @@ class Pipeline:
             notes.append("input-alpha-applied")
         image = run_stage(timings, "composite", self._composite, rgb, alpha, foreground)
         quality, flags = measure(alpha, mask, trimap, notes, fg_threshold=opts.trimap_fg,
-                                 bg_threshold=opts.trimap_bg)
-        return CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
+                                 bg_threshold=opts.trimap_bg, rgb=rgb, unrefined=unrefined,
+                                 ramp=self.mask_ramp)
+        result = CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
+        if opts.escalate and not user_trimap and quality["score"] < opts.escalate_below:
+            result = self._escalate(rgb, input_alpha, result)
+        return result
+
+    def _undo_harmful_refinement(self, unrefined: np.ndarray, refined: np.ndarray, notes: list[str]) -> np.ndarray:
+        """The refined mask, or the unrefined one when refinement moved it more than allowed."""
+        before, after = unrefined >= 0.5, refined >= 0.5
+        union = np.count_nonzero(before | after)
+        change = 1.0 - np.count_nonzero(before & after) / union if union else 0.0
+        if change <= self.options.refine_max_change:
+            return refined
+        notes.append(f"refine-undone: it changed {change:.0%} of the mask "
+                     f"(limit {self.options.refine_max_change:.0%})")
+        return unrefined
+
+    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult) -> CutoutResult:
+        """The cascade: rerun a doubtful output with the costlier preset, keep the higher score."""
+        if self._escalation is None:
+            opts = self.options
+            keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
+                    "max_pixels": opts.max_pixels}
+            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, **keep), device=self.device,
+                                        read_uri=self._read_uri, nested=True)
+        timings: dict[str, float] = {}
+        mask = run_stage(timings, "escalate", self._escalation.segment, [rgb])[0]
+        second = self._escalation.finish(rgb, mask, input_alpha=input_alpha)
+        kept = second if second.quality["score"] > first.quality["score"] else first
+        kept.notes.append(f"escalated to {self.options.escalate}: score {first.quality['score']:.2f} -> "
+                          f"{second.quality['score']:.2f}, kept the {'second' if kept is second else 'first'}")
+        kept.timings = {**first.timings, "escalate": timings["escalate"] + sum(second.timings.values())}
+        return kept
 
     def _composite(self, rgb: np.ndarray, alpha: np.ndarray, foreground) -> np.ndarray:
         from cutout.workers.composite import composite
