@@ -150,3 +150,12 @@ def test_records_and_shard_stats_carry_quality(tmp_path):
     failed = ItemRecord(input_uri="x", status="failed", flags=["empty_alpha"])  # not a done output
     stats = shard._shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
     assert stats.flag_counts == {"empty_alpha": 2, "low_confidence": 1}
+
+
+def test_roc_auc_counts_pairs_ranked_right_and_halves_ties():
+    from cutout.workers.metrics import roc_auc
+
+    assert roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert roc_auc([0.5, 0.9, 0.5, 0.1], [True, True, False, False]) == (1 + 1 + 0.5 + 1) / 4
+    assert np.isnan(roc_auc([0.1, 0.2], [False, False]))
