@@ -44,6 +44,7 @@ SETTINGS = {
     "fast": CUTOUT + ["--preset", "fast"],
     "balanced": CUTOUT + ["--preset", "balanced"],
     "best": CUTOUT + ["--preset", "best"],
+    "auto": CUTOUT + ["--preset", "auto"],
     # one raw IS-Net pass at 1024 (fast's raw settings at rembg's size): rembg without -a
     "isnet-1024": CUTOUT + ["--preset", "fast", "--seg-size", "1024"],
     "modnet": CUTOUT + ["--model", "modnet", "--refine", "none"],

@@ -50,20 +50,18 @@ FEATURES = ("multiple_objects", "sqrt_joined_object", "sqrt_second_object", "bor
             "edge_alignment", "unknown_share", "confidence", "alpha_coverage")
 SECOND_OPINION = "u2netp_disagreement"  # 1 - IoU with a u2netp 320 pass: costs a network run
 
-BALANCED = {"preset": "balanced", "background": "mask"}
-BEST = {"preset": "best", "background": "mask"}
-FAST = {"preset": "fast", "background": "mask"}
+TIE = 0.005  # criteria closer than this count as equal; the cheaper threshold wins
+BALANCED = {"preset": "balanced", "background": "mask", "escalate": None}
+BEST = {"preset": "best", "background": "mask", "escalate": None}
+FAST = {"preset": "fast", "background": "mask", "escalate": None}
 NO_REFINE = {"refine": "none"}
 # name: (mask source in tune_cv's notation, PipelineOptions fields). Fast's model is the fused
 # one; its raw mask is the mean of the two cached passes, as the fusion computes it.
 VARIANTS = {
     "balanced": ("isnet@896", BALANCED),
     "balanced/raw": ("isnet@896", {**BALANCED, **NO_REFINE}),
-    "second": ("max:isnet@768,isnet@896", BALANCED),
-    "second/raw": ("max:isnet@768,isnet@896", {**BALANCED, **NO_REFINE}),
     "best": ("max:isnet@768,isnet@896", BEST),
     "fast": ("mean:isnet@512,u2netp@320", FAST),
-    "fast/raw": ("mean:isnet@512,u2netp@320", {**FAST, **NO_REFINE}),
 }
 
 
@@ -242,45 +240,61 @@ def figures(rows: list[dict]) -> str:
             f"  MSE gc {statistics.fmean(r['mse'] for r in gc):.4f}")
 
 
-def gated(rows: dict, key: str, max_change: float, base: str) -> dict:
-    """``base``'s output, or its unrefined twin when refinement moved the mask by more than R."""
-    refined = rows[f"{base}|{key}"]
-    return rows[f"{base}/raw|{key}"] if refined["q_refine_change"] > max_change else refined
-
-
-def policy(rows: dict, key: str, max_change: float, second_below: float) -> tuple[dict, bool]:
-    """Do-no-harm pick for one photo: gated balanced; a second pass (max with 768) when its
-    score is below S, kept when it scores higher."""
-    first = gated(rows, key, max_change, "balanced")
-    if first["s"] >= second_below:
+def escalated(rows: dict, key: str, cheap: str, costly: str, below: float) -> tuple[dict, bool]:
+    """The cascade for one photo: ``cheap``'s output, or ``costly``'s when the first scored
+    below ``below`` and the second scores higher (``Pipeline._escalate``)."""
+    first = rows[f"{cheap}|{key}"]
+    if first["s"] >= below:
         return first, False
-    second = gated(rows, key, max_change, "second")
+    second = rows[f"{costly}|{key}"]
     return (second if second["s"] > first["s"] else first), True
 
 
+def rerun_cpu(rows: dict, keys, below: float) -> float:
+    """Estimated CPU-s per photo of balanced with best rerun where its score is below ``below``."""
+    share = sum(rows[f"balanced|{k}"]["s"] < below for k in keys) / len(keys)
+    return COST["balanced"] + share * (COST["best"] - FIXED_RUN_CPU)
+
+
+def cheapest_best(grid, j) -> float:
+    """The lowest threshold whose criterion is within ``TIE`` of the best on the grid (a lower
+    threshold reruns fewer photos)."""
+    values = {threshold: j(threshold) for threshold in grid}
+    return min(t for t, value in values.items() if value <= min(values.values()) + TIE)
+
+
 def harm_study(rows: dict, data, models: dict, features) -> dict:
+    """Per photo: balanced, and best where balanced's score is below S (the higher score kept);
+    S chosen on one half by tune_cv.py's criterion, reported on the other. A refinement gate
+    (the unrefined output where the refined one scores below a threshold, if it scores higher)
+    is chosen and reported the same way."""
     keys = [f"{d}/{s}" for d, s, *_ in data]
     halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
-    grid_r = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 1.01)
-    grid_s = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
-    print("\ndo no harm (R: largest refinement change kept; S: second pass below this score):")
+    grid = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
+    print("\ndo no harm: balanced, and best where balanced's score is below S (higher score kept):")
     picks = {}
     for fit_half, test_half in (("A", "B"), ("B", "A"), (None, None)):
         rescore(rows, models[fit_half], features)
         fit = [k for k in keys if fit_half is None or halves[k] == fit_half]
         reference = [rows[f"balanced|{k}"] for k in fit]
-        best = min(((criterion([policy(rows, k, r, s)[0] for k in fit], reference), r, s)
-                    for r in grid_r for s in grid_s), key=lambda t: (round(t[0], 4), -t[1], t[2]))
-        _j, r, s = best
-        picks[fit_half] = (r, s)
+        affordable = [s for s in grid if rerun_cpu(rows, fit, s) <= BALANCED_BUDGET]
+        below, below_r = (cheapest_best(affordable, lambda s: criterion(
+            [escalated(rows, k, "balanced", other, s)[0] for k in fit], reference)) for other in ("best", "balanced/raw"))
+        picks[fit_half] = below
         test = [k for k in keys if test_half is None or halves[k] == test_half]
-        chosen = [policy(rows, k, r, s) for k in test]
+        chosen = [escalated(rows, k, "balanced", "best", below) for k in test]
+        gate = [escalated(rows, k, "balanced", "balanced/raw", below_r)[0] for k in test]
         default = [rows[f"balanced|{k}"] for k in test]
         label = "all photos" if fit_half is None else f"fit {fit_half}, report {test_half}"
-        print(f"  {label}: R {r}, S {s}; second pass on {sum(c[1] for c in chosen)}/{len(test)}")
-        print(f"    default      {figures(default)}")
-        print(f"    do-no-harm   {figures([c[0] for c in chosen])}  J {criterion([c[0] for c in chosen], default):.3f}")
-        print(f"    best preset  {figures([rows[f'best|{k}'] for k in test])}")
+        share = sum(c[1] for c in chosen) / len(test)
+        print(f"  {label}: S {below} (the lowest criterion at an estimated CPU within {BALANCED_BUDGET:.2f}): "
+              f"best rerun on {sum(c[1] for c in chosen)}/{len(test)}, est. CPU-s "
+              f"{COST['balanced'] + share * (COST['best'] - FIXED_RUN_CPU):.2f}")
+        print(f"    default            {figures(default)}")
+        print(f"    + best below S     {figures([c[0] for c in chosen])}  J {criterion([c[0] for c in chosen], default):.3f}")
+        print(f"    refinement gate    {figures(gate)}  J {criterion(gate, default):.3f} (unrefined kept "
+              f"below {below_r} when it scores higher)")
+        print(f"    best preset        {figures([rows[f'best|{k}'] for k in test])}")
     return picks
 
 
@@ -290,29 +304,43 @@ def harm_study(rows: dict, data, models: dict, features) -> dict:
 # imports, estimated as best minus FIXED_RUN_CPU.
 COST = {"fast": 2.71, "balanced": 4.47, "best": 6.84}
 FIXED_RUN_CPU = 0.9  # imports and model loads per photo over a 27-photo run (bench_cost.py)
+BALANCED_BUDGET = 10.04 / 2  # balanced's budget: half of rembg -a's CPU-s per photo (bench_cost.py)
 
 
 def cascade_study(rows: dict, data, models: dict, features) -> None:
+    """``fast`` everywhere, ``balanced`` or ``best`` again below T (the higher score kept). T is
+    chosen on one half: the lowest criterion against ``best`` at an estimated CPU within
+    ``balanced``'s; reported on the other half, and every T on all photos (the frontier)."""
     keys = [f"{d}/{s}" for d, s, *_ in data]
     halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
-    print("\ncascade: fast everywhere, best where fast's score < T, the higher score kept")
-    for half in ("A", "B", None):
-        rescore(rows, models[{"A": "B", "B": "A", None: None}[half]], features)  # out of fold
-        test = [k for k in keys if half is None or halves[k] == half]
-        print(f"  {'all photos' if half is None else 'half ' + half}:")
-        for name in ("fast", "balanced", "best"):
-            print(f"    {name:10} {figures([rows[f'{name}|{k}'] for k in test])}  CPU-s {COST[name]:.2f}")
-        for threshold in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
-            chosen, reruns = [], 0
-            for k in test:
-                first = rows[f"fast|{k}"]
-                if first["s"] < threshold:
-                    reruns += 1
-                    second = rows[f"best|{k}"]
-                    first = second if second["s"] > first["s"] else first
-                chosen.append(first)
-            cpu = COST["fast"] + reruns / len(test) * (COST["best"] - FIXED_RUN_CPU)
-            print(f"    T {threshold:4.2f}    {figures(chosen)}  CPU-s {cpu:.2f} (reruns {reruns}/{len(test)})")
+    grid = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+    def run(test, costly, threshold):
+        picked = [escalated(rows, k, "fast", costly, threshold) for k in test]
+        cpu = COST["fast"] + sum(c[1] for c in picked) / len(test) * (COST[costly] - FIXED_RUN_CPU)
+        return [c[0] for c in picked], cpu
+
+    for costly in ("balanced", "best"):
+        print(f"\ncascade: fast everywhere, {costly} where fast's score < T, the higher score kept")
+        for fit_half, test_half in (("A", "B"), ("B", "A"), (None, None)):
+            rescore(rows, models[fit_half], features)
+            fit = [k for k in keys if fit_half is None or halves[k] == fit_half]
+            best_rows = [rows[f"best|{k}"] for k in fit]
+            within = [(criterion(run(fit, costly, t)[0], best_rows), t) for t in grid
+                      if run(fit, costly, t)[1] <= COST["balanced"]]
+            threshold = min(within)[1] if within else grid[0]
+            test = [k for k in keys if test_half is None or halves[k] == test_half]
+            chosen, cpu = run(test, costly, threshold)
+            label = "all photos" if fit_half is None else f"fit {fit_half}, report {test_half}"
+            print(f"  {label}: T {threshold}")
+            for name in ("fast", "balanced", "best"):
+                print(f"    {name:10} {figures([rows[f'{name}|{k}'] for k in test])}  CPU-s {COST[name]:.2f}")
+            print(f"    cascade    {figures(chosen)}  CPU-s {cpu:.2f} (est.)  J vs best "
+                  f"{criterion(chosen, [rows[f'best|{k}'] for k in test]):.3f}")
+        print("  the frontier, all photos (scores of the model fitted on all photos):")
+        for threshold in grid:
+            chosen, cpu = run(keys, costly, threshold)
+            print(f"    T {threshold:4.2f}  {figures(chosen)}  CPU-s {cpu:.2f} (est.)")
 
 
 def main() -> None:
@@ -332,7 +360,7 @@ def main() -> None:
     folds = score_study(rows, data, fitted_on, FEATURES, "score, fitted on every preset's outputs")
     score_study(rows, data, fitted_on, FEATURES + (SECOND_OPINION,), "score with the u2netp second opinion")
     models = {"A": folds["A"], "B": folds["B"], None: final_model(rows, data, fitted_on, FEATURES)}
-    if all(table(rows, v, data) for v in ("balanced/raw", "second", "second/raw")):
+    if all(table(rows, v, data) for v in ("balanced/raw", "best")):
         harm_study(rows, data, models, FEATURES)
     if all(table(rows, v, data) for v in ("fast", "best")):
         cascade_study(rows, data, models, FEATURES)

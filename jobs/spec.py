@@ -105,9 +105,6 @@ class PipelineOptions(BaseModel):
     mask_ramp: tuple[float, float] | None = None
     # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
     refine: Literal["auto", "none", "grabcut"] = "auto"
-    # Refinement is undone when it changes the mask by more than this (1 - IoU of the two): a
-    # GrabCut that moves that much has usually followed the background's colours (1 = never).
-    refine_max_change: float = Field(1.0, gt=0.0, le=1.0)
     # Cascade: when an output's quality score is below ``escalate_below``, the image is run
     # again with preset ``escalate`` and the output with the higher score is kept.
     escalate: PresetName | None = None

@@ -27,9 +27,10 @@ def _photo(name: str) -> bytes:
     return next((GRABCUT / "image").glob(f"{name}.*")).read_bytes()
 
 
-def test_a_photo_of_two_separate_objects_is_flagged_multiple_objects():
+def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     """GrabCut's 24077 (BSDS): two objects of similar size apart from each other; IS-Net keeps
-    both, where the hand-made mask has one (IoU 0.45 at the defaults)."""
+    both, where the hand-made mask has one (IoU 0.45 at the defaults). Its score is far below
+    the default's escalation threshold, so it runs again with `best`; teddy does not."""
     from cutout.workers.pipeline import Pipeline
 
     pipeline = Pipeline(PipelineOptions(background="mask"))
@@ -37,3 +38,6 @@ def test_a_photo_of_two_separate_objects_is_flagged_multiple_objects():
     assert two.ok and "multiple_objects" in two.flags and two.quality["joined_object"] >= 0.2
     assert one.ok and "multiple_objects" not in one.flags and one.quality["joined_object"] < 0.05
     assert 0.0 <= two.quality["score"] < one.quality["score"] <= 1.0
+    assert two.quality["score"] < PipelineOptions().escalate_below < one.quality["score"]
+    assert any(note.startswith("escalated to best: score ") for note in two.notes), two.notes
+    assert not any(note.startswith("escalated") for note in one.notes)

@@ -192,7 +192,6 @@ class Pipeline:
             mask, skipped = run_stage(timings, "refine", refine_with_grabcut, rgb, mask)
             if skipped:
                 notes.append(skipped)
-            mask = self._undo_harmful_refinement(unrefined, mask, notes)
         alpha = mask
         user_trimap = trimap is not None
         if opts.matting != "none" or user_trimap:
@@ -218,32 +217,24 @@ class Pipeline:
             result = self._escalate(rgb, input_alpha, result)
         return result
 
-    def _undo_harmful_refinement(self, unrefined: np.ndarray, refined: np.ndarray, notes: list[str]) -> np.ndarray:
-        """The refined mask, or the unrefined one when refinement moved it more than allowed."""
-        before, after = unrefined >= 0.5, refined >= 0.5
-        union = np.count_nonzero(before | after)
-        change = 1.0 - np.count_nonzero(before & after) / union if union else 0.0
-        if change <= self.options.refine_max_change:
-            return refined
-        notes.append(f"refine-undone: it changed {change:.0%} of the mask "
-                     f"(limit {self.options.refine_max_change:.0%})")
-        return unrefined
-
     def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult) -> CutoutResult:
-        """The cascade: rerun a doubtful output with the costlier preset, keep the higher score."""
+        """The cascade: rerun a doubtful output with the costlier preset (once: that preset's own
+        escalation is off), keep the higher score."""
         if self._escalation is None:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
                     "max_pixels": opts.max_pixels}
-            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, **keep), device=self.device,
+            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, escalate=None, **keep), device=self.device,
                                         read_uri=self._read_uri, nested=True)
-        timings: dict[str, float] = {}
-        mask = run_stage(timings, "escalate", self._escalation.segment, [rgb])[0]
+        timings = dict(first.timings)  # both runs' seconds, stage by stage
+        mask = run_stage(timings, "segment", self._escalation.segment, [rgb])[0]
         second = self._escalation.finish(rgb, mask, input_alpha=input_alpha)
+        for stage, seconds in second.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
         kept = second if second.quality["score"] > first.quality["score"] else first
         kept.notes.append(f"escalated to {self.options.escalate}: score {first.quality['score']:.2f} -> "
                           f"{second.quality['score']:.2f}, kept the {'second' if kept is second else 'first'}")
-        kept.timings = {**first.timings, "escalate": timings["escalate"] + sum(second.timings.values())}
+        kept.timings = timings
         return kept
 
     def _composite(self, rgb: np.ndarray, alpha: np.ndarray, foreground) -> np.ndarray:
