@@ -224,8 +224,8 @@ class Pipeline:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
                     "max_pixels": opts.max_pixels}
-            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, escalate=None, **keep), device=self.device,
-                                        read_uri=self._read_uri, nested=True)
+            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, escalate=None, **keep),
+                                        device=self.device, read_uri=self._read_uri, nested=True)
         timings = dict(first.timings)  # both runs' seconds, stage by stage
         mask = run_stage(timings, "segment", self._escalation.segment, [rgb])[0]
         second = self._escalation.finish(rgb, mask, input_alpha=input_alpha)
