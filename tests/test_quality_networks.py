@@ -31,10 +31,11 @@ def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     """GrabCut's 24077 (BSDS): two objects of similar size apart from each other; IS-Net keeps
     both, where the hand-made mask has one (IoU 0.45 at the defaults). Its score is far below
     the default's escalation threshold, so it runs again with `best`; teddy does not."""
-    from cutout.workers.pipeline import Pipeline
+    from cutout.workers.pipeline import Pipeline, PipelineInput
 
     pipeline = Pipeline(PipelineOptions(background="mask"))
-    two, one = pipeline.process_batch([("24077.jpg", _photo("24077")), ("teddy.jpg", _photo("teddy"))])
+    two, one = pipeline.run([PipelineInput("24077.jpg", _photo("24077")),
+                             PipelineInput("teddy.jpg", _photo("teddy"))])
     assert two.ok and "multiple_objects" in two.flags and two.quality["joined_object"] >= 0.2
     assert one.ok and "multiple_objects" not in one.flags and one.quality["joined_object"] < 0.05
     assert 0.0 <= two.quality["score"] < one.quality["score"] <= 1.0
