@@ -20,11 +20,14 @@ Steps:
    below which ``FLAG_SHARE`` of that half's outputs fall) with the share of bad outputs it
    catches and of all outputs it flags on the held-out half. Then the model fitted on all
    photos, printed as the ``SCORE_MODEL`` block of ``cutout/workers/quality.py``.
-4. Do no harm: per photo, keep the refined mask only when refinement changed it by less than R,
-   and run a second pass (IS-Net at 768, combined by max) only when the score is below S;
-   R and S chosen on one half by the criterion of ``tune_cv.py`` and reported on the other.
-5. Cascade: ``fast`` on every photo, ``best`` rerun where the score is below T, the output with
-   the higher score kept; quality against estimated CPU per photo for every T.
+4. Do no harm: per photo, ``balanced``, and ``best`` again where its score is below S (the
+   output with the higher score kept, as ``Pipeline._escalate`` does); S chosen on one half (the
+   lowest criterion of ``tune_cv.py`` within balanced's CPU budget, ties to the lower S) and
+   reported on the other; a refinement gate (the unrefined output where the refined one scores
+   low) scored the same way.
+5. Cascade: ``fast`` on every photo, ``balanced`` or ``best`` rerun where the score is below T,
+   the output with the higher score kept; T chosen the same way against ``best``, and the
+   frontier (quality against estimated CPU per photo) for every T.
 """
 from __future__ import annotations
 

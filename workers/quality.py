@@ -32,8 +32,6 @@ import math
 import cv2
 import numpy as np
 
-from cutout.jobs.records import QUALITY_MODEL
-
 # Thresholds, checked on the 27 alphamatting.com + 50 GrabCut photos with IS-Net
 # (benchmarks/bench_quality_flags.py): coverage there 0.05..0.71, unknown share 0.04..0.22,
 # confidence 0.984..0.998; 2 of 77 flagged, both bad cutouts (alphamatting SAD 73 and 226).
