@@ -5,8 +5,8 @@ so everything is inline: CSS in a ``<style>``, the chart as inline SVG, the thum
 JPEG ``data:`` URIs. No script runs in the page.
 
 What it reads is bounded, however big the job: the stats files (one per shard), the records of
-the few shards that hold an example of each failure class or a flagged output, and of a spread
-of shards for the sample. Thumbnails are re-encoded small and stop at a byte budget. Submitter
+the few shards that hold an example of each failure class or a flagged output (of those read,
+the lowest quality scores are shown first), and of a spread of shards for the sample. Thumbnails are re-encoded small and stop at a byte budget. Submitter
 side: Pillow only, never torch.
 """
 from __future__ import annotations
@@ -95,13 +95,19 @@ def _collect(data: ReportData, records: list[ItemRecord], for_sample: int, sampl
             data.failure_examples[record.error_class or "UnknownError"] = record
         if record.status != "done":
             continue
-        for flag in record.flags:
+        for flag in record.flags:  # keep the lowest quality scores: the worst outputs first
             tiles = data.flagged.setdefault(flag, [])
-            if len(tiles) < FLAGGED_PER_FLAG:
-                tiles.append(Tile(record))
+            tiles.append(Tile(record))
+            tiles.sort(key=_score)
+            del tiles[FLAGGED_PER_FLAG:]
         if for_sample > 0 and not record.flags and len(data.sample) < sample_size:
             data.sample.append(Tile(record))
             for_sample -= 1
+
+
+def _score(tile: "Tile") -> float:
+    """The output's quality score (cutout.workers.quality); 1 when the record has none."""
+    return tile.record.quality.get("score", 1.0)
 
 
 class _ThumbBudget:
