@@ -47,6 +47,7 @@ def options_from_args(args: argparse.Namespace):
         "matting": args.matting, "refine": args.refine, "trimap_band": args.trimap_band,
         "background": args.background, "format": args.format, "quality": args.quality,
         "max_pixels": args.max_pixels,
+        "crop": getattr(args, "crop", None) or None,  # box hints (cutout.jobs.boxes)
         **(getattr(args, "pipeline_extra", None) or {}),  # job-file fields without a flag
     }
     try:

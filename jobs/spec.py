@@ -116,6 +116,8 @@ class PipelineOptions(BaseModel):
     format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100)
     max_pixels: int = Field(64_000_000, ge=1)
+    # With a box hint: write only the box grown by its margin (object banks), not the whole frame.
+    crop: bool = False
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
         "--data", help="a folder with image/ and alpha/ (soft mattes) or mask/ (0 bg, 255 fg, 128 left "
                        "out), matched by file stem; default: the benchmark sets in $CUTOUT_EVAL_DATA "
                        "or ../shared/testdata")
+    evaluate.add_argument(
+        "--boxes", help="score with box hints: a folder of box masks by file stem (GrabCut's rect/: "
+                        "the box around the pixels >= 128) or a .json {stem: [x, y, w, h]}; needs --data")
     evaluate.add_argument("--out", default="eval-output")
     evaluate.add_argument("--limit", type=int, help="only the first N photos of each set")
     evaluate.add_argument("--skip-matting-only", action="store_true")
@@ -204,8 +207,17 @@ def eval_command(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     data = Path(args.data or DEFAULT_DATA)
+    if args.boxes and not (args.data and is_user_folder(data)):
+        from cutout.jobs.errors import ConfigError
+
+        raise ConfigError("--boxes needs --data DIR with image/ and mask/ (or alpha/)")
     if is_user_folder(data):
-        report = run_user_eval(options, data, Path(args.out), limit=args.limit)
+        boxes = None
+        if args.boxes:
+            from cutout.workers.boxes import load_eval_boxes
+
+            boxes = load_eval_boxes(args.boxes)
+        report = run_user_eval(options, data, Path(args.out), limit=args.limit, boxes=boxes)
         print(json.dumps(report["summary"], default=float))
         return 0
     report = run_eval(options, data, Path(args.out), limit=args.limit,

@@ -369,15 +369,22 @@ def load_user_folder(root: Path, limit: int | None = None) -> list[UserSample]:
     return samples
 
 
-def score_user_sample(pipeline, sample: UserSample) -> dict:
-    """Run one photo through the whole pipeline (decode to encode) and score its alpha."""
+def score_user_sample(pipeline, sample: UserSample, box=None) -> dict:
+    """Run one photo through the whole pipeline (decode to encode) and score its alpha; with
+    ``box`` ((x, y, w, h) px), through the box path (``cutout.workers.boxes``)."""
     from cutout.workers.decode import decode_image
     from cutout.workers.encode import encode_image
 
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     decoded = decode_image(sample.data, name=sample.name)
-    mask = pipeline.segment([decoded.rgb])[0]
-    result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
+    if box is not None:
+        from cutout.workers.boxes import box_region, cut_out_box
+
+        region = box_region(box, decoded.rgb.shape[1], decoded.rgb.shape[0])
+        result = cut_out_box(pipeline, decoded.rgb, region, input_alpha=decoded.alpha)
+    else:
+        mask = pipeline.segment([decoded.rgb])[0]
+        result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
     encode_image(result.image, pipeline.options.format, quality=pipeline.options.quality)
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     if result.alpha.shape != sample.gt.shape:
@@ -391,11 +398,16 @@ def score_user_sample(pipeline, sample: UserSample) -> dict:
 
 
 def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
-                  limit: int | None = None) -> dict:
-    """Score the pipeline on a user's folder; print per-image and summary figures."""
+                  limit: int | None = None, boxes: dict | None = None) -> dict:
+    """Score the pipeline on a user's folder; print per-image and summary figures. ``boxes``
+    (stem → (x, y, w, h)) scores the box path; a photo without a box is left out."""
     from cutout.workers.pipeline import Pipeline
 
     samples = load_user_folder(root, limit)
+    if boxes is not None:
+        samples = [s for s in samples if Path(s.name).stem in boxes]
+        if not samples:
+            raise FileNotFoundError(f"no photo under {root / 'image'} has a box")
     pipeline = Pipeline(options)
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     pipeline.load_models()
@@ -404,7 +416,8 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
           f"(loaded in {load['seconds']:.1f} s, {load['cpu_seconds']:.1f} CPU-s)")
     rows = []
     for sample in samples:
-        rows.append(score_user_sample(pipeline, sample))
+        rows.append(score_user_sample(pipeline, sample,
+                                      None if boxes is None else boxes[Path(sample.name).stem]))
         row = rows[-1]
         print(f"  {row['name']}: SAD {row['sad']:7.2f}  MSE {row['mse']:.4f}  IoU {row['iou']:.4f}  "
               f"{row['seconds']:.2f} s  {row['cpu_seconds']:.2f} CPU-s  {'; '.join(row['notes'])}",
@@ -413,7 +426,7 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
                      "median": statistics.median(r[key] for r in rows)}
                for key in ("sad", "mse", "iou", "seconds", "cpu_seconds")}
     report = {"options": options.model_dump(mode="json"), "data_dir": str(root),
-              "images": len(rows), "model_load": load, "summary": summary, "per_image": rows}
+              "images": len(rows), "boxes": boxes is not None, "model_load": load, "summary": summary, "per_image": rows}
     print(f"  mean: SAD {summary['sad']['mean']:.2f} (median {summary['sad']['median']:.2f})  "
           f"MSE {summary['mse']['mean']:.4f}  IoU {summary['iou']['mean']:.4f}  per image "
           f"{summary['seconds']['mean']:.2f} s, {summary['cpu_seconds']['mean']:.2f} CPU-s")
