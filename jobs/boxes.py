@@ -175,3 +175,27 @@ def expand_rows(rows: Iterable[tuple[str, str, dict | None]], expander: BoxExpan
             yield uri, rel_key, extra
         else:
             yield from expander.expand(uri, rel_key, extra)
+
+
+def box_expander(spec) -> BoxExpander:
+    """The expander a job's spec asks for (its box column and format)."""
+    return BoxExpander(spec.box_column, spec.box_format)
+
+
+def add_box_arguments(parser) -> None:
+    """``--box-column``, ``--box-format``, ``--crop`` and ``--images`` for ``run`` and ``submit``."""
+    group = parser.add_argument_group("box hints (list files with a box column, COCO annotations)")
+    group.add_argument("--box-column", default=DEFAULT_BOX_COLUMN,
+                       help="list-file column holding each object's box (default bbox): a CSV cell "
+                            "\"x,y,w,h\" or a JSON/Parquet list of 4 numbers (or a list of boxes)")
+    group.add_argument("--box-format", default="xywh", choices=BOX_FORMATS,
+                       help="xywh (default: pixels, COCO), xyxy, or 0-1 normalised xywhn / xyxyn")
+    group.add_argument("--crop", action="store_true",
+                       help="write only the box and its margin (object banks), not the whole frame")
+    group.add_argument("--images", metavar="PREFIX",
+                       help="where a COCO annotation file's images live (folder or s3:// prefix)")
+
+
+def box_spec_fields(args) -> dict:
+    """The job-spec fields the box flags set."""
+    return {"box_column": args.box_column, "box_format": args.box_format, "images": args.images}

@@ -13,6 +13,7 @@ import time
 
 from pydantic import ValidationError
 
+from cutout.jobs.boxes import add_box_arguments, box_spec_fields
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
 from cutout.jobs.errors import ConfigError
 
@@ -29,6 +30,7 @@ def register(subparsers) -> None:
     submit.add_argument("--incremental", action="store_true",
                         help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
+    add_box_arguments(submit)
     _add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -94,7 +96,7 @@ def build_spec(args: argparse.Namespace):
         return JobSpec(
             sources=tuple(args.sources), destination=args.destination, pipeline=pipeline,
             weights_sha256=_local_weights_sha256(args.weights), shard_size=args.shard_size,
-            queue=args.queue, suffix=args.suffix,
+            queue=args.queue, suffix=args.suffix, **box_spec_fields(args),
         )
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from exc

@@ -209,6 +209,11 @@ class JobSpec(BaseModel):
     shard_size: int = Field(32, ge=1, le=10_000)
     queue: str = "cutout"
     suffix: str = ""  # appended to each output stem, e.g. "_cutout"
+    # Box hints in list files (cutout.jobs.boxes): the column holding them and their format.
+    box_column: str = "bbox"
+    box_format: Literal["xywh", "xyxy", "xywhn", "xyxyn"] = "xywh"
+    # COCO annotation sources (cutout.jobs.coco): where their images live (file names join it).
+    images: str | None = None
 
     @field_validator("sources")
     @classmethod

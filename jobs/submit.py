@@ -23,6 +23,7 @@ from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
+from cutout.jobs.boxes import box_expander
 from cutout.jobs.sources import iter_source_items
 from cutout.jobs.spec import JobSpec
 
@@ -127,7 +128,8 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
     skips = storage.ListingSkips()
     columns = ExtraColumns()
     shards = sharding.iter_shards(
-        columns.watch(iter_source_items(spec.sources, all_files=all_files, skips=skips)),
+        columns.watch(iter_source_items(spec.sources, all_files=all_files, skips=skips,
+                                        boxes=box_expander(spec))),
         destination=spec.destination,
         extension=spec.pipeline.extension,
         suffix=spec.suffix,
@@ -273,7 +275,8 @@ def _extend_job(spec, prefix, client, broker_url, all_files) -> SubmitResult:
     items_old, _ = manifest.load_totals(prefix)
     progress = live_progress(client, spec.job_id)
     columns = ExtraColumns(manifest.load_extra_columns(prefix))
-    fresh = (item for item in columns.watch(iter_source_items(spec.sources, all_files=all_files))
+    fresh = (item for item in columns.watch(iter_source_items(spec.sources, all_files=all_files,
+                                                              boxes=box_expander(spec)))
              if not known.has(item.uri))
     shards = sharding.iter_shards(
         fresh, destination=spec.destination, extension=spec.pipeline.extension, suffix=spec.suffix,

@@ -196,3 +196,63 @@ def load_eval_boxes(path) -> dict[str, tuple[float, float, float, float]]:
             x0, y0 = int(cols.min()), int(rows.min())
             boxes[mask_path.stem] = (x0, y0, int(cols.max()) + 1 - x0, int(rows.max()) + 1 - y0)
     return boxes
+
+
+def process_box_batch(pipeline, items: list[tuple[str, bytes]], trimaps, boxes: list) -> list:
+    """``Pipeline.process_batch`` for a batch where some items carry a box (a
+    ``cutout.jobs.boxes.BoxHint``, None for a whole-image item): the whole-image items go
+    through the usual path; an image with several boxes is decoded once for all of them, and a
+    box that names no pixels fails alone (``InvalidBoxError``)."""
+    plain = [i for i, box in enumerate(boxes) if box is None]
+    outcomes: list = [None] * len(items)
+    if plain:
+        done = pipeline.process_batch([items[i] for i in plain],
+                                      [trimaps[i] for i in plain] if trimaps else None)
+        for index, outcome in zip(plain, done):
+            outcomes[index] = outcome
+    decoded: dict[int, object] = {}  # id(bytes) → DecodedImage or the CutoutError it raised
+    for index, box in enumerate(boxes):
+        if box is not None:
+            outcomes[index] = _box_outcome(pipeline, items[index], box, decoded)
+    return outcomes
+
+
+def _box_outcome(pipeline, item: tuple[str, bytes], box, decoded: dict):
+    """One boxed object to encoded bytes; every failure becomes its outcome's typed error."""
+    from cutout.jobs.errors import CutoutError
+    from cutout.workers.decode import decode_image
+    from cutout.workers.encode import encode_image
+    from cutout.workers.pipeline import ItemOutcome, _as_error
+    from cutout.workers.stages import run_stage
+
+    name, data = item
+    outcome = ItemOutcome(ok=False)
+    try:
+        image = decoded.get(id(data))
+        if image is None:
+            try:
+                image = run_stage(outcome.timings, "decode", decode_image, data,
+                                  max_pixels=pipeline.options.max_pixels, name=name)
+            except CutoutError as exc:
+                image = exc
+            decoded[id(data)] = image
+        if isinstance(image, CutoutError):
+            raise image
+        outcome.notes = list(image.notes)
+        height, width = image.rgb.shape[:2]
+        region = run_stage(outcome.timings, "box", box_region, box, width, height)
+        result = cut_out_box(pipeline, image.rgb, region, input_alpha=image.alpha,
+                             crop_output=pipeline.options.crop)
+        for stage, seconds in result.timings.items():
+            outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
+        outcome.data = run_stage(outcome.timings, "encode", encode_image, result.image,
+                                 pipeline.options.format, quality=pipeline.options.quality)
+    except Exception as exc:  # noqa: BLE001 - one object's failure never fails its neighbours
+        outcome.error = _as_error(exc, "box")
+        return outcome
+    outcome.height, outcome.width = result.alpha.shape
+    outcome.extension = pipeline.options.extension
+    outcome.notes += result.notes
+    outcome.quality, outcome.flags = result.quality, result.flags
+    outcome.ok = True
+    return outcome

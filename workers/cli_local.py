@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cutout.jobs.boxes import add_box_arguments
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
 
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="redo every input (default: skip inputs already done with the same settings)")
     add_pipeline_arguments(run)
+    add_box_arguments(run)
     run.set_defaults(func=run_command)
 
     evaluate = subparsers.add_parser(
@@ -63,7 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
-    items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips)
+    items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips, args)
     started = time.perf_counter()
     sink = FolderRecords(out_dir)
     todo = _not_done(items, sink, options.config_hash(), overwrite=args.overwrite)
@@ -108,17 +110,20 @@ def _local_out_dir(out: str) -> str:
     return os.path.realpath(_local_path(out))
 
 
-def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips) -> list:
+def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips, args=None) -> list:
     """The inputs with collision-free output keys, as ``submit`` gives them (``jobs.sharding``).
 
     Inputs inside ``out_dir`` are left out (an output folder inside an input folder is never
-    read back), and a name that cannot be an output key gets ``_unnamed/<hash>``.
+    read back), and a name that cannot be an output key gets ``_unnamed/<hash>``. A list file's
+    box column (``--box-column``) gives one input per box, as in ``submit``.
     """
+    from cutout.jobs.boxes import BoxExpander
     from cutout.jobs.sharding import iter_shards
     from cutout.jobs.sources import iter_source_items
 
     inside_out = out_dir.rstrip(os.sep) + os.sep
-    sources = (item for item in iter_source_items(inputs, skips=skips)
+    boxes = BoxExpander(args.box_column, args.box_format) if args is not None else None
+    sources = (item for item in iter_source_items(inputs, skips=skips, boxes=boxes)
                if not os.path.realpath(item.uri).startswith(inside_out))
     shards = iter_shards(sources, destination=out_dir, extension=extension, shard_size=10_000)
     return [item for shard in shards for item in shard.items]
@@ -126,9 +131,11 @@ def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips) -> l
 
 def _not_done(items: list, sink, config_hash: str, *, overwrite: bool) -> list:
     """Items to run: all with ``--overwrite``, else those not already done with these settings."""
+    from cutout.jobs.boxes import image_uri_of
+
     todo = []
     for item in items:
-        fingerprint = _fingerprint(item.uri)
+        fingerprint = _fingerprint(image_uri_of(item.uri, item.extra))
         sink.fingerprints[item.uri] = fingerprint
         if overwrite or not sink.already_done(item, fingerprint, config_hash):
             todo.append(item)

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 from redis.exceptions import RedisError
 
 from cutout.jobs import sharding, storage
+from cutout.jobs.boxes import box_of, image_uri_of
 from cutout.jobs.errors import (
     CutoutError,
     OutputWriteError,
@@ -179,6 +180,7 @@ class _Loop:
         self.guard = guard
         self.trimaps = trimaps
         self.emit_lock = threading.Lock()
+        self.last_read: tuple[str, Future] | None = None
 
     def emit(self, record: ItemRecord) -> None:
         with self.emit_lock:
@@ -213,7 +215,15 @@ class _Loop:
             io_pool.shutdown(wait=True, cancel_futures=True)
 
     def start_reads(self, io_pool: ThreadPoolExecutor, batch: list[ShardItem]) -> list[Future]:
-        return [io_pool.submit(read_input, item.uri, self.source_policy) for item in batch]
+        return [self.read_once(io_pool, item) for item in batch]
+
+    def read_once(self, io_pool: ThreadPoolExecutor, item: ShardItem) -> Future:
+        """One read per image: the boxes of one image (consecutive items, cutout.jobs.boxes)
+        share the read of the first."""
+        uri = image_uri_of(item.uri, item.extra)
+        if self.last_read is None or self.last_read[0] != uri:
+            self.last_read = (uri, io_pool.submit(read_input, uri, self.source_policy))
+        return self.last_read[1]
 
     def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
         readable = []
@@ -229,17 +239,26 @@ class _Loop:
             return []
         pipeline = self.pipeline()  # loading the model is not the inputs' fault
         inputs = [(item.uri, data) for item, data, _ in readable]
+        hints = batch_hints([item for item, _, _ in readable], self.trimaps)
         with self.guard.on_model([item.uri for item, _, _ in readable]):
-            if self.trimaps is None:
-                outcomes = pipeline.process_batch(inputs)
-            else:
-                outcomes = pipeline.process_batch(inputs, [self.trimaps(item) for item, _, _ in readable])
+            outcomes = pipeline.process_batch(inputs, **hints)
         return [io_pool.submit(self.finish, item, record, outcome)
                 for (item, _, record), outcome in zip(readable, outcomes)]
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
         apply_outcome(item, record, outcome)
         self.emit(record)
+
+
+def batch_hints(items: list[ShardItem], trimaps: TrimapSource | None) -> dict:
+    """``process_batch``'s per-item hints: user trimaps and box hints (cutout.jobs.boxes)."""
+    hints: dict = {}
+    if trimaps is not None:
+        hints["trimaps"] = [trimaps(item) for item in items]
+    boxes = [box_of(item.extra) for item in items]
+    if any(box is not None for box in boxes):
+        hints["boxes"] = boxes
+    return hints
 
 
 def read_input(uri: str, policy=None) -> tuple[bytes, float]:

@@ -252,13 +252,20 @@ class Pipeline:
         return results
 
     def process_batch(
-        self, items: list[tuple[str, bytes]], trimaps: list[bytes | None] | None = None
+        self, items: list[tuple[str, bytes]], trimaps: list[bytes | None] | None = None,
+        boxes: list | None = None,
     ) -> list[ItemOutcome]:
         """Bytes in, encoded outputs out; every item gets an outcome, good or bad.
 
-        ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap.
+        ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap;
+        ``boxes`` (``cutout.jobs.boxes.BoxHint`` or None per item) cut out the boxed object.
         """
         from cutout.workers.decode import decode_image
+
+        if boxes is not None and any(box is not None for box in boxes):
+            from cutout.workers.boxes import process_box_batch
+
+            return process_box_batch(self, items, trimaps, boxes)
 
         outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
         decoded = {}
