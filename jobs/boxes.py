@@ -125,10 +125,12 @@ class BoxExpander:
     """
 
     def __init__(self, column: str = DEFAULT_BOX_COLUMN, box_format: str = "xywh",
-                 id_column: str = "id"):
+                 id_column: str = "id", *, images: str | None = None, classes: tuple[str, ...] = ()):
         self.column = column
         self.box_format = check_format(box_format)
         self.id_column = id_column
+        self.images = images  # COCO sources (cutout.jobs.coco): where file_name is found
+        self.classes = tuple(classes)  # COCO sources: the categories to keep (all when empty)
         self._counts: dict[bytes, int] = {}
 
     def expand(self, uri: str, rel_key: str, extra: dict | None,
@@ -179,7 +181,8 @@ def expand_rows(rows: Iterable[tuple[str, str, dict | None]], expander: BoxExpan
 
 def box_expander(spec) -> BoxExpander:
     """The expander a job's spec asks for (its box column and format)."""
-    return BoxExpander(spec.box_column, spec.box_format)
+    return BoxExpander(spec.box_column, spec.box_format, images=spec.images,
+                       classes=spec.annotation_classes)
 
 
 def add_box_arguments(parser) -> None:
@@ -198,4 +201,20 @@ def add_box_arguments(parser) -> None:
 
 def box_spec_fields(args) -> dict:
     """The job-spec fields the box flags set."""
-    return {"box_column": args.box_column, "box_format": args.box_format, "images": args.images}
+    return {"box_column": args.box_column, "box_format": args.box_format, "images": args.images,
+            "annotation_classes": annotation_classes(args)}
+
+
+def annotation_classes(args) -> tuple[str, ...]:
+    """With a COCO source, ``--classes`` picks the annotations to cut out (and is not a
+    setting of the segmenter: a salient network takes no classes)."""
+    from cutout.jobs.coco import is_coco_file
+
+    sources = getattr(args, "sources", None) or getattr(args, "inputs", None) or []
+    if not any(is_coco_file(source) for source in sources):
+        return ()
+    chosen = getattr(args, "_annotation_classes", None)
+    if chosen is None:
+        chosen = tuple(c.strip().lower() for c in (args.classes or "").split(",") if c.strip())
+        args._annotation_classes, args.classes = chosen, ""
+    return chosen

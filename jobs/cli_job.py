@@ -91,12 +91,13 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 def build_spec(args: argparse.Namespace):
     from cutout.jobs.spec import JobSpec
 
+    boxes = box_spec_fields(args)  # before the pipeline: --classes may filter COCO annotations
     pipeline = options_from_args(args)
     try:
         return JobSpec(
             sources=tuple(args.sources), destination=args.destination, pipeline=pipeline,
             weights_sha256=_local_weights_sha256(args.weights), shard_size=args.shard_size,
-            queue=args.queue, suffix=args.suffix, **box_spec_fields(args),
+            queue=args.queue, suffix=args.suffix, **boxes,
         )
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from exc

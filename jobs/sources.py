@@ -39,6 +39,7 @@ from typing import Iterable, Iterator
 
 from cutout.jobs import storage
 from cutout.jobs.boxes import BoxExpander
+from cutout.jobs.coco import is_coco_file, iter_coco_items
 from cutout.jobs.errors import ConfigError, NotFoundError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -68,6 +69,10 @@ def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
     skips = skips if skips is not None else storage.ListingSkips()
     boxes = boxes if boxes is not None else BoxExpander()
     for source in sources:
+        if is_coco_file(source.strip()):
+            for uri, rel_key, extra in iter_coco_items(source.strip(), boxes.images, boxes.classes):
+                yield SourceItem(uri, rel_key, extra)
+            continue
         for item in _iter_one(source.strip(), all_files, skips):
             yield from _with_boxes(item, boxes, source)
 

@@ -214,6 +214,7 @@ class JobSpec(BaseModel):
     box_format: Literal["xywh", "xyxy", "xywhn", "xyxyn"] = "xywh"
     # COCO annotation sources (cutout.jobs.coco): where their images live (file names join it).
     images: str | None = None
+    annotation_classes: tuple[str, ...] = ()  # COCO sources: the categories kept (all when empty)
 
     @field_validator("sources")
     @classmethod

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cutout.jobs.boxes import add_box_arguments
+from cutout.jobs.boxes import add_box_arguments, annotation_classes
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
 
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
@@ -62,6 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
     from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
 
+    annotation_classes(args)  # with a COCO source --classes filters annotations (cutout.jobs.boxes)
     options = options_from_args(args)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
@@ -122,7 +123,8 @@ def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips, args
     from cutout.jobs.sources import iter_source_items
 
     inside_out = out_dir.rstrip(os.sep) + os.sep
-    boxes = BoxExpander(args.box_column, args.box_format) if args is not None else None
+    boxes = None if args is None else BoxExpander(
+        args.box_column, args.box_format, images=args.images, classes=annotation_classes(args))
     sources = (item for item in iter_source_items(inputs, skips=skips, boxes=boxes)
                if not os.path.realpath(item.uri).startswith(inside_out))
     shards = iter_shards(sources, destination=out_dir, extension=extension, shard_size=10_000)
