@@ -57,6 +57,7 @@ class Session:
         format: str | None = None,
         quality: int | None = None,
         max_pixels: int | None = None,
+        crop: bool | None = None,
         device: str | None = None,
         options: PipelineOptions | None = None,
     ):
@@ -65,15 +66,22 @@ class Session:
             "weights": weights, "classes": classes, "seg_size": seg_size,
             "refine": refine, "trimap_band": trimap_band, "matting": matting,
             "background": background, "format": format, "quality": quality,
-            "max_pixels": max_pixels,
+            "max_pixels": max_pixels, "crop": crop,
         }
         self.options = _options(options, {k: v for k, v in chosen.items() if v is not None})
         self.pipeline = Pipeline(self.options, device=device)
 
-    def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
-        """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage)."""
+    def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None,
+               box: Sequence[float] | None = None) -> CutoutResult:
+        """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage).
+
+        ``box`` ``(x, y, w, h)`` in pixels cuts out the object in that box (cutout.workers.boxes):
+        at the input's size with alpha zero outside it, or the box alone with ``crop=True``.
+        """
         timings: dict[str, float] = {}
         prepared = _prepare(image, self.options.max_pixels, timings)
+        if box is not None:
+            return self._remove_box(prepared, box, timings)
         (mask,) = self.pipeline.masks([prepared.rgb], [timings])
         if trimap is not None:
             from cutout.workers.trimap import normalise_trimap
@@ -103,6 +111,17 @@ class Session:
             except CutoutError as exc:
                 results[index] = exc
         return results
+
+    def _remove_box(self, prepared: "_Prepared", box, timings: dict[str, float]) -> CutoutResult:
+        from cutout.workers.boxes import box_region, cut_out_box
+
+        height, width = prepared.rgb.shape[:2]
+        region = run_stage(timings, "box", box_region, box, width, height)
+        result = cut_out_box(self.pipeline, prepared.rgb, region, input_alpha=prepared.alpha,
+                             crop_output=self.options.crop)
+        result.timings = {**timings, **result.timings}
+        result.notes = list(prepared.notes) + result.notes
+        return result
 
     def _finish(self, prepared: "_Prepared", mask: np.ndarray, timings: dict[str, float],
                 trimap: np.ndarray | None = None) -> CutoutResult:
@@ -136,13 +155,17 @@ def remove_background(
     format: str | None = None,
     quality: int | None = None,
     max_pixels: int | None = None,
+    crop: bool | None = None,
     device: str | None = None,
     trimap: np.ndarray | None = None,
+    box: Sequence[float] | None = None,
 ) -> CutoutResult:
     """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
 
     The session behind it is kept per settings, so calling it in a loop loads the model once.
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
+    ``box=(x, y, w, h)`` (pixels) cuts out the object in the box; ``crop=True`` returns just
+    the box with its margin.
     """
     settings = dict(
         preset=preset, model=model, fusion=fusion,
@@ -151,13 +174,13 @@ def remove_background(
         weights=weights, classes=tuple(classes) if classes else None,
         seg_size=seg_size, refine=refine, trimap_band=trimap_band, matting=matting,
         background=background, format=format, quality=quality, max_pixels=max_pixels,
-        device=device,
+        crop=crop, device=device,
     )
     key = tuple(sorted(settings.items()))
     session = _SESSIONS.get(key)
     if session is None:
         session = _SESSIONS[key] = Session(**settings)
-    return session.remove(image, trimap=trimap)
+    return session.remove(image, trimap=trimap, box=box)
 
 
 def _options(base: PipelineOptions | None, chosen: dict) -> PipelineOptions:
