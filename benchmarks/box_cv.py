@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from box_masks import DATA, rect_box  # noqa: E402  (benchmarks/ is the script's folder)
+from box_masks import DATA, crop_for, rect_box  # noqa: E402  (benchmarks/ is the script's folder)
 
 RAMP = (0.05, 0.55)
-SPILLS = (0.0, 0.02, 0.05, 0.1)
-MIN_INSIDE = (0.0, 0.25, 0.5, 0.75)
+SPILLS = (0.0, 0.02, 0.05)
+MIN_INSIDE = (0.0, 0.25, 0.5)
 
 
 def ground_truth(stem: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def score(stem, rgb, raw, margin, spill, min_inside, refine, clip_only=False) ->
 
     height, width = rgb.shape[:2]
     box = rect_box(stem)
-    crop = Region(0, 0, width, height) if margin == "full" else box.grown(float(margin), width, height)
+    crop = Region(0, 0, width, height) if margin == "full" else crop_for(stem, margin, width, height)
     inner = box.shifted(crop)
     mask = np.clip((raw.astype(np.float32) - RAMP[0]) / (RAMP[1] - RAMP[0]), 0, 1)
     if clip_only:  # the naive version: everything inside the box, nothing outside

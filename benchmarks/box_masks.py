@@ -34,6 +34,14 @@ def rect_box(stem: str):
     return Region(int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
 
 
+def crop_for(stem: str, margin: str, width: int, height: int):
+    """The crop a margin names: ``0.1`` (box grown by 10 %), ``sq0.1`` (then made square)."""
+    box = rect_box(stem)
+    if margin.startswith("sq"):
+        return box.grown(float(margin[2:]), width, height).squared(width, height)
+    return box.grown(float(margin), width, height)
+
+
 def main() -> None:
     from cutout.workers.decode import decode_image
     from cutout.workers.evaluate import cpu_seconds
@@ -58,8 +66,7 @@ def main() -> None:
                 continue
             rgb = decode_image(path.read_bytes()).rgb
             if margin != "full":
-                height, width = rgb.shape[:2]
-                rgb = rgb[rect_box(path.stem).grown(float(margin), width, height).slices()]
+                rgb = rgb[crop_for(path.stem, margin, rgb.shape[1], rgb.shape[0]).slices()]
             start = cpu_seconds()
             mask = pipeline.segment_at([np.ascontiguousarray(rgb)], args.size)[0]
             costs[out.stem] = cpu_seconds() - start

@@ -50,6 +50,14 @@ class Region:
         return Region(max(0, self.x0 - dx), max(0, self.y0 - dy),
                       min(width, self.x1 + dx), min(height, self.y1 + dy))
 
+    def squared(self, width: int, height: int) -> "Region":
+        """Grown along its shorter side to a square (as far as the image allows), so a network
+        with a square input sees the object undistorted and with context on every side."""
+        side = min(max(self.width, self.height), width, height)
+        x0 = min(max(0, self.x0 - (side - self.width) // 2), width - side) if side > self.width else self.x0
+        y0 = min(max(0, self.y0 - (side - self.height) // 2), height - side) if side > self.height else self.y0
+        return Region(x0, y0, max(self.x1, x0 + side), max(self.y1, y0 + side))
+
     def shifted(self, origin: "Region") -> "Region":
         """The same rectangle in the coordinates of a crop that starts at ``origin``."""
         return Region(self.x0 - origin.x0, self.y0 - origin.y0, self.x1 - origin.x0, self.y1 - origin.y0)
