@@ -182,3 +182,28 @@ def test_an_invalid_box_fails_alone_and_an_image_is_decoded_once():
     right = np.asarray(Image.open(io.BytesIO(outcomes[2].data)))[..., 3]
     assert left[:, 130:].max() == 0 and left[70:90, 50:70].min() > 200
     assert right[:, :120].max() == 0 and right[70:90, 170:190].min() > 200
+
+
+def test_a_mask_that_runs_out_of_the_box_lets_grabcut_drop_the_neighbour():
+    """A boxed head whose mask carries on into the shirt below the box: the shirt outside the
+    box teaches GrabCut its colours, and its part inside the box goes too."""
+    from cutout.workers.boxes import Region, crossing_share, select_and_refine
+
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal(0, 4, (200, 160, 3)) + (90, 140, 90), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:200, 0:160]
+    head = (yy - 70) ** 2 + (xx - 80) ** 2 < 40 ** 2
+    shirt = (yy > 110) & (abs(xx - 80) < 70)
+    rgb[head] = (225, 180, 150)
+    rgb[shirt & ~head] = (30, 40, 170)
+    mask = (head | shirt).astype(np.float32)  # the network took head and shirt as one subject
+    box = Region(30, 20, 130, 140)  # around the head: its bottom side cuts through the shirt
+    assert crossing_share(mask, box) > 0.9
+    kept, notes = select_and_refine(rgb, mask, box, refine=True)
+    assert any(note.startswith("box-crossed") for note in notes)
+    assert kept[head].mean() > 0.95
+    shirt_inside = shirt & ~head & (yy < 140) & (xx >= 30) & (xx < 130)
+    assert kept[shirt_inside].mean() < 0.1  # the shirt inside the box
+    assert kept[140:, :].max() == 0.0  # nothing below the box
+    unchanged, notes = select_and_refine(rgb, mask, box, refine=True, crossing=9.0)
+    assert not notes and unchanged[shirt_inside].mean() > 0.9

@@ -24,6 +24,9 @@ import numpy as np
 BOX_MARGIN = 0.1  # crop = box grown by this fraction of its width/height on each side
 BOX_SPILL = 0.0  # kept alpha may leave the box by this fraction of its width/height
 MIN_INSIDE = 0.0  # a component is kept when at least this share of it lies inside the box
+# When the mask runs out across this share of a box side, what the network kept inside the box
+# is partly a neighbour (a shirt under a boxed face): GrabCut may then relabel all of it.
+CROSSING = 0.2
 EDGE_PX = 3  # soft edge kept around the kept components, px (the matting band lives there)
 
 
@@ -88,6 +91,41 @@ def keep_box_components(mask: np.ndarray, box: Region, *, spill: float = BOX_SPI
     return np.where(limit & (keep > 0), mask, 0.0).astype(np.float32)
 
 
+def crossing_share(mask: np.ndarray, box: Region) -> float:
+    """The largest share of a box side along which the mask's foreground (>= 0.5) runs on out
+    of the box (sides on the crop's border are left out: nothing lies beyond them)."""
+    height, width = mask.shape
+    foreground = mask >= 0.5
+    lines = []
+    if box.y0 > 0:
+        lines.append(foreground[box.y0 - 1, box.x0:box.x1])
+    if box.y1 < height:
+        lines.append(foreground[box.y1, box.x0:box.x1])
+    if box.x0 > 0:
+        lines.append(foreground[box.y0:box.y1, box.x0 - 1])
+    if box.x1 < width:
+        lines.append(foreground[box.y0:box.y1, box.x1])
+    return max((float(line.mean()) for line in lines if line.size), default=0.0)
+
+
+def select_and_refine(crop_rgb: np.ndarray, mask: np.ndarray, box: Region, *, refine: bool,
+                      spill: float = BOX_SPILL, min_inside: float = MIN_INSIDE,
+                      crossing: float = CROSSING) -> tuple[np.ndarray, list[str]]:
+    """The crop's calibrated mask → the boxed object's mask: components that overlap the box,
+    then (``refine``) GrabCut, which may relabel everything when the mask crosses the box."""
+    runs_out = crossing_share(mask, box) > crossing
+    mask = keep_box_components(mask, box, spill=spill, min_inside=min_inside)
+    if not refine:
+        return mask, []
+    from cutout.workers.refine import refine_with_grabcut
+
+    refined, skipped = refine_with_grabcut(crop_rgb, mask, sure_foreground=not runs_out)
+    notes = [skipped] if skipped else []
+    if runs_out:
+        notes.append("box-crossed: the mask ran out of the box; GrabCut relabelled its inside")
+    return refined, notes
+
+
 def box_region(hint, width: int, height: int) -> Region:
     """A ``cutout.jobs.boxes.BoxHint`` (or an ``(x, y, w, h)`` tuple) in pixels of this image;
     ``InvalidBoxError`` when it names none of them."""
@@ -121,11 +159,12 @@ def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarr
     crop_rgb = np.ascontiguousarray(rgb[crop.slices()])
     timings: dict[str, float] = {}
     mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner)
-    mask = run_stage(timings, "box", keep_box_components, mask, inner)
+    mask, notes = run_stage(timings, "refine", select_and_refine, crop_rgb, mask, inner,
+                            refine=pipeline.refine_method == "grabcut")
     crop_alpha = None if input_alpha is None else input_alpha[crop.slices()]
-    finisher = pipeline if crop_output else _transparent_twin(pipeline)
-    result = finisher.finish(crop_rgb, mask, input_alpha=crop_alpha)
+    result = _finisher(pipeline, transparent=not crop_output).finish(crop_rgb, mask, input_alpha=crop_alpha)
     result.timings = {**timings, **result.timings}
+    result.notes = notes + result.notes
     if crop_output:
         return result
     placed = run_stage(result.timings, "composite", _place, pipeline, rgb, crop, result)
@@ -163,18 +202,17 @@ def _place(pipeline, rgb: np.ndarray, crop: Region, result):
 _TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _transparent_twin(pipeline):
-    """A pipeline with the same options but a transparent background: its RGBA result carries
-    the crop's estimated foreground colours, which ``_place`` composites at full size."""
-    if pipeline.background.kind == "transparent":
-        return pipeline
-    twin = _TWINS.get(pipeline)
-    if twin is None:
+def _finisher(pipeline, *, transparent: bool):
+    """The pipeline's twin that finishes a box's crop: no refinement (``select_and_refine``
+    did it, knowing the box) and, for a full-size output, a transparent background, so its
+    RGBA carries the crop's estimated foreground colours for ``_place`` to composite."""
+    twins = _TWINS.setdefault(pipeline, {})
+    if transparent not in twins:
         from cutout.workers.pipeline import Pipeline
 
-        options = pipeline.options.model_copy(update={"background": "transparent"})
-        twin = _TWINS[pipeline] = Pipeline(options, device=pipeline.device)
-    return twin
+        update = {"refine": "none", **({"background": "transparent"} if transparent else {})}
+        twins[transparent] = Pipeline(pipeline.options.model_copy(update=update), device=pipeline.device)
+    return twins[transparent]
 
 
 def load_eval_boxes(path) -> dict[str, tuple[float, float, float, float]]:
