@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--background", default="transparent")
     args = parser.parse_args()
 
-    from cutout.workers.pipeline import remove_background
+    from cutout import remove_background
 
     settings = {"model": args.model, "background": args.background,
                 "max_pixels": max(64_000_000, int(args.megapixels * 1e6) + 1)}

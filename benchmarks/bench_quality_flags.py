@@ -43,14 +43,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write per-photo measurements here")
     args = parser.parse_args()
     from cutout.jobs.spec import PipelineOptions
-    from cutout.workers.pipeline import Pipeline
+    from cutout.workers.pipeline import Pipeline, PipelineInput
 
     pipeline = Pipeline(PipelineOptions(model=args.model, seg_size=args.seg_size))
     pipeline.load_models()
     rows, flags = [], Counter()
     wall, cpu = time.perf_counter(), time.process_time()
     for group, name, data, gt in photos(Path(args.data)):
-        (outcome,) = pipeline.process_batch([(name, data)])
+        (outcome,) = pipeline.run([PipelineInput(name, data)])
         alpha = np.asarray(Image.open(io.BytesIO(outcome.data)))[:, :, 3] / 255.0
         known = ~np.isnan(gt)
         score = (np.abs(alpha - gt)[known].sum() / 1000 if group == "alphamatting" else

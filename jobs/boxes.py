@@ -186,15 +186,14 @@ def box_expander(spec) -> BoxExpander:
 
 
 def add_box_arguments(parser) -> None:
-    """``--box-column``, ``--box-format``, ``--crop`` and ``--images`` for ``run`` and ``submit``."""
+    """``--box-column``, ``--box-format`` and ``--images`` for ``run`` and ``submit`` (``--crop``
+    is a pipeline option: it changes the output's pixels)."""
     group = parser.add_argument_group("box hints (list files with a box column, COCO annotations)")
     group.add_argument("--box-column", default=DEFAULT_BOX_COLUMN,
                        help="list-file column holding each object's box (default bbox): a CSV cell "
                             "\"x,y,w,h\" or a JSON/Parquet list of 4 numbers (or a list of boxes)")
     group.add_argument("--box-format", default="xywh", choices=BOX_FORMATS,
                        help="xywh (default: pixels, COCO), xyxy, or 0-1 normalised xywhn / xyxyn")
-    group.add_argument("--crop", action="store_true",
-                       help="write only the box and its margin (object banks), not the whole frame")
     group.add_argument("--images", metavar="PREFIX",
                        help="where a COCO annotation file's images live (folder or s3:// prefix)")
 
@@ -216,5 +215,5 @@ def annotation_classes(args) -> tuple[str, ...]:
     chosen = getattr(args, "_annotation_classes", None)
     if chosen is None:
         chosen = tuple(c.strip().lower() for c in (args.classes or "").split(",") if c.strip())
-        args._annotation_classes, args.classes = chosen, ""
+        args._annotation_classes, args.classes = chosen, None
     return chosen

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 
 EXIT_OK = 0
@@ -30,12 +31,86 @@ COMMAND_MODULES = (
 JOB_FILE_COMMANDS = ("run", "submit")
 # Modules of the [worker] extra: a command that needs one says how to install it.
 WORKER_EXTRA_MODULES = {"torch", "torchvision", "cv2", "pymatting", "onnx", "onnxruntime", "numba"}
+# Not on PyPI yet: the extra is installed from the repository (README, "Install").
+WORKER_EXTRA_HINT = "install the worker extra: pip install -e '.[worker]' in a clone of the repository"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and a pointer to --help, not a usage block."""
+
+    def error(self, message: str):
+        print(f"cutout: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """``--broker`` / ``--redis``: one Redis serves both unless ``--redis`` (or CUTOUT_REDIS_URL)
+    names another (resolved in ``cutout.jobs.preflight.resolve_connection``)."""
+    parser.add_argument("--broker", default=None, help="broker URL (env CUTOUT_BROKER_URL)")
+    parser.add_argument("--redis", default=None,
+                        help="live-progress Redis URL (env CUTOUT_REDIS_URL; default: the broker)")
+
+
+LOG_LINE_INTERVAL_S = 10.0  # seconds between progress lines when output is not a terminal
+
+
+def progress_bar(total: int | None, *, desc: str | None = None, disable: bool = False,
+                 interval_s: float = LOG_LINE_INTERVAL_S):
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain line per interval,
+    since tqdm's ``\\r`` frames make a log unreadable."""
+    if disable or sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc=desc, disable=disable, file=sys.stderr)
+    return LineProgress(total, desc=desc, interval_s=interval_s)
+
+
+class LineProgress:
+    """The part of tqdm's interface the commands use, printing whole lines to stderr."""
+
+    def __init__(self, total: int | None, *, desc: str | None = None, interval_s: float):
+        self.total, self.n, self.desc, self.interval_s = total, 0, desc, interval_s
+        self.postfix: dict = {}
+        self.counted = False  # update() calls: the rate is ours (a watched job's is not)
+        self.started = self.printed_at = time.monotonic()
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        self.counted = True
+        if time.monotonic() - self.printed_at >= self.interval_s:
+            self.refresh()
+
+    def set_postfix(self, **fields) -> None:
+        self.postfix = fields
+
+    def refresh(self) -> None:
+        self.printed_at = time.monotonic()
+        elapsed = self.printed_at - self.started
+        of = f"/{self.total}" if self.total else ""
+        percent = f" ({100.0 * self.n / self.total:.1f} %)" if self.total else ""
+        extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
+        rate = f", {self.n / elapsed:.2f}/s" if self.counted and elapsed > 0 else ""
+        print(f"{self.desc + ': ' if self.desc else ''}{self.n}{of} inputs{percent}{rate}, "
+              f"{elapsed:.0f} s{extra}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def write(message: str, file=None) -> None:
+        print(message, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.refresh()
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
     from cutout import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cutout",
         description="Background removal at dataset scale: local runs, distributed jobs, evaluation.",
     )
@@ -123,8 +198,7 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, (ConfigError, MissingWeightsError)):  # the message names the fix
         return EXIT_USAGE, redact_url(text)
     if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
-        return EXIT_USAGE, (f"this command needs the worker extra (module {exc.name!r} is missing): "
-                            "pip install 'cutout-dataset[worker]'")
+        return EXIT_USAGE, f"this command needs the worker extra (module {exc.name!r} is missing): {WORKER_EXTRA_HINT}"
     if isinstance(exc, CutoutError):
         return EXIT_ERROR, redact_url(text)
     return EXIT_ERROR, redact_url(f"unexpected {type(exc).__name__}: {text} "

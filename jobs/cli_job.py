@@ -14,7 +14,8 @@ import time
 from pydantic import ValidationError
 
 from cutout.jobs.boxes import add_box_arguments, box_spec_fields
-from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args, validation_message
+from cutout.jobs.cli import add_connection_args
+from cutout.jobs.cli_options import add_pipeline_arguments, chosen_options, options_from_args, validation_message
 from cutout.jobs.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
                         help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
     add_box_arguments(submit)
-    _add_connection_args(submit)
+    add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
 
     status = subparsers.add_parser("status", help="live progress of a job")
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
     _add_job_args(retry)
     retry.add_argument("--error-class", default=None, help="only failures of this class, e.g. TransientStorageError")
     retry.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
-                       help="only this failed input (repeatable), as the manifest names it")
+                       help="only this failed input (repeatable), as the manifest names it (a local file: path or file://)")
     retry.set_defaults(func=cmd_retry_failed)
 
     redo = subparsers.add_parser(
@@ -57,10 +58,11 @@ def register(subparsers) -> None:
     redo.add_argument("--flag", dest="flags", action="append", default=[], metavar="NAME",
                       help="done outputs carrying this quality flag (repeatable), e.g. empty_alpha")
     redo.add_argument("--input", dest="inputs", action="append", default=[], metavar="URI",
-                      help="this input (repeatable), as the manifest names it")
+                      help="this input (repeatable), as the manifest names it (a local file: path or file://)")
     add_pipeline_arguments(redo)
-    redo.set_defaults(func=cmd_redo, **{name: None for name in PIPELINE_ARGUMENTS})
-    redo.epilog = "Pipeline options not given keep the job's values."
+    redo.set_defaults(func=cmd_redo)
+    redo.epilog = ("Pipeline options not given keep the job's values; a new --preset or --model fills "
+                   "again what the old preset chose (as submit with the new flags would).")
 
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
     _add_job_args(report)
@@ -76,15 +78,10 @@ def register(subparsers) -> None:
     cancel.set_defaults(func=cmd_cancel)
 
 
-def _add_connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default=None, help="broker URL (env CUTOUT_BROKER_URL)")
-    parser.add_argument("--redis", default=None, help="live-progress Redis URL (env CUTOUT_REDIS_URL)")
-
-
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", metavar="JOB", help="job id printed by `cutout submit`")
     parser.add_argument("--dest", default=None, help="the job's destination (when Redis was lost)")
-    _add_connection_args(parser)
+    add_connection_args(parser)
 
 
 # --- submit -------------------------------------------------------------------------------------
@@ -193,10 +190,10 @@ def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
 
 
 def _watch(ref, progress, interval: float) -> int:
-    from tqdm import tqdm
+    from cutout.jobs.cli import progress_bar
 
     snap = progress.snapshot()
-    with tqdm(total=snap.total or None, unit="img", desc=ref.job_id) as bar:
+    with progress_bar(snap.total or None, desc=ref.job_id, interval_s=interval) as bar:
         while True:
             snap = progress.snapshot()
             processed = sum(snap.counts.values())
@@ -248,16 +245,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-PIPELINE_ARGUMENTS = ("model", "classes", "weights", "score_threshold", "seg_size", "refine", "matting",
-                      "trimap_band", "background", "format", "quality", "max_pixels")
-
-
 def cmd_redo(args: argparse.Namespace) -> int:
     from cutout.jobs.submit import redo_outputs
 
-    overrides = {name: getattr(args, name) for name in PIPELINE_ARGUMENTS if getattr(args, name) is not None}
     result = redo_outputs(
-        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=overrides,
+        args.job, flags=tuple(args.flags), inputs=tuple(args.inputs), overrides=chosen_options(args),
         destination=args.dest, broker_url=args.broker, redis_url=args.redis,
     )
     print(result.job_id)

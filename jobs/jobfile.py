@@ -2,9 +2,10 @@
 
 Why: a job worth running overnight is worth keeping in a file next to the data, and the same
 file should drive a local trial (``run``) and the fleet (``submit``). The keys are the field
-names of ``JobSpec`` and ``PipelineOptions`` (top level, or pipeline fields in a ``[pipeline]``
-table); the file's values become the command's defaults, so flags on the command line win.
-Each value is checked against its field's type here, so an error names the file and the key.
+names of ``JobSpec`` and every ``PipelineOptions`` field, user-facing or internal (top level, or
+pipeline fields in a ``[pipeline]`` table); the file's values become the command's defaults, so
+flags on the command line win. Each value is checked against its field's type here (text such
+as ``"isnet-general=1024"`` parses as on the command line), so an error names the file and the key.
 """
 from __future__ import annotations
 
@@ -72,8 +73,6 @@ def read_job_file(path: str) -> dict[str, Any]:
 def _checked(path: str, name: str, value: Any) -> Any:
     if name == "sources" and isinstance(value, str):
         value = [value]
-    if name == "classes" and isinstance(value, str):
-        return value  # comma-separated, as on the command line
     field = KNOWN[name]
     try:
         checked = TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
@@ -103,7 +102,7 @@ def apply_job_file(parser: argparse.ArgumentParser, command: str, path: str) -> 
             continue
         dest = RUN_DESTS.get(name, name) if command == "run" else name
         if dest in flags:
-            defaults[dest] = ",".join(value) if name == "classes" and isinstance(value, list) else value
+            defaults[dest] = value
         else:
             extra[name] = value
     parser.set_defaults(**defaults, pipeline_extra=extra)

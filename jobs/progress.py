@@ -24,11 +24,6 @@ from dataclasses import dataclass, field
 
 from cutout.jobs.settings import settings
 
-TTL_S = settings().progress_ttl_s
-WORKER_ALIVE_S = settings().worker_alive_s
-# A worker holding a shard with no heartbeat for this long is taken for dead (beats come every
-# CUTOUT_HEARTBEAT_INTERVAL s): its shard is re-sent. A false alarm costs only work.
-WORKER_STALE_S = settings().worker_stale_s
 HELD_KEY = "cutout:held"
 RATE_WINDOW = 200  # completions kept for the rate
 RATE_WINDOW_S = 600.0  # and only those younger than this
@@ -94,10 +89,10 @@ def _text(value) -> str:
 
 
 class LiveProgress:
-    def __init__(self, redis_client, job_id: str, *, ttl_s: int = TTL_S):
+    def __init__(self, redis_client, job_id: str, *, ttl_s: int | None = None):
         self.redis = redis_client
         self.job_id = job_id
-        self.ttl_s = ttl_s
+        self.ttl_s = settings().progress_ttl_s if ttl_s is None else ttl_s
         self._finish = redis_client.register_script(_FINISH_SCRIPT)
         self._crash_history = redis_client.register_script(_CRASH_HISTORY_SCRIPT)
 
@@ -186,7 +181,7 @@ class LiveProgress:
         pipe.hgetall(self.key("counts"))
         pipe.scard(self.key("counted"))
         pipe.hlen(self.key("started"))
-        pipe.zcount(self.key("workers"), now - WORKER_ALIVE_S, "+inf")
+        pipe.zcount(self.key("workers"), now - settings().worker_alive_s, "+inf")
         pipe.lrange(self.key("completions"), 0, -1)
         pipe.exists(self.key("cancel"))
         total, counts, done, in_flight, alive, completions, cancelled = pipe.execute()
@@ -265,10 +260,15 @@ def release_shard(redis_client, worker: str) -> None:
     redis_client.hdel(HELD_KEY, worker)
 
 
-def claim_stale_holds(redis_client, *, stale_s: float = WORKER_STALE_S,
+def claim_stale_holds(redis_client, *, stale_s: float | None = None,
                       now: float | None = None) -> list[dict]:
     """Take the holds of workers silent for over ``stale_s`` (no job heartbeat and no hold
-    younger than that); each returned entry's ``task`` is to be sent again, once."""
+    younger than that); each returned entry's ``task`` is to be sent again, once.
+
+    A worker holding a shard with no heartbeat for ``CUTOUT_WORKER_STALE_S`` is taken for dead
+    (beats come every ``CUTOUT_HEARTBEAT_INTERVAL`` s): its shard is re-sent; a false alarm
+    costs only work."""
+    stale_s = settings().worker_stale_s if stale_s is None else stale_s
     now = time.time() if now is None else now
     claimed = []
     claim = redis_client.register_script(_CLAIM_SCRIPT)

@@ -1,15 +1,20 @@
-"""The queue contract shared by the submitter and the workers: broker settings and task names.
+"""The queue contract shared by the submitter and the workers: broker settings, task names and
+the reliability policy (its one definition: ``celery_config`` and ``ReliableTask``).
 
 The submitter builds a light Celery app from this module and sends tasks *by name*, so it
 never imports ``workers`` (or torch). ``cutout.workers.celery_app`` builds the worker's app from the
-same configuration, so both sides always agree on serialisation, queues and timeouts.
+same configuration, so both sides always agree on serialisation, queues and timeouts. The
+configuration is read from the environment when the app first needs it, not at import.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-from celery import Celery
+from celery import Celery, Task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cutout.jobs.errors import OutOfMemoryError, TransientStorageError
 from cutout.jobs.settings import settings
 
 TASK_PROCESS_SHARD = "cutout.process_shard"
@@ -45,6 +50,25 @@ def transport_options() -> dict:
     return options
 
 
+# Errors a shard task retries automatically (with backoff, up to CUTOUT_TASK_MAX_RETRIES times);
+# any other exception is permanent for the shard or handled by the task itself.
+TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
+
+
+class ReliableTask(Task):
+    """The task half of the reliability policy: typed transient errors retried with jittered
+    exponential backoff and a cap (acks-late and reject-on-worker-lost come from ``celery_config``)."""
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 2
+    retry_backoff_max = 300
+    retry_jitter = True
+
+    @property
+    def max_retries(self) -> int:  # read at each retry, so the environment of the worker counts
+        return settings().task_max_retries
+
+
 def celery_config(broker: str | None = None) -> dict:
     """One reliability policy for every process that talks to the broker."""
     return {
@@ -62,13 +86,14 @@ def celery_config(broker: str | None = None) -> dict:
         "task_default_queue": DEFAULT_QUEUE,
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        "worker_send_task_events": settings().task_events,  # for Flower
+        "worker_max_tasks_per_child": settings().max_tasks_per_child,
     }
 
 
 def make_app(broker: str | None = None, *, include: tuple[str, ...] = ()) -> Celery:
     app = Celery("cutout", include=list(include))
-    app.conf.update(celery_config(broker))
+    app.add_defaults(lambda: celery_config(broker))  # read when first needed, not at import
     return app
 
 

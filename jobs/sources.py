@@ -86,6 +86,15 @@ def _with_boxes(item: SourceItem, boxes: BoxExpander, source: str) -> Iterator[S
         yield SourceItem(uri, rel_key, extra)
 
 
+def input_identity(uri: str) -> str:
+    """The one name of an input: a local file is its absolute path, whether written as a path,
+    a relative path or ``file://``; other URIs are themselves. Inputs are listed, recorded and
+    looked up (``redo``/``retry-failed --input``) by this name."""
+    if storage.scheme_of(uri) != "local":
+        return uri
+    return os.path.abspath(storage._local_path(uri))
+
+
 def is_list_file(source: str) -> bool:
     path = urllib.parse.urlsplit(source).path if "://" in source else source
     return posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS
@@ -134,7 +143,7 @@ def _has_glob(source: str) -> bool:
 
 # --- local folders and files --------------------------------------------------------------------
 def _iter_local(source: str, all_files: bool, skips: storage.ListingSkips) -> Iterator[SourceItem]:
-    path = os.path.abspath(storage._local_path(source))
+    path = input_identity(source)
     if os.path.isdir(path):
         found = _iter_tree(path, path, all_files, None, skips)
         yield from _expect_some(source, found, _nothing_matched(all_files))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from cutout.jobs.errors import ConfigError
 from cutout.jobs.presets import PresetName, apply_preset
@@ -21,6 +22,38 @@ FusionRule = Literal["max", "mean"]
 FORMAT_EXTENSIONS = {"png": ".png", "webp": ".webp", "webp-lossy": ".webp", "jpeg": ".jpg"}
 
 _HEX_COLOR = re.compile(r"^#?([0-9a-fA-F]{6})$")
+# Who sets a PipelineOptions field (its ``json_schema_extra``); see user_option_fields().
+USER = {"user": True}
+INTERNAL = {"user": False}
+
+
+def _split_classes(value):
+    """"person,dog" (command-line text) or a list → lower-case names."""
+    if isinstance(value, str):
+        value = [c for c in value.split(",") if c.strip()]
+    return tuple(c.strip().lower() for c in value)
+
+
+def _parse_model_sizes(value):
+    """"NAME=SIZE,NAME=SIZE" (command-line text), a dict or pairs → sorted pairs (stable hash)."""
+    original = value
+    if isinstance(value, str):
+        value = [item.split("=", 1) for item in value.split(",") if item.strip()]
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        sizes = {str(name).strip(): int(size) for name, size in pairs}
+    except (TypeError, ValueError):
+        raise ConfigError(f"model_sizes {original!r}: expected NAME=SIZE[,NAME=SIZE...]") from None
+    for name, size in sizes.items():
+        if not 64 <= size <= 4096:
+            raise ConfigError(f"model_sizes: {name}={size} is outside 64..4096")
+    return tuple(sorted(sizes.items()))
+
+
+# Field types that also take their command-line text, so a flag, a job-file string and a Python
+# value all go through one parser.
+ClassNames = Annotated[tuple[str, ...], BeforeValidator(_split_classes)]
+ModelSizes = Annotated[tuple[tuple[str, int], ...], BeforeValidator(_parse_model_sizes)]
 
 
 class Background(BaseModel):
@@ -82,65 +115,78 @@ class PipelineOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Fills every field below that the caller did not set (cutout.jobs.presets); stored and
-    # hashed with the resolved values.
-    preset: PresetName = "balanced"
-    model: str = "isnet-general"
-    classes: tuple[str, ...] = ()
-    weights: str | None = None  # local path, file:// or s3:// override of the model's weights
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    seg_size: int | None = Field(None, ge=64, le=4096)  # model input side override
-    # A fused model ("isnet-general+modnet") combines its components' soft masks by this rule;
-    # None = the default rule (cutout.workers.models.fusion.DEFAULT_RULE). Fused models only.
-    fusion: FusionRule | None = None
-    # Input size per component of a fused model, e.g. {"isnet-general": 1024, "modnet": 512}; beats
-    # seg_size for that model. Parsed from "NAME=SIZE,NAME=SIZE"; kept sorted (stable hash).
-    model_sizes: tuple[tuple[str, int], ...] = ()
-    # Input sides of the passes (None: the model's own); seg_size, when set, wins.
-    seg_sizes: tuple[int, ...] | None = None
-    # How several passes combine: "mean" averages; "max" keeps a pixel any pass is sure of (IS-Net
-    # fails by leaving parts of the subject grey, and at different sizes on different photos).
-    size_rule: Literal["mean", "max"] = "mean"
-    # Soft-mask values mapped to 0 and 1 (linear ramp between); None = the model's calibration.
-    mask_ramp: tuple[float, float] | None = None
-    # GrabCut refinement of the mask: "auto" = the model's measured default (on for IS-Net).
-    refine: Literal["auto", "none", "grabcut"] = "auto"
-    trimap_fg: float = Field(0.95, gt=0.0, lt=1.0)
-    trimap_bg: float = Field(0.05, gt=0.0, lt=1.0)
-    trimap_band: float = Field(0.01, ge=0.0, le=0.2)  # band half-width, fraction of long side
-    matting: MattingMethod = "closed-form"
-    matting_max_side: int = Field(640, ge=64, le=8192)  # solve on a downscaled band above this
-    # Above this fraction of unknown pixels the mask is too unsure for matting to help (measured).
-    matting_max_unknown: float = Field(0.3, gt=0.0, le=1.0)
-    background: str = "transparent"
-    format: OutputFormat = "png"
-    quality: int = Field(90, ge=1, le=100)
-    max_pixels: int = Field(64_000_000, ge=1)
-    # With a box hint: write only the box grown by its margin (object banks), not the whole frame.
-    crop: bool = False
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _split_classes(cls, value):
-        if isinstance(value, str):
-            value = [c for c in value.split(",") if c.strip()]
-        return tuple(c.strip().lower() for c in value)
-
-    @field_validator("model_sizes", mode="before")
-    @classmethod
-    def _parse_model_sizes(cls, value):
-        original = value
-        if isinstance(value, str):
-            value = [item.split("=", 1) for item in value.split(",") if item.strip()]
-        pairs = value.items() if isinstance(value, dict) else value
-        try:
-            sizes = {str(name).strip(): int(size) for name, size in pairs}
-        except (TypeError, ValueError):
-            raise ConfigError(f"model_sizes {original!r}: expected NAME=SIZE[,NAME=SIZE...]") from None
-        for name, size in sizes.items():
-            if not 64 <= size <= 4096:
-                raise ConfigError(f"model_sizes: {name}={size} is outside 64..4096")
-        return tuple(sorted(sizes.items()))
+    # Each field says what it does (its ``description`` is the flag's help and the API's docs)
+    # and who sets it: USER fields are flags of run/submit/redo/eval, keywords of the Python API
+    # and redo overrides; INTERNAL ones are tuning knobs the presets set (job-file keys only).
+    preset: PresetName = Field(
+        "balanced", json_schema_extra=USER,
+        description="quality/CPU trade-off (docs/results.md); fills every option not set explicitly")
+    model: str = Field(
+        "isnet-general", json_schema_extra=USER,
+        description="segmentation model (cutout models list), or A+B to fuse two")
+    classes: ClassNames = Field(
+        (), json_schema_extra=USER,
+        description="comma-separated class names for semantic/instance models (PASCAL VOC / COCO)")
+    weights: str | None = Field(
+        None, json_schema_extra=USER, description="weights file: local path, file:// or s3:// URI")
+    score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, json_schema_extra=USER,
+        description="minimum detection score kept by instance models (maskrcnn)")
+    seg_size: int | None = Field(
+        None, ge=64, le=4096, json_schema_extra=USER,
+        description="one model pass at this input side; in a fusion, every model without a "
+                    "model_sizes entry")
+    fusion: FusionRule | None = Field(
+        None, json_schema_extra=USER,
+        description="how a fused model (A+B) combines its models' soft masks: max keeps a pixel "
+                    "any model is sure of, mean averages")
+    model_sizes: ModelSizes = Field(
+        (), json_schema_extra=USER,
+        description="input size per model of a fused model, e.g. isnet-general=1024,modnet=512; "
+                    "beats seg_size for that model")
+    seg_sizes: tuple[int, ...] | None = Field(
+        None, json_schema_extra=INTERNAL,
+        description="input sides of the passes (unset: the model's own); seg_size, when set, wins")
+    size_rule: Literal["mean", "max"] = Field(
+        "mean", json_schema_extra=INTERNAL,
+        description="how several passes combine: mean averages, max keeps a pixel any pass is "
+                    "sure of (IS-Net leaves parts grey at different sizes on different photos)")
+    mask_ramp: tuple[float, float] | None = Field(
+        None, json_schema_extra=INTERNAL,
+        description="soft-mask values mapped to 0 and 1, linear between (unset: the model's calibration)")
+    refine: Literal["auto", "none", "grabcut"] = Field(
+        "auto", json_schema_extra=USER,
+        description="GrabCut refinement of the mask (auto: the model's measured default)")
+    trimap_fg: float = Field(0.95, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,
+                             description="mask value above which a pixel is sure foreground")
+    trimap_bg: float = Field(0.05, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,
+                             description="mask value below which a pixel is sure background")
+    trimap_band: float = Field(
+        0.01, ge=0.0, le=0.2, json_schema_extra=USER,
+        description="unknown band half-width as a fraction of the long side")
+    matting: MattingMethod = Field(
+        "closed-form", json_schema_extra=USER, description="alpha matting in the unknown band")
+    matting_max_side: int = Field(
+        640, ge=64, le=8192, json_schema_extra=INTERNAL,
+        description="matting solves on a downscaled band above this side")
+    matting_max_unknown: float = Field(
+        0.3, gt=0.0, le=1.0, json_schema_extra=INTERNAL,
+        description="above this share of unknown pixels the mask is too unsure for matting to "
+                    "help (measured); matting is skipped")
+    background: str = Field(
+        "transparent", json_schema_extra=USER,
+        description="transparent | mask | color:#RRGGBB | blur[:radius] | image:URI")
+    format: OutputFormat = Field(
+        "png", json_schema_extra=USER,
+        description="output format (jpeg needs an opaque background)")
+    quality: int = Field(90, ge=1, le=100, json_schema_extra=USER,
+                         description="lossy WebP / JPEG quality")
+    max_pixels: int = Field(64_000_000, ge=1, json_schema_extra=USER,
+                            description="inputs over this many pixels are refused from the header")
+    crop: bool = Field(
+        False, json_schema_extra=USER,
+        description="with box hints: write just the box and its margin (object banks), not the "
+                    "whole frame")
 
     @property
     def component_models(self) -> tuple[str, ...]:
@@ -186,6 +232,23 @@ class PipelineOptions(BaseModel):
             )
         return self
 
+    def with_overrides(self, overrides: dict) -> "PipelineOptions":
+        """These options changed as if ``overrides`` had been given with the original settings:
+        what the old preset filled in is filled again by the (new) preset and model, what
+        the caller chose stays, ``overrides`` win. Why: ``redo --preset best`` must get best's
+        sizes, not keep balanced's, which a plain merge of stored values would."""
+        return PipelineOptions(**{**self.explicit_fields(), **overrides})
+
+    def explicit_fields(self) -> dict:
+        """The fields that differ from what the preset alone fills in (with the same model when
+        the model is not the preset's own): the ones a caller chose, plus the preset."""
+        from cutout.jobs.presets import PRESETS
+
+        own_model = self.model == PRESETS[self.preset]["model"]
+        filled = PipelineOptions(preset=self.preset, **({} if own_model else {"model": self.model}))
+        chosen = {name: value for name, value in self.model_dump().items() if value != getattr(filled, name)}
+        return {"preset": self.preset, **chosen}
+
     def parsed_background(self) -> Background:
         return Background.parse(self.background)
 
@@ -195,6 +258,13 @@ class PipelineOptions(BaseModel):
 
     def config_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))
+
+
+def user_option_fields() -> dict[str, FieldInfo]:
+    """The user-facing pipeline options, in declaration order: the one list every surface (CLI
+    flags, redo overrides, the Python API's keywords) is made from, so none can miss one."""
+    return {name: info for name, info in PipelineOptions.model_fields.items()
+            if (info.json_schema_extra or {}).get("user")}
 
 
 class JobSpec(BaseModel):

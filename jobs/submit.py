@@ -24,7 +24,7 @@ from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
 from cutout.jobs.boxes import box_expander
-from cutout.jobs.sources import iter_source_items
+from cutout.jobs.sources import input_identity, iter_source_items
 from cutout.jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ def retry_failed(
     """
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     spec = load_job_spec(ref)
-    plan = _plan_retry(ref.prefix, error_class, set(inputs))
+    plan = _plan_retry(ref.prefix, error_class, {input_identity(uri) for uri in inputs})
     client = redis_client(redis_url)
     progress = live_progress(client, job_id)
     app = submitter_app(broker_url or default_broker_url())
@@ -440,16 +440,16 @@ def _plan_retry(prefix: str, error_class: str | None, inputs: set[str]) -> dict[
             record.input_uri
             for record in manifest.read_shard_records(prefix, stats.shard_id)
             if record.status == "failed" and (error_class is None or record.error_class == error_class)
-            and (not inputs or record.input_uri in inputs)
+            and (not inputs or input_identity(record.input_uri) in inputs)
         ]
         if chosen:
             plan[stats.shard_id] = chosen
-    missing = inputs - {uri for chosen in plan.values() for uri in chosen}
+    missing = inputs - {input_identity(uri) for chosen in plan.values() for uri in chosen}
     if missing:
         raise ConfigError(
             f"not failed inputs of this job{f' with error class {error_class}' if error_class else ''}: "
             f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''} "
-            "(give input URIs exactly as the manifest lists them)"
+            "(give input URIs as the manifest lists them; a local file by its path or file:// URI)"
         )
     return plan
 
@@ -505,7 +505,7 @@ def redo_outputs(
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     parent = load_job_spec(ref)
     pipeline = _pipeline_with(parent.pipeline, overrides or {})
-    chosen = _select_for_redo(ref.prefix, set(flags), set(inputs))
+    chosen = _select_for_redo(ref.prefix, set(flags), {input_identity(uri) for uri in inputs})
     selection = stable_hash({"inputs": [item.uri for item in chosen], "flags": sorted(flags)})[:12]
     spec = parent.model_copy(update={
         "sources": (storage.join_uri(ref.prefix, "redo", f"{selection}.txt"),), "pipeline": pipeline,
@@ -521,10 +521,8 @@ def redo_outputs(
 def _pipeline_with(pipeline, overrides: dict):
     from pydantic import ValidationError
 
-    from cutout.jobs.spec import PipelineOptions
-
     try:
-        return PipelineOptions(**{**pipeline.model_dump(), **overrides})
+        return pipeline.with_overrides(overrides)
     except ValidationError as exc:
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
 
@@ -533,13 +531,13 @@ def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> list[sha
     """The original shard items of the chosen inputs, judged by each input's latest record."""
     wanted: dict[str, set[str]] = {}
     for shard_id, row in manifest.iter_latest_rows(prefix):
-        if inputs and row["input_uri"] not in inputs:
+        if inputs and input_identity(row["input_uri"]) not in inputs:
             continue
         if inputs or (row["status"] == "done" and flags & set(row.get("flags") or ())):
             wanted.setdefault(shard_id, set()).add(row["input_uri"])
     chosen = [item for shard_id, uris in wanted.items()
               for item in sharding.read_shard(prefix, shard_id).items if item.uri in uris]
-    missing = inputs - {item.uri for item in chosen}
+    missing = inputs - {input_identity(item.uri) for item in chosen}
     if missing:
         raise ConfigError(f"not inputs of this job with a record: {', '.join(sorted(missing)[:5])}")
     if not chosen:

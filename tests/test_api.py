@@ -113,15 +113,29 @@ def test_a_session_loads_its_model_once_and_batches(monkeypatch):
     assert len(set(builds)) == 1  # one segmenter object served every call
 
 
-def test_calls_with_the_same_settings_reuse_one_session():
-    from cutout.workers import api
+def test_the_model_loads_once_per_process_for_every_call_and_session(monkeypatch):
+    """One cache owns the models: repeated calls, other output settings and Sessions reuse
+    the loaded model; another model frees it."""
+    from cutout.workers.models import registry
+    from cutout.workers.models.cache import MODEL_CACHE
 
+    builds: list[str] = []
+    real_build = registry.build_segmenter
+
+    def counting(options, device):
+        builds.append(options.model)
+        return real_build(options, device)
+
+    monkeypatch.setattr(registry, "build_segmenter", counting)
+    MODEL_CACHE.clear()
     rgb, _ = disk_on_plain()
-    api._SESSIONS.clear()
-    cutout.remove_background(rgb, model="threshold")
-    cutout.remove_background(rgb, model="threshold")
-    cutout.remove_background(rgb, model="threshold", matting="none")
-    assert len(api._SESSIONS) == 2
+    for _ in range(3):
+        cutout.remove_background(rgb, model="threshold")
+    cutout.remove_background(rgb, model="threshold", background="color:#ffffff", matting="none")
+    cutout.Session(model="threshold").remove_many([rgb, rgb])
+    assert builds == ["threshold"]
+    cutout.remove_background(rgb, model="grabcut")
+    assert builds == ["threshold", "grabcut"] and MODEL_CACHE.loaded() == ["grabcut"]
 
 
 def test_presets_and_fusion_are_keywords_too():
@@ -136,3 +150,23 @@ def test_presets_and_fusion_are_keywords_too():
         cutout.remove_background(rgb, preset="fastest")
     fused = cutout.Session(model="threshold+grabcut", fusion="max", matting="none")
     assert fused.options.fusion == "max" and fused.remove(rgb).alpha[inside].mean() > 0.9
+
+
+def test_remove_many_puts_an_unreadable_input_s_error_in_its_slot(tmp_path):
+    rgb, inside = disk_on_plain()
+    path = tmp_path / "disk.png"
+    path.write_bytes(png(rgb))
+    results = cutout.Session(model="threshold").remove_many(
+        [str(path), str(tmp_path / "missing.jpg"), rgb, object()])
+    assert results[0].alpha[inside].mean() > 0.9 and results[2].alpha[inside].mean() > 0.9
+    assert isinstance(results[1], CutoutError) and "missing.jpg" in str(results[1])
+    assert isinstance(results[3], ConfigError)
+
+
+def test_a_missing_file_is_a_typed_one_line_error():
+    from cutout.jobs.errors import NotFoundError
+
+    with pytest.raises(NotFoundError) as caught:
+        cutout.remove_background("nope.jpg", model="threshold")
+    message = str(caught.value)
+    assert isinstance(caught.value, CutoutError) and "nope.jpg" in message and "\n" not in message

@@ -170,10 +170,13 @@ def test_crop_writes_the_box_with_its_margin():
 def test_an_invalid_box_fails_alone_and_an_image_is_decoded_once():
     from cutout.workers.pipeline import Pipeline
 
+    from cutout.workers.pipeline import PipelineInput
+
     data = _png(_two_objects())
     pipeline = Pipeline(PipelineOptions(model="grabcut", matting="none"))
     boxes = [BoxHint((20, 40, 80, 80)), BoxHint((900, 900, 5, 5)), BoxHint((140, 40, 80, 80)), None]
-    outcomes = pipeline.process_batch([("p.png", data)] * 3 + [("q.png", data)], boxes=boxes)
+    outcomes = pipeline.run([PipelineInput("p.png", data, box=box) for box in boxes[:3]]
+                            + [PipelineInput("q.png", _png(_two_objects()))])
     assert [o.ok for o in outcomes] == [True, False, True, True]
     assert outcomes[1].error.error_class == "InvalidBoxError" and outcomes[1].error.stage == "box"
     assert "decode" in outcomes[0].timings and "decode" not in outcomes[2].timings

@@ -125,7 +125,7 @@ def test_missing_worker_extra_says_what_to_install(inputs, tmp_path):
         "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
     result = cutout_cli("run", str(inputs), "--out", str(tmp_path / "out"), "--model", "threshold",
                         env={"PYTHONPATH": str(blocker.parent)})
-    assert_one_line(result, 2, "pip install 'cutout-dataset[worker]'", "'torch'")
+    assert_one_line(result, 2, "pip install -e '.[worker]'", "'torch'")
 
 
 def test_version():

@@ -116,6 +116,11 @@ def test_run_uses_hand_made_trimaps_from_a_folder(tmp_path):
     assert (guided_alpha[:, :60] == 0).all()  # the trimap's background is honoured
     assert auto_alpha[:, 30:60].max() == 255  # ...where the automatic mask kept the disk
     assert guided_alpha[45, 90] == 255
+    records = {Path(r["input_uri"]).name: r for r in _records(out)}
+    assert "hand-trimap: segmentation skipped" in records["disk.png"]["notes"]
+    assert "segment" not in records["disk.png"]["timings"]  # the model never saw it
+    assert "no-hand-trimap: segmented by the model" in records["other.png"]["notes"]
+    assert "segment" in records["other.png"]["timings"]
 
 
 def _records(out: Path) -> list[dict]:

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from cutout.workers import metrics
-from cutout.workers.pipeline import remove_background
+from cutout import remove_background
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ["CUTOUT_EVAL_DATA"])

@@ -73,14 +73,12 @@ def workers_may_read_these_tests_inputs(tmp_path, monkeypatch):
 @pytest.fixture
 def fast_item_retries(monkeypatch):
     """Short timeouts and backoffs so a host that never answers costs a second, not minutes."""
-    from cutout.workers import items
-
     monkeypatch.setenv("CUTOUT_STORAGE_CONNECT_TIMEOUT", "0.3")
     monkeypatch.setenv("CUTOUT_STORAGE_READ_TIMEOUT", "0.3")  # some versions wait for headers this long
     monkeypatch.setenv("CUTOUT_STORAGE_RETRIES", "2")
     monkeypatch.setenv("CUTOUT_STORAGE_BACKOFF_S", "0.01")
-    monkeypatch.setattr(items, "ITEM_BACKOFF_S", 0.01)
-    monkeypatch.setattr(items, "ITEM_ATTEMPTS", 3)
+    monkeypatch.setenv("CUTOUT_ITEM_BACKOFF_S", "0.01")
+    monkeypatch.setenv("CUTOUT_ITEM_ATTEMPTS", "3")
 
 
 def make_job(tmp_path: Path, sources: list[str], destination: str | None = None) -> str:
@@ -133,9 +131,7 @@ def test_reads_that_keep_failing_are_recorded_and_the_shard_completes(tmp_path, 
 
 
 def test_the_total_time_cap_stops_item_retries_early(tmp_path, hostile_host, fast_item_retries, monkeypatch):
-    from cutout.workers import items
-
-    monkeypatch.setattr(items, "ITEM_RETRY_MAX_S", 0.0)  # no time left for a second attempt
+    monkeypatch.setenv("CUTOUT_ITEM_RETRY_MAX_S", "0")  # no time left for a second attempt
     hang = f"{hostile_host.url}/hang.png"
     listing = tmp_path / "list.txt"
     listing.write_text(hang + "\n")
@@ -171,7 +167,6 @@ def test_outputs_that_cannot_be_written_are_recorded_and_neighbours_written(tmp_
 def test_a_transient_write_error_is_an_item_record_not_a_shard_failure(tmp_path, monkeypatch):
     from cutout.jobs import storage
     from cutout.jobs.errors import TransientStorageError
-    from cutout.workers import items
 
     real_write = storage.write_bytes
 
@@ -181,7 +176,7 @@ def test_a_transient_write_error_is_an_item_record_not_a_shard_failure(tmp_path,
         return real_write(uri, data, **kwargs)
 
     monkeypatch.setattr(storage, "write_bytes", flaky_write)
-    monkeypatch.setattr(items, "ITEM_BACKOFF_S", 0.01)
+    monkeypatch.setenv("CUTOUT_ITEM_BACKOFF_S", "0.01")
     good = write_good(tmp_path / "in", ["a.png", "b.png", "c.png"])
     records = run_shard(make_job(tmp_path, [str(tmp_path / "in")]))
     assert [records[u].status for u in good] == ["done", "failed", "done"]
@@ -203,3 +198,29 @@ def test_retry_of_a_transient_failure_redoes_only_that_item(tmp_path, hostile_ho
     again = run_shard(prefix, redo_failed=True, error_class="TransientStorageError")
     assert hostile_host.requests == {"/fail.png": 6}  # only that input was read again
     assert again[good[0]] == first[good[0]] and again[str(bad)] == first[str(bad)]
+
+
+def test_a_hand_trimap_that_cannot_be_read_fails_its_input_only(tmp_path):
+    """The loop reads each input's hand trimap; an unreadable one is that input's record."""
+    from cutout.jobs.sharding import ShardItem
+    from cutout.jobs.spec import PipelineOptions
+    from cutout.workers.items import JobRecords, run_items
+    from cutout.workers.pipeline import Pipeline
+
+    items = []
+    for name in ("locked", "plain"):
+        (tmp_path / f"{name}.png").write_bytes(images.png_rgb_bytes())
+        items.append(ShardItem(str(tmp_path / f"{name}.png"), f"{name}.png", str(tmp_path / "out" / f"{name}.png")))
+
+    def trimaps(item):
+        if "locked" in item.uri:
+            raise PermissionError(13, "Permission denied")
+        return None
+
+    sink = JobRecords()
+    run_items(items, pipeline=lambda: Pipeline(PipelineOptions(model="threshold")), sink=sink,
+              record_fields={"model": "threshold", "config_hash": "x"}, trimaps=trimaps)
+    locked, plain = (sink.records[item.uri] for item in items)
+    assert (locked.status, locked.error_class) == ("failed", "StorageError")
+    assert "hand trimap" in locked.error and "Permission denied" in locked.error
+    assert plain.status == "done" and "no-hand-trimap: segmented by the model" in plain.notes

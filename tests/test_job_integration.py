@@ -305,7 +305,7 @@ def finished_bucket_job(fleet, services):
 
 def test_bucket_to_bucket_job_accounts_for_every_input(finished_bucket_job):
     from cutout.jobs import storage
-    from cutout.workers.pipeline import Pipeline
+    from cutout.workers.pipeline import Pipeline, PipelineInput
 
     job = finished_bucket_job
     records = read_manifest(job["result"].job_prefix)
@@ -324,7 +324,7 @@ def test_bucket_to_bucket_job_accounts_for_every_input(finished_bucket_job):
 
     local = Pipeline(job["spec"].pipeline)
     sample = good[::7]
-    outcomes = local.process_batch([(job["source"] + k, job["files"][k]) for k in sample])
+    outcomes = local.run([PipelineInput(job["source"] + k, job["files"][k]) for k in sample])
     for key, outcome in zip(sample, outcomes):
         record = by_uri[job["source"] + key]
         assert record["output_uris"] == [f"s3://{job['dest_bucket']}/out/{Path(key).with_suffix('.png')}"]

@@ -164,7 +164,7 @@ def test_worker_without_its_dependencies_refuses_to_start_and_takes_no_message(r
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("install cutout-dataset[worker]"), result.stderr
+    assert len(lines) == 1 and lines[0].endswith("pip install -e '.[worker]' in a clone of the repository"), result.stderr
     assert "torch" in lines[0]
     assert redis_client.llen("cutout") == 1
     assert not redis_client.exists("unacked")
@@ -220,6 +220,12 @@ def test_unexpected_exceptions_retry_then_record_and_never_lose_a_shard(redis_cl
 
     snap = LiveProgress(redis_client, broken.job_id).snapshot()
     assert snap.counts.get("failed") == 6 and snap.in_flight == 0
+    from cutout.jobs import manifest
+
+    stats = list(manifest.iter_shard_stats(broken.job_prefix))  # counted like any shard's
+    assert sum(st.counts["failed"] for st in stats) == 6
+    assert all(st.error_classes == {"WorkerError": 3} for st in stats)
+    assert all(next(iter(st.top_errors)).startswith("WorkerError: ") for st in stats)
 
 
 # --- 14: a dead machine ----------------------------------------------------------------------

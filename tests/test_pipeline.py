@@ -1,4 +1,4 @@
-"""The whole pipeline as a library: Pipeline.process_batch and remove_background()."""
+"""The whole pipeline as a library: the batch driver ``Pipeline.run`` and its stages."""
 from __future__ import annotations
 
 import io
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cutout
+
 from cutout.jobs.errors import MattingError, OutOfMemoryError
 from cutout.jobs.spec import PipelineOptions
 from tests import images
-from cutout.workers import pipeline as pipeline_module
-from cutout.workers.pipeline import Pipeline, remove_background
+from cutout.workers.pipeline import Pipeline, PipelineInput
 
 
 def disk_on_plain(height: int = 120, width: int = 160) -> np.ndarray:
@@ -36,7 +37,12 @@ def decode(data: bytes) -> np.ndarray:
 THRESHOLD = PipelineOptions(model="threshold")
 
 
-def test_process_batch_isolates_bad_inputs():
+def inputs(items: list[tuple[str, bytes]]) -> list[PipelineInput]:
+    """(name, encoded bytes) pairs as the driver's inputs."""
+    return [PipelineInput(name, data) for name, data in items]
+
+
+def test_run_isolates_bad_inputs():
     rgb, inside = disk_on_plain()
     items = [
         ("good.png", png(rgb)),
@@ -45,7 +51,7 @@ def test_process_batch_isolates_bad_inputs():
         ("cut.jpg", images.truncated_jpeg()),
         ("good2.png", png(rgb[:, ::-1].copy())),
     ]
-    outcomes = Pipeline(THRESHOLD).process_batch(items)
+    outcomes = Pipeline(THRESHOLD).run(inputs(items))
     assert [o.ok for o in outcomes] == [True, False, False, False, True]
     assert [o.error.error_class for o in outcomes[1:4]] == [
         "EmptyInputError", "NotAnImageError", "TruncatedImageError",
@@ -72,7 +78,7 @@ def test_process_batch_isolates_bad_inputs():
 def test_every_background_and_format_decodes(background, fmt, channels):
     rgb, inside = disk_on_plain()
     options = PipelineOptions(model="threshold", background=background, format=fmt)
-    (outcome,) = Pipeline(options).process_batch([("disk", png(rgb))])
+    (outcome,) = Pipeline(options).run(inputs([("disk", png(rgb))]))
     assert outcome.ok, outcome.error
     out = decode(outcome.data)
     assert (out.shape[2] if out.ndim == 3 else 1) == channels
@@ -94,7 +100,7 @@ def test_image_background_is_read_through_the_reader():
 
     options = PipelineOptions(model="threshold", background="image:s3://b/blue.png")
     pipeline = Pipeline(options, read_uri=reader)
-    outcomes = pipeline.process_batch([("a", png(rgb)), ("b", png(rgb))])
+    outcomes = pipeline.run(inputs([("a", png(rgb)), ("b", png(rgb))]))
     assert all(o.ok for o in outcomes)
     assert reads == ["s3://b/blue.png"]  # loaded once per pipeline, not per image
     out = decode(outcomes[0].data)
@@ -105,7 +111,7 @@ def test_input_alpha_is_kept():
     rgb, inside = disk_on_plain()
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:, : rgb.shape[1] // 2, 3] = 0  # left half already transparent
-    (outcome,) = Pipeline(THRESHOLD).process_batch([("half", png(rgba))])
+    (outcome,) = Pipeline(THRESHOLD).run(inputs([("half", png(rgba))]))
     out = decode(outcome.data)
     assert (out[:, : rgb.shape[1] // 2, 3] == 0).all()
     assert "input-alpha-applied" in outcome.notes
@@ -117,7 +123,7 @@ def test_matting_failure_falls_back_to_the_mask_with_a_note(monkeypatch):
 
     monkeypatch.setattr("cutout.workers.matte.estimate_alpha", broken)
     rgb, _ = disk_on_plain()
-    (outcome,) = Pipeline(THRESHOLD).process_batch([("disk", png(rgb))])
+    (outcome,) = Pipeline(THRESHOLD).run(inputs([("disk", png(rgb))]))
     assert outcome.ok
     assert any(note.startswith("matting-fallback") for note in outcome.notes)
 
@@ -171,37 +177,11 @@ def test_out_of_memory_retries_one_by_one_at_a_smaller_size(monkeypatch):
     assert (512, None) in calls  # retried at half size
 
 
-def test_remove_background_accepts_arrays_paths_and_bytes(tmp_path):
-    rgb, inside = disk_on_plain()
-    path = tmp_path / "disk.png"
-    path.write_bytes(png(rgb))
-    for source in (rgb, str(path), png(rgb), Image.fromarray(rgb)):
-        result = remove_background(source, model="threshold", background="color:#000000")
-        assert result.image.shape == rgb.shape
-        assert result.alpha[inside].mean() > 0.9
-        assert {"segment", "composite"} <= set(result.timings)
-
-
-def test_remove_background_rejects_bad_arrays():
-    from cutout.jobs.errors import ConfigError
-
-    with pytest.raises(ConfigError):
-        remove_background(np.zeros((4, 4), np.float32), model="threshold")
-
-
-def test_pipelines_are_reused_across_calls():
-    rgb, _ = disk_on_plain()
-    pipeline_module._PIPELINES.clear()
-    remove_background(rgb, model="threshold")
-    remove_background(rgb, model="threshold")
-    assert len(pipeline_module._PIPELINES) == 1
-
-
 def test_remove_background_with_a_user_trimap():
     rgb, inside = disk_on_plain()
     trimap = np.where(inside, 255, 0).astype(np.uint8)
     trimap[:, 70:90] = 128  # a vertical unknown strip through the disk and the backdrop
-    result = remove_background(rgb, model="threshold", trimap=trimap)
+    result = cutout.remove_background(rgb, model="threshold", trimap=trimap)
     strip = (slice(None), slice(70, 90))
     assert result.trimap is not None and (result.trimap[strip] == 128).all()
     assert result.alpha[strip][inside[strip]].mean() > 0.9
@@ -212,9 +192,34 @@ def test_decode_notes_and_quality_reach_the_outcome_and_the_api():
     rgb, _ = disk_on_plain()
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG", icc_profile=b"not a profile" * 20)
-    (outcome,) = Pipeline(THRESHOLD).process_batch([("tagged.png", buffer.getvalue())])
+    (outcome,) = Pipeline(THRESHOLD).run(inputs([("tagged.png", buffer.getvalue())]))
     assert outcome.ok and "icc-profile-ignored: unreadable profile" in outcome.notes
     assert 0.2 < outcome.quality["alpha_coverage"] < 0.4 and outcome.flags == []
-    result = remove_background(buffer.getvalue(), model="threshold")
+    result = cutout.remove_background(buffer.getvalue(), model="threshold")
     assert "icc-profile-ignored: unreadable profile" in result.notes
     assert result.quality == outcome.quality and {"decode", "segment", "composite"} <= set(result.timings)
+
+
+def test_a_hand_trimap_replaces_segmentation(monkeypatch):
+    """Only the input without a hand trimap goes through the model; the other says why not."""
+    rgb, inside = disk_on_plain()
+    trimap = np.where(inside, 255, 0).astype(np.uint8)
+    trimap[:, 70:90] = 128
+    on_model: list[int] = []
+    real_segment = Pipeline.segment_raw
+
+    def counting(self, images_):
+        on_model.append(len(images_))
+        return real_segment(self, images_)
+
+    monkeypatch.setattr(Pipeline, "segment_raw", counting)
+    guided, auto = Pipeline(THRESHOLD).run(
+        [PipelineInput("guided", png(rgb), trimap=png(trimap)), PipelineInput("auto", png(rgb))])
+    assert on_model == [1]
+    assert guided.ok and "hand-trimap: segmentation skipped" in guided.notes
+    assert "segment" not in guided.timings and "segment" in auto.timings
+    assert not any(note.startswith("hand-trimap") for note in auto.notes)
+    alpha = decode(guided.data)[..., 3]
+    assert (alpha[:, :70][~inside[:, :70]] == 0).all() and (alpha[:, :70][inside[:, :70]] == 255).all()
+    Pipeline(THRESHOLD).run([PipelineInput("guided", rgb=rgb, trimap=trimap)])
+    assert on_model == [1]  # an array trimap (the Python API's) skips the model too

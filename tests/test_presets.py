@@ -63,7 +63,7 @@ def test_keyword_model_override_does_not_inherit_the_presets_isnet_settings():
     model must not get IS-Net's calibration ramp or sizes from the default preset."""
     import numpy as np
 
-    from cutout.workers.pipeline import remove_background
+    from cutout import remove_background
 
     rgb = np.full((40, 60, 3), 200, np.uint8)
     rgb[10:30, 20:40] = (20, 40, 180)

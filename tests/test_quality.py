@@ -13,7 +13,7 @@ from PIL import Image
 from cutout.jobs.records import QUALITY_FLAGS, ItemRecord
 from cutout.jobs.spec import JobSpec, PipelineOptions
 from cutout.workers import items, quality, shard
-from cutout.workers.pipeline import ItemOutcome, Pipeline
+from cutout.workers.pipeline import ItemOutcome, Pipeline, PipelineInput
 
 H, W = 60, 80
 
@@ -59,20 +59,20 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("model_says, flag", [(0.0, "empty_alpha"), (1.0, "full_frame_alpha")])
-def test_process_batch_flags_a_blank_or_whole_frame_output(monkeypatch, model_says, flag):
+def test_run_flags_a_blank_or_whole_frame_output(monkeypatch, model_says, flag):
     """The defect-9 shape: an output with nothing (or everything) kept is done, but flagged."""
     monkeypatch.setattr(Pipeline, "segment_raw",
                         lambda self, images: [np.full(i.shape[:2], model_says, np.float32) for i in images])
     rgb = np.full((H, W, 3), 120, np.uint8)
-    (outcome,) = Pipeline(PipelineOptions(model="threshold")).process_batch([("x.png", _png(rgb))])
+    (outcome,) = Pipeline(PipelineOptions(model="threshold")).run([PipelineInput("x.png", _png(rgb))])
     assert outcome.ok and flag in outcome.flags
     assert set(outcome.quality) == {"alpha_coverage", "unknown_share", "confidence"}
 
 
-def test_process_batch_measures_a_good_cutout():
+def test_run_measures_a_good_cutout():
     rgb = np.full((H, W, 3), 200, np.uint8)
     rgb[disk() > 0] = (220, 30, 30)
-    (outcome,) = Pipeline(PipelineOptions(model="threshold")).process_batch([("x.png", _png(rgb))])
+    (outcome,) = Pipeline(PipelineOptions(model="threshold")).run([PipelineInput("x.png", _png(rgb))])
     assert outcome.ok and outcome.flags == []
     assert 0.2 < outcome.quality["alpha_coverage"] < 0.3
 
@@ -91,5 +91,5 @@ def test_records_and_shard_stats_carry_quality(tmp_path):
     assert records[0].quality == {"alpha_coverage": 0.001, "confidence": 0.5}
     assert json.loads(records[0].model_dump_json())["flags"] == ["empty_alpha", "low_confidence"]
     failed = ItemRecord(input_uri="x", status="failed", flags=["empty_alpha"])  # not a done output
-    stats = shard._shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
+    stats = shard.shard_stats(spec, "s0", records + [failed], 0.0, "w", 1)
     assert stats.flag_counts == {"empty_alpha": 2, "low_confidence": 1}

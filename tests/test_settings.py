@@ -1,6 +1,8 @@
 """Environment settings: one typed class, the README table generated from it, no stray reads."""
 from __future__ import annotations
 
+import ast
+import os
 import re
 import subprocess
 import sys
@@ -105,3 +107,77 @@ def test_redact_url_hides_userinfo():
     assert redact_url("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("rediss://user:pw@h/1 and s3://bucket/key") == "rediss://user:***@h/1 and s3://bucket/key"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+# --- settings are read when used, never frozen at import -----------------------------------------
+def _import_time_nodes(tree: ast.Module):
+    """Every node Python evaluates when the module is imported: top-level statements, class
+    bodies, decorators and default values, but not the bodies of functions or lambdas."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            pending.extend([*node.decorator_list, *args.defaults, *filter(None, args.kw_defaults)])
+            if node.returns is not None:
+                pending.append(node.returns)
+        elif isinstance(node, ast.Lambda):
+            pending.extend([*node.args.defaults, *filter(None, node.args.kw_defaults)])
+        else:
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def test_no_module_of_jobs_workers_or_cutout_reads_settings_at_import():
+    offenders = []
+    for folder in ("jobs", "workers", "cutout"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in _import_time_nodes(tree):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "settings"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], "settings() read at import (freezes the environment): " + ", ".join(offenders)
+
+
+def test_every_module_imports_under_an_invalid_setting():
+    """An indirect read at import (a helper called at module level) would raise ConfigError here."""
+    code = ("import importlib, pkgutil, cutout.jobs, cutout.workers\n"
+            "for pkg in (cutout.jobs, cutout.workers):\n"
+            "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+            "        importlib.import_module(info.name)\n")
+    env = {**os.environ, "CUTOUT_BATCH_SIZE": "not-a-number", "CUTOUT_ITEM_ATTEMPTS": "x"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_variable_changed_after_import_takes_effect(monkeypatch):
+    from cutout.jobs.errors import TransientStorageError
+    from cutout.workers.items import with_item_retries
+
+    def attempts_until_given_up() -> int:
+        calls = []
+
+        def always_transient():
+            calls.append(1)
+            raise TransientStorageError("503 SlowDown")
+
+        with pytest.raises(TransientStorageError, match="gave up"):
+            with_item_retries("read x", always_transient)
+        return len(calls)
+
+    monkeypatch.setenv("CUTOUT_ITEM_BACKOFF_S", "0")
+    monkeypatch.setenv("CUTOUT_ITEM_ATTEMPTS", "2")
+    assert attempts_until_given_up() == 2
+    monkeypatch.setenv("CUTOUT_ITEM_ATTEMPTS", "4")
+    assert attempts_until_given_up() == 4
+
+
+def test_the_task_retry_cap_is_read_when_a_retry_is_decided(monkeypatch):
+    from cutout.workers.tasks import process_shard_task
+
+    monkeypatch.setenv("CUTOUT_TASK_MAX_RETRIES", "1")
+    assert process_shard_task.max_retries == 1
+    monkeypatch.setenv("CUTOUT_TASK_MAX_RETRIES", "7")
+    assert process_shard_task.max_retries == 7

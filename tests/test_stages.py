@@ -10,8 +10,8 @@ from PIL import Image
 
 from cutout.jobs.errors import ConfigError, CutoutError
 from cutout.jobs.spec import PipelineOptions
-from cutout.workers import pipeline as pipeline_module
-from cutout.workers.pipeline import Pipeline, remove_background
+import cutout
+from cutout.workers.pipeline import Pipeline, PipelineInput
 from cutout.workers.stages import STAGES, run_stage
 
 BAD_SHAPE = (37, 53)  # the one input whose stage fails: told apart by its size
@@ -79,7 +79,7 @@ def test_a_failing_stage_is_named_and_spares_its_neighbours(monkeypatch, stage):
                               mask_ramp=(0.1, 0.9))
     items = [("a.png", png(photo(48, 64))), ("bad.png", png(photo(*BAD_SHAPE))),
              ("c.png", png(photo(40, 60)))]
-    outcomes = Pipeline(options).process_batch(items)
+    outcomes = Pipeline(options).run([PipelineInput(name, data) for name, data in items])
     assert [o.ok for o in outcomes] == [True, False, True]
     error = outcomes[1].error
     assert error.stage == stage, f"injected into {stage}, recorded as {error.stage}"
@@ -91,13 +91,15 @@ def test_a_failing_stage_is_named_and_spares_its_neighbours(monkeypatch, stage):
 @pytest.mark.parametrize("stage", ["calibrate", "foreground", "composite"])
 def test_library_callers_get_the_stage_too(monkeypatch, stage):
     _inject(monkeypatch, stage)
-    pipeline_module._PIPELINES.clear()
     with pytest.raises(CutoutError) as caught:
-        remove_background(photo(*BAD_SHAPE), model="threshold")
+        cutout.remove_background(photo(*BAD_SHAPE), model="threshold")
     assert caught.value.stage == stage
-    with pytest.raises(CutoutError) as caught:
-        Pipeline(PipelineOptions(model="threshold")).run_images([photo(*BAD_SHAPE)])
-    assert caught.value.stage == stage
+    good, bad = Pipeline(PipelineOptions(model="threshold")).run(
+        [PipelineInput("good", rgb=photo(48, 64)), PipelineInput("bad", rgb=photo(*BAD_SHAPE))],
+        encode=False, keep_result=True)
+    assert bad.error.stage == stage and bad.result is None
+    assert good.ok and good.data is None and good.result.alpha.shape == (48, 64)
+    assert good.result.raw_mask.shape == (48, 64) and "segment" in good.result.timings
 
 
 def test_a_typed_error_keeps_its_class_and_gets_the_stage_it_happened_in():
@@ -107,7 +109,7 @@ def test_a_typed_error_keeps_its_class_and_gets_the_stage_it_happened_in():
     def unreadable(uri):
         raise ConfigError(f"cannot read background {uri}")
 
-    (outcome,) = Pipeline(options, read_uri=unreadable).process_batch([("a.png", png(photo(48, 64)))])
+    (outcome,) = Pipeline(options, read_uri=unreadable).run([PipelineInput("a.png", png(photo(48, 64)))])
     assert outcome.error.error_class == "ConfigError" and outcome.error.stage == "composite"
 
 

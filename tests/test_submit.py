@@ -122,14 +122,13 @@ def test_shard_runs_once_and_resubmit_does_no_work(job):
 def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
     """The next batch downloads during the current batch's model pass (storage made slow here)."""
     from cutout.jobs import manifest, storage
-    from cutout.workers import items as items_module
     from cutout.workers import shard as shard_module
     from cutout.workers.pipeline import Pipeline
 
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
     reading = [0, 0]  # now, most at once
-    real_read, real_process_batch = storage.read_bytes, Pipeline.process_batch
+    real_read, real_run = storage.read_bytes, Pipeline.run
 
     def slow_read(uri, **kwargs):
         if "/_cutout/" not in uri:  # an input image, not the job's own files
@@ -142,13 +141,13 @@ def test_shard_reads_ahead_while_the_model_runs(job, monkeypatch):
                 reading[0] -= 1
         return real_read(uri, **kwargs)
 
-    def logged_process_batch(self, inputs):
+    def logged_run(self, inputs, **kwargs):
         events.append(("model", str(len(inputs))))
-        return real_process_batch(self, inputs)
+        return real_run(self, inputs, **kwargs)
 
     monkeypatch.setattr(storage, "read_bytes", slow_read)
-    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
-    monkeypatch.setattr(items_module, "BATCH_SIZE", 2)
+    monkeypatch.setattr(Pipeline, "run", logged_run)
+    monkeypatch.setenv("CUTOUT_BATCH_SIZE", "2")
     result = submit(job)
     first = manifest.all_shard_ids(result.job_prefix)[0]  # 4 inputs: 2 batches of 2
     run = shard_module.process_shard(result.job_prefix, first, worker_name="test")
@@ -165,19 +164,18 @@ def test_inputs_on_the_model_when_a_worker_died_run_alone_then_get_recorded(job,
     """What SIGKILLed attempts leave behind (their in-flight marks), replayed by hand."""
     from cutout.jobs import manifest
     from cutout.jobs.progress import LiveProgress
-    from cutout.workers import items as items_module
     from cutout.workers import shard as shard_module
     from cutout.workers.pipeline import Pipeline
 
     batch_sizes: list[int] = []
-    real_process_batch = Pipeline.process_batch
+    real_run = Pipeline.run
 
-    def logged_process_batch(self, inputs):
+    def logged_run(self, inputs, **kwargs):
         batch_sizes.append(len(inputs))
-        return real_process_batch(self, inputs)
+        return real_run(self, inputs, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "process_batch", logged_process_batch)
-    monkeypatch.setattr(items_module, "MAX_ITEM_CRASHES", 2)
+    monkeypatch.setattr(Pipeline, "run", logged_run)
+    monkeypatch.setenv("CUTOUT_MAX_ITEM_CRASHES", "2")
     result = submit(job)
     progress = LiveProgress(job["redis"], result.job_id)
     first, second = manifest.all_shard_ids(result.job_prefix)[:2]
@@ -346,3 +344,21 @@ def test_cutout_submit_never_imports_torch(job):
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
     assert len(out.stdout.split()[0]) == 16  # the job id comes first
+
+
+WORKER_ONLY_MODULES = {"torch", "torchvision", "onnx", "onnxruntime", "cv2", "pymatting", "numba"}
+
+
+def test_no_module_of_jobs_imports_a_worker_only_library():
+    """Every import in jobs/, function-local ones included (the preflight's among them): the
+    submitter half installs without torch, so no code path there may need it."""
+    import ast
+
+    found = []
+    for path in sorted((REPO_ROOT / "jobs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} {name}" for name in names
+                      if name.split(".")[0] in WORKER_ONLY_MODULES]
+    assert found == []

@@ -17,10 +17,6 @@ from cutout.jobs.settings import settings
 log = logging.getLogger(__name__)
 
 app = make_app(include=("cutout.workers.tasks",))
-if settings().max_tasks_per_child:
-    app.conf.worker_max_tasks_per_child = settings().max_tasks_per_child
-if settings().task_events:
-    app.conf.worker_send_task_events = True  # for Flower
 
 
 @worker_ready.connect

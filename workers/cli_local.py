@@ -14,7 +14,9 @@ from pathlib import Path
 
 from cutout.jobs.boxes import add_box_arguments, annotation_classes
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
+from cutout.jobs.settings import settings
 
+BENCHMARK_SETS = ("alphamatting_lowres", "grabcut_msrc")  # what workers/evaluate.py reads
 PARTIAL_FAILURE_EXIT = 3  # some inputs failed; the others were written
 INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports it
 
@@ -57,13 +59,15 @@ def run_command(args: argparse.Namespace) -> int:
     Exit codes: 0 all written, 3 some inputs failed (the others were written), 130 stopped
     by Ctrl-C (the records so far are kept; a rerun does the rest).
     """
-    from tqdm import tqdm
-
+    from cutout.jobs.cli import progress_bar
     from cutout.jobs.storage import ListingSkips
     from cutout.workers.items import FolderRecords, run_items
+    from cutout.workers.models.base import check_device
 
+    check_device(args.device)  # before anything is written
     annotation_classes(args)  # with a COCO source --classes filters annotations (cutout.jobs.boxes)
     options = options_from_args(args)
+    _check_trimaps_folder(args.trimaps)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
     items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips, args)
@@ -75,7 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted while loading the model: nothing was processed", file=sys.stderr)
         return INTERRUPTED_EXIT
-    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, file=sys.stderr)
+    bar = progress_bar(len(todo), disable=args.no_progress)
     summary = _RunSummary(bar, listing_skips)
     summary.skipped = len(items) - len(todo)
     sink.on_record = summary.add
@@ -108,7 +112,34 @@ def _local_out_dir(out: str) -> str:
         raise ConfigError(
             f"cutout run writes to a local folder, not {out!r}: for a bucket use "
             f"`cutout submit SOURCE --to {out}` (with `cutout worker`), or run into a folder and copy it")
-    return os.path.realpath(_local_path(out))
+    out_dir = os.path.realpath(_local_path(out))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out!r} is a file, not a folder: give a folder (it is made if missing)")
+    try:  # made now, so a path that cannot be a folder fails before the model loads
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r} cannot be made a folder: {exc.strerror or exc} "
+                          f"({_blocking_parent(out_dir)})") from None
+    return out_dir
+
+
+def _blocking_parent(path: str) -> str:
+    """The nearest existing folder above ``path``, or the file in the way, for the message."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f"{parent} is a file"
+    return f"below {parent}"
+
+
+def _check_trimaps_folder(folder: str | None) -> None:
+    """A ``--trimaps`` folder that is not there is a mistake, not "no hand trimaps"."""
+    from cutout.jobs.errors import ConfigError
+
+    if folder is not None and not os.path.isdir(folder):
+        raise ConfigError(f"--trimaps {folder!r}: no such folder (DIR/<input's relative path>.png, "
+                          "0 background, 128 unknown, 255 foreground)")
 
 
 def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips, args=None) -> list:
@@ -116,7 +147,7 @@ def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips, args
 
     Inputs inside ``out_dir`` are left out (an output folder inside an input folder is never
     read back), and a name that cannot be an output key gets ``_unnamed/<hash>``. A list file's
-    box column (``--box-column``) gives one input per box, as in ``submit``.
+    box column (``--box-column``) and a COCO file give one input per box, as in ``submit``.
     """
     from cutout.jobs.boxes import BoxExpander
     from cutout.jobs.sharding import iter_shards
@@ -212,11 +243,12 @@ class _RunSummary:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from cutout.workers.evaluate import DEFAULT_DATA, is_user_folder, run_eval, run_user_eval
+    from cutout.workers.evaluate import is_user_folder, run_eval, run_user_eval
 
     options = options_from_args(args)
-    data = Path(args.data or DEFAULT_DATA)
-    if args.boxes and not (args.data and is_user_folder(data)):
+    data = Path(args.data or settings().eval_data)
+    _check_eval_data(data, is_user_folder(data), args.skip_segmentation)
+    if args.boxes and not is_user_folder(data):
         from cutout.jobs.errors import ConfigError
 
         raise ConfigError("--boxes needs --data DIR with image/ and mask/ (or alpha/)")
@@ -235,3 +267,21 @@ def eval_command(args: argparse.Namespace) -> int:
     print(json.dumps({k: report["end_to_end"][k] for k in ("mask", "full", "seconds_per_image_median",
                       "cpu_seconds_per_image_median")}, default=float))
     return 0
+
+
+def _check_eval_data(data: Path, users_own: bool, skip_segmentation: bool) -> None:
+    """``--data`` is a folder eval can score, said before any model loads."""
+    from cutout.jobs.errors import ConfigError
+
+    layout = ("image/ plus alpha/ (soft mattes) or mask/ (0 background, 255 foreground), "
+              "matched by file stem")
+    if not data.is_dir():
+        raise ConfigError(f"--data {str(data)!r}: no such folder; give a folder with {layout}")
+    if users_own:
+        if not any(p.is_file() for p in (data / "image").iterdir()):
+            raise ConfigError(f"--data {str(data)!r}: image/ is empty")
+        return
+    needed = BENCHMARK_SETS[:1] if skip_segmentation else BENCHMARK_SETS
+    if not all((data / name / "image").is_dir() for name in needed):
+        raise ConfigError(f"--data {str(data)!r} has neither {layout} nor the benchmark sets "
+                          f"({', '.join(needed)})")

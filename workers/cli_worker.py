@@ -17,8 +17,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
-from cutout.jobs.settings import settings
+from cutout.jobs.cli import WORKER_EXTRA_HINT, add_connection_args
+from cutout.jobs.settings import redact_url, settings
 
 # `cutout worker` exits with this when the [worker] extra is missing (documented in the README).
 EXIT_MISSING_DEPENDENCIES = 2  # the CLI's usage/configuration code (README, "Exit codes")
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
     parser.add_argument("--task-events", "-E", action="store_true",
                         default=settings().task_events,
                         help="send Celery task events (for Flower)")
+    add_connection_args(parser)
     parser.set_defaults(func=run_worker)
 
 
@@ -116,14 +119,44 @@ def prepare_metrics_store() -> str | None:
     return made
 
 
+BROKER_POLL_S = 2.0
+
+
+def wait_for_broker(url: str) -> None:
+    """Return once the broker answers PING, saying once (one line) that we wait for it.
+
+    A fleet starts in any order, so a worker up before its Redis waits rather than exits;
+    Celery's own wait prints its banner and a "Trying again (1/100)" line per attempt, and
+    gives up after 100. Wrong credentials are not waited out: that error reaches the CLI.
+    """
+    import redis
+
+    said = False
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+            return
+        except redis.exceptions.AuthenticationError:
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            if not said:
+                print(f"cutout worker: waiting for the broker at {redact_url(url)} "
+                      "(not answering yet; the worker starts when it does, Ctrl-C stops)",
+                      file=sys.stderr, flush=True)
+                said = True
+        time.sleep(BROKER_POLL_S)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     missing = missing_worker_dependency()
     if missing:
-        print(f"cutout: error: the worker cannot start ({missing}): install cutout-dataset[worker]",
-              file=sys.stderr)
+        print(f"cutout: error: the worker cannot start ({missing}): {WORKER_EXTRA_HINT}", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCIES
     plan = worker_plan(args.concurrency, os.cpu_count() or 1, count_gpus(), args.processes_per_gpu)
     os.environ.update(plan)
+    # The resolved URLs, for the Celery app and every pool process (progress, heartbeats).
+    os.environ.update(CUTOUT_BROKER_URL=args.broker, CUTOUT_REDIS_URL=args.redis)
+    wait_for_broker(args.broker)
     if args.max_tasks_per_child:
         os.environ["CUTOUT_MAX_TASKS_PER_CHILD"] = str(args.max_tasks_per_child)
     made_store = prepare_metrics_store() if args.metrics_port else None  # before prometheus_client loads

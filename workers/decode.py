@@ -35,7 +35,7 @@ Bad inputs
 
 Safety
     The pixel count is checked from the header before pixels are decoded (``max_pixels``);
-    Pillow's decompression-bomb warning is an error here. Truncated data is an error, never
+    Pillow's decompression-bomb error says so in our words (``--max-pixels``). Truncated data is an error, never
     silently padded: ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False.
 """
 from __future__ import annotations
@@ -98,12 +98,14 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000, name: str = "") -
         if tags.get(339, (1,))[0] == 3 and (tags.get(277, 1) > 1 or tags.get(258, (32,))[0] != 32):
             return _decode_float_tiff(data, tags, label, max_pixels)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our header check against max_pixels is the guard; Pillow's fixed 89 MP warning would
+        # refuse what a raised --max-pixels allows.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = _open(data, label, max_pixels, signature)
         source_format, source_mode = image.format or "", image.mode
         if source_format == "PNG":
             _check_png_crcs(data, label)
-        _load(image, label)
+        _load(image, label, max_pixels)
         icc = image.info.get("icc_profile")
         image, transposed = _apply_orientation(image, label)
     notes: list[str] = []
@@ -180,7 +182,7 @@ def _open(data: bytes, label: str, max_pixels: int, signature: str | None) -> Im
     try:
         image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{label}decompression bomb refused: {exc}") from exc
+        raise _too_large_for_pillow(exc, label, max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise _unidentified(data, label, signature) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -201,8 +203,24 @@ def _check_pixels(width: int, height: int, label: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"{label}image too large: {width}x{height} = {width * height:,} pixels "
-            f"> max_pixels {max_pixels:,} (checked from the header, nothing decoded)"
+            f"> max_pixels {max_pixels:,} (checked from the header, nothing decoded; "
+            f"{MAX_PIXELS_HINT})"
         )
+
+
+MAX_PIXELS_HINT = "--max-pixels N raises the limit, at about the RAM per megapixel the README gives"
+
+
+def _too_large_for_pillow(exc: Exception, label: str, max_pixels: int) -> ImageTooLargeError:
+    """Pillow's own bomb guard, in our words: the pixel count, our limit and how to change it
+    (Pillow's "could be decompression bomb DOS attack" text pointed nowhere)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow allows"
+    return ImageTooLargeError(
+        f"{label}image too large: {pixels} > max_pixels {max_pixels:,} (checked from the header, "
+        f"nothing decoded; {MAX_PIXELS_HINT}; Pillow refuses over "
+        f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} whatever the limit)"
+    )
 
 
 def _unidentified(data: bytes, label: str, signature: str | None) -> DecodeError:
@@ -251,12 +269,12 @@ def _check_png_crcs(data: bytes, label: str) -> None:
         position = end + 4
 
 
-def _load(image: Image.Image, label: str) -> None:
+def _load(image: Image.Image, label: str, max_pixels: int) -> None:
     """Decode every pixel now, so truncation surfaces here and not later."""
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{label}decompression bomb refused: {exc}") from exc
+        raise _too_large_for_pillow(exc, label, max_pixels) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise _load_error(exc, label, "pixel data") from exc
 

@@ -27,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cutout.jobs.settings import settings
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers import metrics
 
-DEFAULT_DATA = settings().eval_data
 STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
 
 
@@ -113,25 +111,19 @@ def cpu_seconds() -> float:
 def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[EndToEndRow]:
     """Run each photo through the real pipeline one by one, timing every stage."""
     from cutout.workers.decode import decode_image
-    from cutout.workers.encode import encode_image
     from cutout.workers.pipeline import Pipeline
-    from cutout.workers.stages import run_stage
 
     pipeline = Pipeline(options)
-    pipeline.segment([decode_image(samples[0].data).rgb])  # load the model outside the timings
+    pipeline.load_models()  # outside the timings
     rows = []
     for sample in samples:
-        timings: dict[str, float] = {}
         cpu_start = cpu_seconds()
-        decoded = run_stage(timings, "decode", decode_image, sample.data)
-        raw = run_stage(timings, "segment", pipeline.segment_raw, [decoded.rgb])[0]
-        mask = run_stage(timings, "calibrate", pipeline.calibrate, raw)
-        result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
-        timings.update(result.timings)
-        run_stage(timings, "encode", encode_image, result.image, options.format,
-                  quality=options.quality)
+        result = run_one(pipeline, sample.name, sample.data, encode=True)
         cpu = cpu_seconds() - cpu_start
-        single = raw if len(pipeline.seg_sizes) == 1 else pipeline.segment_at([decoded.rgb], None)[0]
+        timings, raw = result.timings, result.raw_mask
+        mask = pipeline.calibrate(raw)  # the calibrated mask before refinement, for its score
+        single = raw if len(pipeline.seg_sizes) == 1 else \
+            pipeline.segment_at([decode_image(sample.data).rgb], None)[0]
         gt = sample.gt_alpha
         rows.append(EndToEndRow(
             sample.name, metrics.sad(raw, gt), metrics.mse(raw, gt),
@@ -144,6 +136,19 @@ def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[E
               f"{rows[-1].sad_calibrated:6.1f}  refined {rows[-1].sad_refined:6.1f}  pipeline {rows[-1].sad_full:6.1f}  "
               f"{sum(timings.values()):.2f} s  {cpu:.2f} CPU-s  {'; '.join(result.notes)}", flush=True)
     return rows
+
+
+def run_one(pipeline, name: str, image: bytes | np.ndarray, *, encode: bool, box=None):
+    """One photo through the pipeline's driver (``Pipeline.run``); its failure is raised.
+    ``box`` ((x, y, w, h) px) takes the box path (``cutout.workers.boxes``)."""
+    from cutout.workers.pipeline import PipelineInput
+
+    item = PipelineInput(name, data=image) if isinstance(image, bytes) else PipelineInput(name, rgb=image)
+    item.box = box
+    (outcome,) = pipeline.run([item], encode=encode, keep_result=True)
+    if not outcome.ok:
+        raise outcome.error
+    return outcome.result
 
 
 def matting_only(samples: list[MattingSample], method: str, max_side: int) -> dict:
@@ -239,7 +244,7 @@ def contact_sheet(options: PipelineOptions, samples: list[MattingSample], path: 
     rows = []
     for sample in samples:
         rgb = decode_image(sample.data).rgb
-        result = pipeline.finish(rgb, pipeline.segment([rgb])[0])
+        result = run_one(pipeline, sample.name, rgb, encode=False)
         scale = height / rgb.shape[0]
         size = (max(1, round(rgb.shape[1] * scale)), height)
         thumb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
@@ -371,21 +376,9 @@ def load_user_folder(root: Path, limit: int | None = None) -> list[UserSample]:
 
 def score_user_sample(pipeline, sample: UserSample, box=None) -> dict:
     """Run one photo through the whole pipeline (decode to encode) and score its alpha; with
-    ``box`` ((x, y, w, h) px), through the box path (``cutout.workers.boxes``)."""
-    from cutout.workers.decode import decode_image
-    from cutout.workers.encode import encode_image
-
+    ``box`` ((x, y, w, h) px), the object in that box."""
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    decoded = decode_image(sample.data, name=sample.name)
-    if box is not None:
-        from cutout.workers.boxes import box_region, cut_out_box
-
-        region = box_region(box, decoded.rgb.shape[1], decoded.rgb.shape[0])
-        result = cut_out_box(pipeline, decoded.rgb, region, input_alpha=decoded.alpha)
-    else:
-        mask = pipeline.segment([decoded.rgb])[0]
-        result = pipeline.finish(decoded.rgb, mask, input_alpha=decoded.alpha)
-    encode_image(result.image, pipeline.options.format, quality=pipeline.options.quality)
+    result = run_one(pipeline, sample.name, sample.data, encode=True, box=box)
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     if result.alpha.shape != sample.gt.shape:
         raise ValueError(f"{sample.name}: ground truth is {sample.gt.shape[::-1]} px, "

@@ -48,16 +48,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BATCH_SIZE = settings().batch_size
-MAX_INPUT_BYTES = settings().max_input_bytes  # one cap for `cutout run` and shards
-IO_THREADS = settings().io_threads  # concurrent reads and writes
-# Per item, on top of the storage layer's own retries: attempts, and seconds in all.
-ITEM_ATTEMPTS = settings().item_attempts
-ITEM_RETRY_MAX_S = settings().item_retry_max_s
-ITEM_BACKOFF_S = settings().item_backoff_s
-# Times a worker may die with one input alone on the model before that input is recorded failed.
-MAX_ITEM_CRASHES = settings().max_item_crashes
-
 TrimapSource = Callable[[ShardItem], "bytes | None"]
 
 
@@ -163,7 +153,7 @@ def run_items(
     """
     loop = _Loop(pipeline, sink, record_fields, guard or CrashGuard(), trimaps, source_policy)
     loop.record_condemned(items)
-    batches = loop.guard.batches(items, batch_size or BATCH_SIZE)
+    batches = loop.guard.batches(items, batch_size or settings().batch_size)
     if batches:
         loop.run(batches)
 
@@ -180,7 +170,7 @@ class _Loop:
         self.guard = guard
         self.trimaps = trimaps
         self.emit_lock = threading.Lock()
-        self.last_read: tuple[str, Future] | None = None
+        self.last_read: tuple[str, Future] | None = None  # boxes of one image share its read
 
     def emit(self, record: ItemRecord) -> None:
         with self.emit_lock:
@@ -199,7 +189,7 @@ class _Loop:
             self.emit(record)
 
     def run(self, batches: list[list[ShardItem]]) -> None:
-        io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cutout-io")
+        io_pool = ThreadPoolExecutor(settings().io_threads, thread_name_prefix="cutout-io")
         try:
             next_reads = self.start_reads(io_pool, batches[0])
             previous_writes: list[Future] = []
@@ -219,53 +209,59 @@ class _Loop:
 
     def read_once(self, io_pool: ThreadPoolExecutor, item: ShardItem) -> Future:
         """One read per image: the boxes of one image (consecutive items, cutout.jobs.boxes)
-        share the read of the first."""
+        share the read of the first, and so one bytes object (decoded once by the pipeline)."""
         uri = image_uri_of(item.uri, item.extra)
         if self.last_read is None or self.last_read[0] != uri:
             self.last_read = (uri, io_pool.submit(read_input, uri, self.source_policy))
         return self.last_read[1]
 
     def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
-        readable = []
+        from cutout.workers.pipeline import PipelineInput
+
+        ready: list[tuple[ShardItem, ItemRecord, PipelineInput]] = []
         for item, read in zip(batch, reads):
             record = self.new_record(item)
             try:
                 data, record.timings["read"] = read.result()
-                readable.append((item, data, record))
+                ready.append((item, record, PipelineInput(item.uri, data, trimap=self.hand_trimap(item),
+                                                          box=box_of(item.extra))))
             except CutoutError as exc:  # transient ones too: retried per item already
                 mark_failed(record, exc, default_stage="read")
                 self.emit(record)
-        if not readable:
+        if not ready:
             return []
         pipeline = self.pipeline()  # loading the model is not the inputs' fault
-        inputs = [(item.uri, data) for item, data, _ in readable]
-        hints = batch_hints([item for item, _, _ in readable], self.trimaps)
-        with self.guard.on_model([item.uri for item, _, _ in readable]):
-            outcomes = pipeline.process_batch(inputs, **hints)
+        with self.guard.on_model([item.uri for item, _, _ in ready]):
+            outcomes = pipeline.run([given for _, _, given in ready])
+        if self.trimaps is not None:  # hand trimaps asked for: say which inputs had none
+            from cutout.workers.pipeline import NO_HAND_TRIMAP_NOTE
+
+            for (_, _, given), outcome in zip(ready, outcomes):
+                if given.trimap is None and outcome.ok:
+                    outcome.notes.append(NO_HAND_TRIMAP_NOTE)
         return [io_pool.submit(self.finish, item, record, outcome)
-                for (item, _, record), outcome in zip(readable, outcomes)]
+                for (item, record, _), outcome in zip(ready, outcomes)]
+
+    def hand_trimap(self, item: ShardItem) -> bytes | None:
+        """The input's hand trimap, when trimaps were given and it has one; one that cannot be
+        read fails its input, not the batch."""
+        if self.trimaps is None:
+            return None
+        try:
+            return self.trimaps(item)
+        except OSError as exc:
+            raise StorageError(f"cannot read the hand trimap of {item.uri}: {exc.strerror or exc}") from exc
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
         apply_outcome(item, record, outcome)
         self.emit(record)
 
 
-def batch_hints(items: list[ShardItem], trimaps: TrimapSource | None) -> dict:
-    """``process_batch``'s per-item hints: user trimaps and box hints (cutout.jobs.boxes)."""
-    hints: dict = {}
-    if trimaps is not None:
-        hints["trimaps"] = [trimaps(item) for item in items]
-    boxes = [box_of(item.extra) for item in items]
-    if any(box is not None for box in boxes):
-        hints["boxes"] = boxes
-    return hints
-
-
 def read_input(uri: str, policy=None) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     try:
         data = with_item_retries(
-            f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=MAX_INPUT_BYTES, policy=policy))
+            f"read {uri}", lambda: storage.read_bytes(uri, max_bytes=settings().max_input_bytes, policy=policy))
     except OSError as exc:  # anything the storage layer did not type is still this item's error
         raise StorageError(f"cannot read {uri}: {exc}") from exc
     return data, time.perf_counter() - t0
@@ -322,19 +318,20 @@ def mark_failed(record: ItemRecord, exc: Exception | None, *, default_stage: str
 
 
 def with_item_retries(what: str, call: Callable[[], T]) -> T:
-    """A few retries of one item with doubling backoff, within ``ITEM_RETRY_MAX_S`` in all.
+    """A few retries of one item with doubling backoff, within ``CUTOUT_ITEM_RETRY_MAX_S`` in all.
 
     The storage layer already retries each call; this outer loop rides out a longer blip
     (a server restarting) without holding the shard: after it, the item is recorded.
     """
+    policy = settings()
     started = time.monotonic()
-    for attempt in range(1, ITEM_ATTEMPTS + 1):
+    for attempt in range(1, policy.item_attempts + 1):
         try:
             return call()
         except TransientStorageError as exc:
             elapsed = time.monotonic() - started
-            delay = ITEM_BACKOFF_S * 2 ** (attempt - 1)
-            if attempt >= ITEM_ATTEMPTS or elapsed + delay > ITEM_RETRY_MAX_S:
+            delay = policy.item_backoff_s * 2 ** (attempt - 1)
+            if attempt >= policy.item_attempts or elapsed + delay > policy.item_retry_max_s:
                 raise TransientStorageError(
                     f"{what}: gave up after {attempt} attempt(s) in {elapsed:.1f}s: {exc}") from exc
             time.sleep(delay)
@@ -361,7 +358,7 @@ class CrashGuard:
 
     Each batch is marked in Redis while it is on the model and unmarked after; a mark found
     when the shard starts again means the last attempt died with that batch. Its inputs then
-    run one at a time, and one that was alone on the model at ``MAX_ITEM_CRASHES`` deaths is
+    run one at a time, and one that was alone on the model at ``CUTOUT_MAX_ITEM_CRASHES`` deaths is
     recorded as failed (``WorkerCrashError``). Best effort: without Redis nothing is isolated.
     Two live workers on one shard (a visibility timeout shorter than the shard) can mistake
     each other's marks for deaths, one more reason to keep that timeout above the slowest shard.
@@ -388,7 +385,7 @@ class CrashGuard:
     def crashes(self, uri: str) -> int:
         return self.history.get(uri, 0)
 
-    def batches(self, items: Sequence[ShardItem], size: int = BATCH_SIZE) -> list[list[ShardItem]]:
+    def batches(self, items: Sequence[ShardItem], size: int) -> list[list[ShardItem]]:
         """Suspects alone, the rest in batches of ``size`` (condemned inputs are not batched)."""
         condemned = {item.uri for item in self.condemned(items)}
         suspects = [item for item in items if item.uri in self.history and item.uri not in condemned]
@@ -396,7 +393,7 @@ class CrashGuard:
         return [[item] for item in suspects] + [normal[i : i + size] for i in range(0, len(normal), size)]
 
     def condemned(self, items: Sequence[ShardItem]) -> list[ShardItem]:
-        return [item for item in items if self.crashes(item.uri) >= MAX_ITEM_CRASHES]
+        return [item for item in items if self.crashes(item.uri) >= settings().max_item_crashes]
 
     @contextmanager
     def on_model(self, uris: list[str]) -> Iterator[None]:

@@ -24,13 +24,12 @@ from cutout.workers import telemetry
 
 log = logging.getLogger(__name__)
 
-REAP_INTERVAL_S = settings().reap_interval
 LOCK_KEY = "cutout:reaper:lock"
 
 
 def reap_once(client, app, worker: str) -> int:
     """Re-send the shards of silent workers, if this worker gets the lock; how many were sent."""
-    if not client.set(LOCK_KEY, worker, nx=True, ex=max(1, int(REAP_INTERVAL_S))):
+    if not client.set(LOCK_KEY, worker, nx=True, ex=max(1, int(settings().reap_interval))):
         return 0
     sent = 0
     for entry in progress.claim_stale_holds(client):
@@ -44,18 +43,18 @@ def reap_once(client, app, worker: str) -> int:
 
 
 def start_reaper(app, worker: str) -> threading.Event:
-    """A daemon thread reaping every ``REAP_INTERVAL_S``; set the returned event to stop it."""
+    """A daemon thread reaping every ``CUTOUT_REAP_INTERVAL`` s; set the returned event to stop it."""
     stop = threading.Event()
 
     def loop() -> None:
         client = redis.Redis.from_url(redis_url())
-        while not stop.wait(REAP_INTERVAL_S):
+        while not stop.wait(settings().reap_interval):
             try:
                 reap_once(client, app, worker)
             except RedisError as exc:  # the broker is down: nothing to reap into either
                 log.warning("liveness check skipped: %s", exc)
             except Exception:  # a reaper that dies silently would bring back the 3-hour wait
-                log.exception("liveness check failed; trying again in %.0f s", REAP_INTERVAL_S)
+                log.exception("liveness check failed; trying again in %.0f s", settings().reap_interval)
 
     threading.Thread(target=loop, name="cutout-reaper", daemon=True).start()
     return stop

@@ -30,8 +30,7 @@ ICHOL_SHIFTS = (1e-2, 0.1, 1.0, 10.0)  # smaller shifts always failed on L_U (me
 CF_MAXITER = 400  # converges in 5-30 iterations; a stuck solve must not stall a shard
 # Solve at most this many unknown pixels: closed-form time grows faster than linearly with the
 # unknown count (15k px 0.13 s, 85k px 4.2 s measured), so a larger band is solved on a
-# downscaled crop and upsampled. Environment override: CUTOUT_MATTING_BUDGET.
-SOLVE_BUDGET = settings().matting_budget
+# downscaled crop and upsampled. The default is CUTOUT_MATTING_BUDGET, read at the call.
 KNN_RTOL = 1e-4
 
 
@@ -49,7 +48,7 @@ def estimate_alpha(
     *,
     method: Method = "closed-form",
     max_side: int | None = 640,
-    budget: int | None = SOLVE_BUDGET,
+    budget: int | None | Literal["setting"] = "setting",
     precise: bool = False,
     mask: np.ndarray | None = None,
 ) -> MatteResult:
@@ -81,6 +80,8 @@ def estimate_alpha(
     top, bottom, left, right = _unknown_box(unknown, CROP_PADDING)
     box = (slice(top, bottom), slice(left, right))
     crop_mask = None if mask is None else mask[box]
+    if budget == "setting":
+        budget = settings().matting_budget
     solved, scale = _solve_crop(rgb[box], trimap[box], crop_mask, method, max_side, budget,
                                 precise)
     crop_unknown = unknown[box]

@@ -1,16 +1,18 @@
 """The whole image pipeline as plain code: decode → segment → calibrate → refine → trimap →
-matte → foreground → composite → encode. Workers, ``cutout run`` and the Python API all call
-this module.
+matte → foreground → composite → encode.
 
-``Pipeline`` holds the options and the (lazily loaded) segmenter; ``process_batch`` turns raw
-bytes into encoded outputs and never lets one bad image fail its neighbours. Every stage runs
-through ``cutout.workers.stages.run_stage``, which times it and names it in a failure.
+``Pipeline`` holds the options and gets its segmenters from the process cache
+(``workers/models/cache.py``). ``Pipeline.run`` is the one batch driver: the item loop
+(shards and ``cutout run``), the Python API and ``cutout eval`` are adapters over it, so
+every caller gets the same per-input isolation (one bad image never fails its neighbours).
+Every stage runs through ``cutout.workers.stages.run_stage``, which times it and names it in a
+failure.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,11 +33,28 @@ class CutoutResult:
     timings: dict[str, float] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)  # see cutout.workers.quality
     flags: list[str] = field(default_factory=list)
+    raw_mask: np.ndarray | None = None  # float32 HxW, the model's mask before calibration
+
+
+@dataclass
+class PipelineInput:
+    """One input of ``Pipeline.run``: encoded bytes (decoded by the pipeline) or a uint8 RGB
+    array (with the alpha it carried); ``trimap`` (encoded gray bytes or a uint8 array, 0 bg /
+    128 unknown / 255 fg) replaces segmentation for this input; ``box`` (a
+    ``cutout.jobs.boxes.BoxHint`` or ``(x, y, w, h)`` pixels) cuts out the object in that box
+    (``cutout.workers.boxes``). Inputs that share one ``data`` object are decoded once."""
+
+    name: str
+    data: bytes | None = None
+    rgb: np.ndarray | None = None
+    alpha: np.ndarray | None = None
+    trimap: bytes | np.ndarray | None = None
+    box: object | None = None
 
 
 @dataclass
 class ItemOutcome:
-    """One input's fate in ``process_batch``: encoded bytes or a typed error."""
+    """One input's fate in ``Pipeline.run``: encoded bytes (and/or the arrays) or a typed error."""
 
     ok: bool
     data: bytes | None = None
@@ -47,6 +66,15 @@ class ItemOutcome:
     error: CutoutError | None = None
     quality: dict[str, float] = field(default_factory=dict)  # of a done output
     flags: list[str] = field(default_factory=list)
+    result: CutoutResult | None = None  # the arrays, when ``run`` was asked to keep them
+
+
+@dataclass
+class _Image:
+    """A decoded input: what segmentation and ``finish`` work on."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
 
 
 def _as_error(exc: Exception, stage: str) -> CutoutError:
@@ -230,134 +258,170 @@ class Pipeline:
             notes.append("matting-skipped: no confident foreground or background to solve from")
         return result.alpha
 
-    # --- batch entry points ------------------------------------------------------------------
-    def masks(self, images: list[np.ndarray], timings: list[dict[str, float]]) -> list[np.ndarray]:
-        """Segment a batch as one stage (its seconds shared evenly), then calibrate each mask."""
-        batch: dict[str, float] = {}
-        raw = run_stage(batch, "segment", self.segment_raw, images)
-        for item_timings in timings:
-            item_timings["segment"] = item_timings.get("segment", 0.0) + batch["segment"] / len(images)
-        return [run_stage(item_timings, "calibrate", self.calibrate, mask)
-                for item_timings, mask in zip(timings, raw)]
+    # --- the batch driver ----------------------------------------------------------------------
+    def run(self, inputs: Sequence[PipelineInput], *, encode: bool = True,
+            keep_result: bool = False) -> list[ItemOutcome]:
+        """The one driver of the stages: decode → segment → calibrate → finish → encode.
 
-    def run_images(self, images: list[np.ndarray]) -> list[CutoutResult]:
-        """Arrays in, results out (uint8 RGB images). Errors propagate, labelled with their
-        stage (``CutoutError.stage``): for library callers."""
-        timings: list[dict[str, float]] = [{} for _ in images]
-        results = []
-        for rgb, mask, item_timings in zip(images, self.masks(images, timings), timings):
-            result = self.finish(rgb, mask)
-            result.timings = {**item_timings, **result.timings}
-            results.append(result)
-        return results
-
-    def process_batch(
-        self, items: list[tuple[str, bytes]], trimaps: list[bytes | None] | None = None,
-        boxes: list | None = None,
-    ) -> list[ItemOutcome]:
-        """Bytes in, encoded outputs out; every item gets an outcome, good or bad.
-
-        ``trimaps`` (encoded gray images, or None per item) replace the automatic trimap;
-        ``boxes`` (``cutout.jobs.boxes.BoxHint`` or None per item) cut out the boxed object.
+        Every input gets an outcome in its slot, good or bad: a failure is the item's typed
+        error (labelled with its stage), never its neighbours'. The decoded inputs go through
+        the model as one batch; if the batch fails, one at a time, so only the culprit fails.
+        An input with a hand trimap is not segmented (its record notes ``hand-trimap``).
+        ``encode`` makes the output bytes (the item loop); ``keep_result`` keeps the arrays on
+        the outcome (the Python API, eval).
         """
-        from cutout.workers.decode import decode_image
-
-        if boxes is not None and any(box is not None for box in boxes):
-            from cutout.workers.boxes import process_box_batch
-
-            return process_box_batch(self, items, trimaps, boxes)
-
-        outcomes: list[ItemOutcome] = [ItemOutcome(ok=False) for _ in items]
-        decoded = {}
-        for index, (name, data) in enumerate(items):
-            outcome = outcomes[index]
+        outcomes = [ItemOutcome(ok=False) for _ in inputs]
+        images = self._decode(inputs, outcomes)
+        boxed = {i: images.pop(i) for i in list(images) if inputs[i].box is not None}
+        for index, image in boxed.items():
+            self._finish_box(outcomes[index], image, inputs[index].box, encode=encode,
+                             keep_result=keep_result)
+        trimaps = self._hand_trimaps(inputs, images, outcomes)
+        raw = self._segment_indexed({i: image for i, image in images.items() if i not in trimaps},
+                                    outcomes)
+        for index in sorted(set(raw) | set(trimaps)):
             try:
-                image = run_stage(outcome.timings, "decode", decode_image, data,
-                                  max_pixels=self.options.max_pixels, name=name)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a record
-                outcome.error = _as_error(exc, "decode")
-                continue
-            decoded[index] = image
-            outcome.width, outcome.height = image.rgb.shape[1], image.rgb.shape[0]
-            outcome.notes = list(image.notes)
-        masks = self._segment_indexed(decoded, outcomes)
-        for index, mask in masks.items():
-            trimap = trimaps[index] if trimaps else None
-            try:
-                self._finish_item(outcomes[index], decoded[index], mask, trimap)
-            except Exception as exc:  # noqa: BLE001
+                self._finish_item(outcomes[index], images[index], raw.get(index),
+                                  trimaps.get(index), encode=encode, keep_result=keep_result)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this item's outcome
                 outcomes[index].error = _as_error(exc, "pipeline")
         return outcomes
 
-    def _finish_item(self, outcome: ItemOutcome, image, mask: np.ndarray,
-                     trimap_data: bytes | None) -> None:
-        """One decoded, segmented item to encoded bytes, every stage timed into its outcome."""
-        from cutout.workers.encode import encode_image
-        from cutout.workers.trimap import load_trimap
+    def _decode(self, inputs: Sequence[PipelineInput], outcomes: list[ItemOutcome]) -> dict[int, _Image]:
+        """Bytes → RGB (+ alpha) per input; an undecodable input gets its error and stops here."""
+        from cutout.workers.decode import decode_image
 
-        trimap = None
-        if trimap_data is not None:
-            trimap = run_stage(outcome.timings, "trimap", load_trimap, trimap_data,
-                               shape=image.rgb.shape[:2])
+        images: dict[int, _Image] = {}
+        seen: dict[int, tuple] = {}  # id(data) → (image, notes) or (None, error): one decode per image
+        for index, (item, outcome) in enumerate(zip(inputs, outcomes)):
+            if item.data is None:
+                image = _Image(item.rgb, item.alpha)
+            elif id(item.data) in seen:  # another box of an image decoded for this batch
+                image, notes = seen[id(item.data)]
+                if image is None:
+                    outcome.error = notes
+                    continue
+                outcome.notes = list(notes)
+            else:
+                try:
+                    decoded = run_stage(outcome.timings, "decode", decode_image, item.data,
+                                        max_pixels=self.options.max_pixels, name=item.name)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+                    outcome.error = _as_error(exc, "decode")
+                    seen[id(item.data)] = (None, outcome.error)
+                    continue
+                image = _Image(decoded.rgb, decoded.alpha)
+                outcome.notes = list(decoded.notes)
+                seen[id(item.data)] = (image, tuple(decoded.notes))
+            images[index] = image
+            outcome.width, outcome.height = image.rgb.shape[1], image.rgb.shape[0]
+        return images
+
+    def _hand_trimaps(self, inputs: Sequence[PipelineInput], images: dict[int, _Image],
+                      outcomes: list[ItemOutcome]) -> dict[int, np.ndarray]:
+        """The hand trimaps of the decoded inputs that have one (checked against the image);
+        one that cannot be used fails its input."""
+        trimaps: dict[int, np.ndarray] = {}
+        for index in list(images):
+            given = inputs[index].trimap
+            if given is None:
+                continue
+            try:
+                trimaps[index] = run_stage(outcomes[index].timings, "trimap", _load_trimap, given,
+                                           images[index].rgb.shape[:2])
+            except Exception as exc:  # noqa: BLE001
+                outcomes[index].error = _as_error(exc, "trimap")
+                del images[index]
+        return trimaps
+
+    def _finish_item(self, outcome: ItemOutcome, image: _Image, raw: np.ndarray | None,
+                     trimap: np.ndarray | None, *, encode: bool, keep_result: bool) -> None:
+        """One decoded item with its raw mask (or hand trimap) to its result, every stage timed
+        into its outcome."""
+        if trimap is None:
+            mask = run_stage(outcome.timings, "calibrate", self.calibrate, raw)
+        else:  # no model ran: the trimap is the mask (unknown = 0.5) for matting and quality
+            mask = trimap.astype(np.float32) / 255.0
+            outcome.notes.append(HAND_TRIMAP_NOTE)
         result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
+        result.raw_mask = raw
+        self._complete(outcome, result, encode=encode, keep_result=keep_result)
+
+    def _finish_box(self, outcome: ItemOutcome, image: _Image, box, *, encode: bool,
+                    keep_result: bool) -> None:
+        """One boxed object of a decoded image (``cutout.workers.boxes``); a box that names no
+        pixels, or any other failure, is this object's error alone."""
+        from cutout.workers.boxes import box_region, cut_out_box
+
+        try:
+            height, width = image.rgb.shape[:2]
+            region = run_stage(outcome.timings, "box", box_region, box, width, height)
+            result = cut_out_box(self, image.rgb, region, input_alpha=image.alpha,
+                                 crop_output=self.options.crop)
+            self._complete(outcome, result, encode=encode, keep_result=keep_result)
+            outcome.height, outcome.width = result.alpha.shape
+        except Exception as exc:  # noqa: BLE001 - one object's failure never fails its neighbours
+            outcome.error = _as_error(exc, "box")
+
+    def _complete(self, outcome: ItemOutcome, result: CutoutResult, *, encode: bool,
+                  keep_result: bool) -> None:
+        """A finished result into its outcome: timings, notes, quality, encoded bytes."""
         for stage, seconds in result.timings.items():
             outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
-        outcome.data = run_stage(outcome.timings, "encode", encode_image, result.image,
-                                 self.options.format, quality=self.options.quality)
-        outcome.extension = self.options.extension
-        outcome.notes = outcome.notes + result.notes
+        result.timings = outcome.timings
+        result.notes = outcome.notes = outcome.notes + result.notes
+        if encode:
+            from cutout.workers.encode import encode_image
+
+            outcome.data = run_stage(outcome.timings, "encode", encode_image, result.image,
+                                     self.options.format, quality=self.options.quality)
+            outcome.extension = self.options.extension
         outcome.quality, outcome.flags = result.quality, result.flags
+        outcome.result = result if keep_result else None
         outcome.ok = True
 
-    def _segment_indexed(self, decoded: dict, outcomes: list[ItemOutcome]) -> dict:
-        """Segment all decoded images as one batch; if the batch fails, retry one by one."""
-        if not decoded:
+    def _segment_indexed(self, images: dict[int, _Image], outcomes: list[ItemOutcome]) -> dict:
+        """Raw masks of all ``images`` as one batch; if the batch fails, retry one by one."""
+        if not images:
             return {}
-        indices = list(decoded)
+        indices = list(images)
         try:
-            masks = self.masks([decoded[i].rgb for i in indices],
-                               [outcomes[i].timings for i in indices])
+            masks = self._segment_timed([images[i].rgb for i in indices],
+                                        [outcomes[i].timings for i in indices])
             return dict(zip(indices, masks))
         except Exception:  # noqa: BLE001 - isolate the culprit below
             pass
         result = {}
         for i in indices:
             try:
-                result[i] = self.masks([decoded[i].rgb], [outcomes[i].timings])[0]
+                result[i] = self._segment_timed([images[i].rgb], [outcomes[i].timings])[0]
             except Exception as exc:  # noqa: BLE001
                 outcomes[i].error = _as_error(exc, "segment")
         return result
+
+    def _segment_timed(self, images: list[np.ndarray], timings: list[dict[str, float]]) -> list[np.ndarray]:
+        """Segment a batch as one stage, its seconds shared evenly among the items."""
+        batch: dict[str, float] = {}
+        raw = run_stage(batch, "segment", self.segment_raw, images)
+        for item_timings in timings:
+            item_timings["segment"] = item_timings.get("segment", 0.0) + batch["segment"] / len(images)
+        return raw
+
+
+HAND_TRIMAP_NOTE = "hand-trimap: segmentation skipped"
+NO_HAND_TRIMAP_NOTE = "no-hand-trimap: segmented by the model"
+
+
+def _load_trimap(trimap: bytes | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A hand trimap, encoded or an array, as uint8 0 / 128 / 255 of the image's size."""
+    from cutout.workers.trimap import load_trimap, normalise_trimap
+
+    if isinstance(trimap, (bytes, bytearray)):
+        return load_trimap(bytes(trimap), shape=shape)
+    return normalise_trimap(trimap, shape)
 
 
 def _default_reader() -> Callable[[str], bytes]:
     from cutout.jobs import storage
 
     return storage.read_bytes
-
-
-_PIPELINES: dict[tuple, object] = {}  # one cutout.workers.api.Session per (options, device)
-
-
-def remove_background(
-    image,
-    *,
-    options: PipelineOptions | None = None,
-    device: str | None = None,
-    trimap: np.ndarray | None = None,
-    **overrides,
-) -> CutoutResult:
-    """``cutout.remove_background`` for callers holding ``PipelineOptions`` (benchmarks, eval):
-    ``options`` and/or field overrides; the work is ``cutout.workers.api.Session.remove``, and
-    the session (its model) is reused across calls with the same options.
-    """
-    from cutout.workers.api import Session
-
-    if options is None:  # the preset resolves around the overrides (its model's values stay its own)
-        opts = PipelineOptions(**overrides)
-    else:
-        opts = PipelineOptions(**{**options.model_dump(), **overrides}) if overrides else options
-    key = (opts.config_hash(), device)
-    session = _PIPELINES.get(key)
-    if session is None:
-        session = _PIPELINES[key] = Session(options=opts, device=device)
-    return session.remove(image, trimap=trimap)

@@ -23,10 +23,8 @@ from cutout.workers.items import CrashGuard, JobRecords, best_effort, run_items
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = settings().heartbeat_interval
 
 _SPECS: dict[str, JobSpec] = {}
-_PIPELINES: dict[str, object] = {}
 
 
 @dataclass
@@ -48,16 +46,10 @@ def load_spec_cached(job_prefix: str) -> JobSpec:
 
 
 def get_pipeline(spec: JobSpec):
-    """One Pipeline (and so one loaded model) per process and configuration, made on first use."""
-    key = spec.pipeline.config_hash()
-    pipeline = _PIPELINES.get(key)
-    if pipeline is None:
-        from cutout.workers.pipeline import Pipeline
+    """The job's Pipeline from the process cache: its model loads once per process and job."""
+    from cutout.workers.models.cache import MODEL_CACHE
 
-        pipeline = Pipeline(spec.pipeline, device=settings().device)
-        _PIPELINES.clear()  # a worker serves one configuration at a time; free the old model
-        _PIPELINES[key] = pipeline
-    return pipeline
+    return MODEL_CACHE.pipeline(spec.pipeline, settings().device)
 
 
 def process_shard(
@@ -100,7 +92,7 @@ def process_shard(
         todo = [item for item in shard.items if item.uri not in kept]
         fresh = _process_items(spec, shard_id, todo, worker_name, guard)
     records = [kept.get(item.uri) or fresh[item.uri] for item in shard.items]
-    stats = _shard_stats(spec, shard_id, records, started, worker_name, attempt)
+    stats = shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
     if progress is not None:
         best_effort(lambda: progress.shard_finished(shard_id, stats.counts))
@@ -131,7 +123,9 @@ def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
     return sink.records
 
 
-def _shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
+def shard_stats(spec, shard_id, records, started, worker_name, attempt) -> ShardStats:
+    """The shard's counts, error classes, top messages and quality flags from its records (one
+    counting for a processed shard and for one recorded failed as a whole)."""
     counts = {"done": 0, "failed": 0, "skipped": 0}
     error_classes: dict[str, int] = {}
     messages = CappedCounter()
@@ -170,7 +164,7 @@ def heartbeat(progress, worker_name: str) -> Iterator[None]:
     def beat() -> None:
         while True:
             best_effort(lambda: progress.heartbeat(worker_name))
-            if stop.wait(HEARTBEAT_INTERVAL_S):
+            if stop.wait(settings().heartbeat_interval):
                 return
 
     thread = threading.Thread(target=beat, name="cutout-heartbeat", daemon=True)

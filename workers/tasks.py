@@ -1,7 +1,7 @@
 """The one Celery task. It only decides ack, retry or reject; ``cutout.workers.shard`` does the work.
 
-Policy: acks late and rejected-on-worker-lost (a killed worker's shard is redelivered; the shard
-is idempotent), automatic retries with jittered exponential backoff for transient errors only,
+Policy (defined once in ``cutout.jobs.queue``): acks late and rejected-on-worker-lost (a killed
+worker's shard is redelivered; the shard is idempotent), automatic retries with jittered exponential backoff for transient errors only,
 and permanent shard-level errors (no spec, no shard file) rejected without requeue. No other
 exception may lose a shard: an unexpected one (a bug, a broken install) is retried a few times
 with backoff, and a shard that still fails, or runs out of transient retries, gets a record
@@ -18,29 +18,23 @@ from functools import lru_cache
 
 import redis
 from celery.exceptions import Reject
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cutout.jobs import manifest, sharding
-from cutout.jobs.errors import CutoutError, OutOfMemoryError, TransientStorageError, WorkerError
+from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerError
 from cutout.jobs.layout import check_task
 from cutout.jobs.progress import hold_shard, release_shard
-from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
-from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.queue import TASK_PROCESS_SHARD, TRANSIENT_ERRORS, ReliableTask, redis_url
+from cutout.jobs.records import ItemRecord
 from cutout.jobs.redact import install_log_redaction
 from cutout.jobs.settings import settings
 from cutout.workers import telemetry
 from cutout.workers.celery_app import app
-from cutout.workers.shard import heartbeat, load_spec_cached, process_shard
+from cutout.workers.shard import heartbeat, load_spec_cached, process_shard, shard_stats
 
 log = logging.getLogger(__name__)
 install_log_redaction()  # every log line of the worker, Celery's own included, loses its secrets
 
-TRANSIENT_ERRORS = (TransientStorageError, OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
-# Tries of a shard that fails on an unexpected exception, and the first wait (doubled each time).
-UNEXPECTED_RETRIES = settings().unexpected_retries
-UNEXPECTED_BACKOFF_S = settings().unexpected_backoff_s
 # When even recording a failed shard fails, its message comes back this often, never lost.
 RECORD_FAILED_RETRY_S = 600
 
@@ -60,13 +54,7 @@ def live_progress(job_id: str):
 @app.task(
     name=TASK_PROCESS_SHARD,
     bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT_ERRORS,
-    retry_backoff=2,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=settings().task_max_retries,
+    base=ReliableTask,  # the retry policy, defined once in cutout.jobs.queue
 )
 def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool = False,
                        error_class: str | None = None, inputs: list[str] | None = None) -> dict:
@@ -155,8 +143,8 @@ def _out_of_retries(task, exc: Exception, worker_name: str) -> dict:
 def _unexpected(task, exc: Exception, worker_name: str) -> dict:
     kwargs = task.request.kwargs or {}
     retries = task.request.retries
-    if retries < UNEXPECTED_RETRIES:
-        countdown = UNEXPECTED_BACKOFF_S * 2**retries
+    if retries < settings().unexpected_retries:  # then the first wait doubles each time
+        countdown = settings().unexpected_backoff_s * 2**retries
         log.exception("shard %s: unexpected %s; trying again in %.0f s",
                       kwargs.get("shard_id"), type(exc).__name__, countdown)
         telemetry.SHARDS.labels("retried").inc()
@@ -198,17 +186,9 @@ def record_failed_shard(job_prefix: str, shard_id: str, error: CutoutError, *,
             error=str(error)[:1000], model=spec.pipeline.model, config_hash=spec.pipeline.config_hash(),
             shard_id=shard_id, worker=worker_name, job_id=spec.job_id,
         ))
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    error_classes: dict[str, int] = {}
-    for record in records:
-        counts[record.status] = counts.get(record.status, 0) + 1
-        if record.status == "failed":
-            key = record.error_class or "UnknownError"
-            error_classes[key] = error_classes.get(key, 0) + 1
-    stats = ShardStats(job_id=spec.job_id, shard_id=shard_id, counts=counts, error_classes=error_classes,
-                       top_errors={f"{error.error_class}: {error}"[:300]: error_classes.get(error.error_class, 0)},
-                       started_at=started, finished_at=time.time(), worker=worker_name, attempt=attempt)
+    stats = shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
+    counts = stats.counts
     try:
         live_progress(spec.job_id).shard_finished(shard_id, counts)
     except RedisError as exc:

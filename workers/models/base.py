@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from cutout.jobs.errors import ConfigError, OutOfMemoryError
-from cutout.jobs.settings import settings
+from cutout.jobs.settings import DEVICE_PATTERN, settings
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
@@ -95,6 +95,26 @@ class BatchedSegmenter:
 
 
 # --- device, runtime, threads -----------------------------------------------------------------
+def check_device(device: str | None) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where torch sees one: checked
+    before a run writes anything, so a typo is one line, not a failed record per input."""
+    if device is None:
+        return
+    if not DEVICE_PATTERN.match(device):
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N (or leave it out: cuda when present)")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here; "
+                          "use --device cpu (or leave it out)")
+    if index >= count:
+        raise ConfigError(f"device {device!r}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+
+
 def default_device() -> str:
     import torch
 
