@@ -28,9 +28,9 @@ import numpy as np
 from box_masks import DATA, crop_for, rect_box  # noqa: E402  (benchmarks/ is the script's folder)
 
 RAMP = (0.05, 0.55)
-SPILLS = (0.0, 0.02)
-MIN_INSIDE = (0.0, 0.25)
-CROSSINGS = (0.1, 0.15, 0.2, 0.3, 0.4, 9.0)  # 9: never (GrabCut keeps the sure foreground)
+SPILLS = (0.0,)
+MIN_INSIDE = (0.0,)
+CROSSINGS = (0.15, 0.2, 0.3, 9.0)  # 9: never (GrabCut keeps the sure foreground)
 
 
 def ground_truth(stem: str) -> tuple[np.ndarray, np.ndarray]:

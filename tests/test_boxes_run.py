@@ -102,9 +102,11 @@ def test_crop_writes_the_box_alone(tmp_path):
          "--model", "grabcut", "--matting", "none", "--box-column", "box", "--box-format", "xyxy",
          "--crop", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    from cutout.workers.boxes import BOX_MARGIN
+
     (output,) = out.rglob("*.png")
     width, height = Image.open(output).size
-    assert (width, height) == (200 + 2 * 20, 150 + 2 * 15)  # the box and its 10 % margin
+    assert (width, height) == (200 + 2 * round(200 * BOX_MARGIN), 150 + 2 * round(150 * BOX_MARGIN))
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 # Chosen by 2-fold CV on GrabCut 50 with the dataset's boxes (docs/results.md, "Box hints").
-BOX_MARGIN = 0.1  # crop = box grown by this fraction of its width/height on each side
+BOX_MARGIN = 0.05  # crop = box grown by this fraction of its width/height on each side
 BOX_SPILL = 0.0  # kept alpha may leave the box by this fraction of its width/height
 MIN_INSIDE = 0.0  # a component is kept when at least this share of it lies inside the box
 # When the mask runs out across this share of a box side, what the network kept inside the box
 # is partly a neighbour (a shirt under a boxed face): GrabCut may then relabel all of it.
-CROSSING = 0.2
+CROSSING = 0.15
 EDGE_PX = 3  # soft edge kept around the kept components, px (the matting band lives there)
 
 
