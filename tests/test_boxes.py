@@ -210,3 +210,22 @@ def test_a_mask_that_runs_out_of_the_box_lets_grabcut_drop_the_neighbour():
     assert kept[140:, :].max() == 0.0  # nothing below the box
     unchanged, notes = select_and_refine(rgb, mask, box, refine=True, crossing=9.0)
     assert not notes and unchanged[shirt_inside].mean() > 0.9
+
+
+def test_a_failing_box_stage_is_named_and_spares_the_other_boxes(monkeypatch):
+    from cutout.workers import boxes
+    from cutout.workers.pipeline import Pipeline, PipelineInput
+
+    real = boxes.box_region
+
+    def failing(hint, width, height):
+        if tuple(hint) == (1, 1, 50, 50):
+            raise RuntimeError("injected failure")
+        return real(hint, width, height)
+
+    monkeypatch.setattr(boxes, "box_region", failing)
+    data = _png(_two_objects())
+    outcomes = Pipeline(PipelineOptions(model="grabcut", matting="none")).run(
+        [PipelineInput("p.png", data, box=box) for box in ((20, 40, 80, 80), (1, 1, 50, 50))])
+    assert outcomes[0].ok and not outcomes[1].ok
+    assert outcomes[1].error.stage == "box" and "injected failure" in str(outcomes[1].error)
