@@ -102,6 +102,6 @@ def test_coco_annotations_are_a_source_filtered_by_class(fleet, services):
     assert set(rows) == {card, f"s3://{source}/images/other.png#21"}
     assert all(r["status"] == "done" for r in rows.values()), rows
     assert rows[card]["output_uris"] == [f"s3://{dest}/out/a/card.12.png"]
-    assert rows[card]["label"] == "square" and rows[card]["annotation_id"] == 12
+    assert rows[card]["label"] == "square" and rows[card]["annotation_id"] == "12"
     alpha = alpha_of(rows[card]["output_uris"][0])
     assert alpha[50:70, 140:160].min() > 200 and alpha[:, :100].max() == 0
