@@ -5,14 +5,27 @@ Why not a Python ``set``: a set of 8-byte ``bytes`` costs about 70 bytes per ent
 only a few (each at least twice the size of the next), plus a small Python set of the newest
 entries. Lookups of a whole batch are one ``searchsorted`` per run. Two different keys share a
 digest with odds of about n²/2^65 (3 in 10,000 at 10^8 keys), as with the set of bytes before.
+
+Why runs spill to disk: at 10^8 inputs the runs alone are 0.8 GB. A run of more than
+``RAM_RUN_ENTRIES`` lives in a file in a private temp folder (memory-mapped, read-only), built by
+a merge that streams ``MERGE_CHUNK_ENTRIES`` at a time, so memory stays flat whatever the job
+size; a lookup touches O(log n) pages of it, which are handed back to the page cache after each
+batch. The folder is removed on ``close``, when the set is garbage-collected, and at exit.
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 
 BUFFER_ENTRIES = 1 << 18  # newest entries kept in a Python set before they become a sorted run
+RAM_RUN_ENTRIES = 1 << 22  # a larger run (32 MiB) lives in a temp file instead of memory
+MERGE_CHUNK_ENTRIES = 1 << 20  # entries per run read at a time by a merge into a file
 
 
 def digest(text: str) -> int:
@@ -22,14 +35,35 @@ def digest(text: str) -> int:
 class DigestSet:
     def __init__(self) -> None:
         self._recent: set[int] = set()
-        self._runs: list[np.ndarray] = []  # sorted, largest first
+        self._runs: list[np.ndarray] = []  # sorted, largest first; np.memmap for a run on disk
+        self._folder: str | None = None  # the private temp folder, made at the first disk run
+        self._files = 0
+        self._remove_folder = None
 
     def __len__(self) -> int:  # counts an entry added twice twice (runs are not deduplicated)
         return len(self._recent) + sum(len(run) for run in self._runs)
 
+    def __enter__(self) -> "DigestSet":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     @property
     def nbytes(self) -> int:
-        return sum(run.nbytes for run in self._runs) + 70 * len(self._recent)
+        """Memory held (runs on disk not counted: see ``disk_bytes``)."""
+        return sum(run.nbytes for run in self._runs if not _on_disk(run)) + 70 * len(self._recent)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(run.nbytes for run in self._runs if _on_disk(run))
+
+    def close(self) -> None:
+        """Forget every entry and remove the temp files."""
+        self._recent = set()
+        self._runs = []
+        if self._remove_folder is not None:
+            self._remove_folder()
 
     def add(self, value: int) -> None:
         """Add one digest; call ``settle`` after a batch (runs are only merged there, so a
@@ -37,18 +71,15 @@ class DigestSet:
         self._recent.add(value)
 
     def settle(self) -> None:
-        if len(self._recent) >= BUFFER_ENTRIES:
+        if self._recent and len(self._recent) >= BUFFER_ENTRIES:
             run = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
             run.sort()
             self._recent = set()
-            self._runs.append(run)
+            self._runs.append(self._kept(run))
             while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
                 newer = self._runs.pop()
                 older = self._runs.pop()
-                merged = np.concatenate((older, newer))
-                del older, newer
-                merged.sort()
-                self._runs.append(merged)
+                self._runs.append(self._merged(older, newer))
 
     def __contains__(self, value: int) -> bool:
         if value in self._recent:
@@ -62,9 +93,82 @@ class DigestSet:
             where = np.searchsorted(run, values)
             inside = where < len(run)
             found[inside] |= run[where[inside]] == values[inside]
+            _release_pages(run)
         return found
 
     def contains_many(self, values: list[int]) -> list[bool]:
         """Membership of a batch, in order."""
         in_runs = self.in_runs(np.array(values, dtype=np.uint64))
         return [bool(hit) or value in self._recent for value, hit in zip(values, in_runs)]
+
+    def _kept(self, run: np.ndarray) -> np.ndarray:
+        """A sorted run as it is kept: in memory, or written out when it is large."""
+        if len(run) <= RAM_RUN_ENTRIES:
+            return run
+        path = self._new_path()
+        run.tofile(path)
+        return _open_run(path)
+
+    def _merged(self, older: np.ndarray, newer: np.ndarray) -> np.ndarray:
+        if len(older) + len(newer) <= RAM_RUN_ENTRIES:
+            merged = np.concatenate((older, newer))
+            del older, newer
+            merged.sort()
+            return merged
+        path = self._new_path()
+        with open(path, "wb") as out:
+            for chunk in merge_chunks([older, newer], MERGE_CHUNK_ENTRIES):
+                chunk.tofile(out)
+        for run in (older, newer):
+            if _on_disk(run):
+                os.remove(run.filename)
+        return _open_run(path)
+
+    def _new_path(self) -> str:
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="cutout-digests-", dir=tempfile.gettempdir())
+            self._remove_folder = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        self._files += 1
+        return os.path.join(self._folder, f"run{self._files:06d}.u64")
+
+
+def merge_chunks(runs: list[np.ndarray], chunk: int):
+    """The entries of sorted ``runs``, in sorted order, a bounded piece at a time.
+
+    Each round reads at most ``chunk`` entries of every run, cuts them all at the smallest of
+    their last values (``searchsorted``), and yields that part sorted: nothing after the cut
+    can be smaller, and the run whose window ended there moves a whole ``chunk`` on.
+    """
+    starts = [0] * len(runs)
+    while True:
+        windows = [(i, np.array(run[start:start + chunk])) for i, (run, start) in enumerate(zip(runs, starts))
+                   if start < len(run)]
+        for i, _ in windows:
+            _release_pages(runs[i])
+        if not windows:
+            return
+        cut = min(window[-1] for _, window in windows)
+        parts = []
+        for i, window in windows:
+            taken = int(np.searchsorted(window, cut, side="right"))
+            parts.append(window[:taken])
+            starts[i] += taken
+        out = np.concatenate(parts)
+        out.sort(kind="stable")
+        yield out
+
+
+def _open_run(path: str) -> np.ndarray:
+    return np.memmap(path, dtype=np.uint64, mode="r")
+
+
+def _on_disk(run: np.ndarray) -> bool:
+    return isinstance(run, np.memmap)
+
+
+def _release_pages(run: np.ndarray) -> None:
+    """Drop the pages a lookup or merge touched from this process's memory (they stay in the
+    page cache), so a run on disk never shows up as resident memory that grows with the job."""
+    mapping = getattr(run, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
