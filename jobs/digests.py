@@ -64,6 +64,7 @@ class DigestSet:
         self._runs = []
         if self._remove_folder is not None:
             self._remove_folder()
+        self._folder = self._remove_folder = None  # a later disk run makes a new folder
 
     def add(self, value: int) -> None:
         """Add one digest; call ``settle`` after a batch (runs are only merged there, so a

@@ -88,6 +88,11 @@ def test_temp_files_are_removed_on_close_and_when_collected(tiny_runs):
     assert folder and os.path.dirname(folder) == digests.tempfile.gettempdir() and os.listdir(folder)
     first.close()
     assert not os.path.exists(folder) and len(first) == 0
+    for value in range(300):  # still usable after close, in a new folder
+        first.add(value)
+    first.settle()
+    assert 299 in first and first._folder != folder
+    first.close()
 
     second = DigestSet()
     for value in range(300):
