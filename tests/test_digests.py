@@ -32,13 +32,14 @@ def _filled(rng, batches):
 def test_membership_matches_a_python_set_with_runs_on_disk(tiny_runs):
     rng = random.Random(7)
     digest_set, expected = _filled(rng, 200)
-    assert digest_set.disk_bytes > 0 and all(isinstance(run, np.memmap) for run in digest_set._runs[:1])
+    assert digest_set.disk_bytes > 0 and isinstance(digest_set._runs[0], digests._DiskRun)
     assert os.listdir(digest_set._folder)
     probes = sorted(expected) + [rng.getrandbits(64) for _ in range(2000)] + [0, 2**64 - 1]
     assert digest_set.contains_many(probes) == [value in expected for value in probes]
     assert all((value in digest_set) == (value in expected) for value in probes[::50])
     for run in digest_set._runs:
-        assert np.all(run[1:] >= run[:-1])
+        entries = digests._piece(run, 0, len(run))
+        assert np.all(entries[1:] >= entries[:-1])
     digest_set.close()
 
 
@@ -52,10 +53,10 @@ def test_every_entry_lands_in_a_run_once_per_add(tiny_runs):
         for value in batch:
             digest_set.add(value)
         digest_set.settle()
-    held = np.concatenate([np.asarray(run) for run in digest_set._runs])
+    held = np.concatenate([digests._piece(run, 0, len(run)) for run in digest_set._runs])
     assert len(digest_set) == len(added) == len(held) + len(digest_set._recent)
     assert sorted(held.tolist()) == sorted(set(added) - digest_set._recent)
-    assert digest_set.disk_bytes == 8 * sum(len(run) for run in digest_set._runs if isinstance(run, np.memmap))
+    assert digest_set.disk_bytes == 8 * sum(len(run) for run in digest_set._runs if isinstance(run, digests._DiskRun))
 
 
 def test_duplicates_are_found_across_disk_and_memory(tiny_runs):
@@ -77,6 +78,20 @@ def test_merge_chunks_equals_a_full_sort():
     pieces = list(merge_chunks(runs, 16))
     assert all(len(piece) <= 16 * len(runs) for piece in pieces)
     assert np.concatenate(pieces).tolist() == sorted(np.concatenate(runs).tolist())
+
+
+def test_lookups_on_disk_read_only_the_page_a_value_can_be_on(monkeypatch):
+    """Page fences: a run of 5,000 entries over 10 pages (the last one short); every entry, and
+    values between, before and after them, answered right with 3 pages mapped at a time."""
+    monkeypatch.setattr(digests, "LOOKUP_PAGES", 3)
+    entries = np.arange(10, 50_010, 10, dtype=np.uint64)
+    digest_set = DigestSet()
+    run = digests._write_run(digest_set._new_path(), [entries[:700], entries[700:701], entries[701:]])
+    assert run.fences.tolist() == entries[::digests.PAGE_ENTRIES].tolist()
+    probes = np.concatenate((entries, entries + 5, np.array([0, 9, 50_010, 2**64 - 1], dtype=np.uint64)))
+    assert run.contains(probes).tolist() == [True] * len(entries) + [False] * (len(entries) + 4)
+    assert run.contains(np.array([], dtype=np.uint64)).tolist() == []
+    digest_set.close()
 
 
 def test_temp_files_are_removed_on_close_and_when_collected(tiny_runs):

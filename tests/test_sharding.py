@@ -141,8 +141,8 @@ def test_collision_names_are_the_same_when_the_claims_live_in_sorted_runs(monkey
     assert in_runs == in_a_set
     monkeypatch.setattr(digests, "RAM_RUN_ENTRIES", 8)  # runs of more than 8 live in temp files
     monkeypatch.setattr(digests, "MERGE_CHUNK_ENTRIES", 3)
-    opened, open_run = [], digests._open_run
-    monkeypatch.setattr(digests, "_open_run", lambda path: opened.append(path) or open_run(path))
+    opened, write_run = [], digests._write_run
+    monkeypatch.setattr(digests, "_write_run", lambda path, chunks: opened.append(path) or write_run(path, chunks))
     on_disk = outputs()
     assert on_disk == in_a_set
     assert opened  # the claims really went through runs on disk
