@@ -66,7 +66,7 @@ def main() -> None:
         stop.set()
         sampler.join()
         peak[0] = max(peak[0], folder_bytes(temp))
-        runs = [(len(run), "disk" if isinstance(run, np.memmap) else "RAM")
+        runs = [(len(run), "disk" if digests._on_disk(run) else "RAM")
                 for run in digest_set._runs]
         print(f"{args.count:,} digests (runs over {digests.RAM_RUN_ENTRIES:,} entries on disk): wall {wall:.1f} s, "
               f"CPU {cpu:.1f} s (user+sys), peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
