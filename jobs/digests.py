@@ -56,8 +56,9 @@ class DigestSet:
 
     @property
     def nbytes(self) -> int:
-        """Memory held (runs on disk not counted: see ``disk_bytes``)."""
-        return sum(run.nbytes for run in self._runs if not _on_disk(run)) + 70 * len(self._recent)
+        """Memory held (of a run on disk, only its page fences: see ``disk_bytes``)."""
+        held = sum(run.fences.nbytes if _on_disk(run) else run.nbytes for run in self._runs)
+        return held + 70 * len(self._recent)
 
     @property
     def disk_bytes(self) -> int:
