@@ -214,7 +214,7 @@ def _write_run(path: str, chunks) -> _DiskRun:
     with open(path, "wb") as out:
         for chunk in chunks:
             chunk.tofile(out)
-            fences.append(chunk[(-written) % PAGE_ENTRIES::PAGE_ENTRIES])
+            fences.append(chunk[(-written) % PAGE_ENTRIES::PAGE_ENTRIES].copy())  # not a view: frees the chunk
             written += len(chunk)
     return _DiskRun(path, np.concatenate(fences))
 
