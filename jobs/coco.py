@@ -12,17 +12,18 @@ instances file takes about 2 GB of memory to load).
 """
 from __future__ import annotations
 
-import json
 import posixpath
 from collections import defaultdict
 from typing import Iterator
 
 from cutout.jobs import storage
 from cutout.jobs.boxes import BOX_KEY, FORMAT_KEY, IMAGE_KEY, INDEX_KEY, box_rel_key, parse_box
-from cutout.jobs.errors import ConfigError, NotFoundError
+from cutout.jobs.errors import ConfigError
 
 
 def is_coco_file(source: str) -> bool:
+    """A ``.json`` source is COCO annotations, except an S3 Inventory ``manifest.json``
+    (``cutout.jobs.sources`` asks that first)."""
     return source.lower().endswith(".json")
 
 
@@ -64,12 +65,7 @@ def _image_items(source: str, images: str, image: dict, annotations: list) -> It
 
 
 def _load(source: str) -> dict:
-    try:
-        data = json.loads(storage.read_bytes(source))
-    except NotFoundError as exc:
-        raise ConfigError(f"annotation file {source!r} does not exist") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{source}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
+    data = storage.read_json_object(source, "annotation file")
+    if not {"images", "annotations"} <= data.keys():
         raise ConfigError(f"{source}: not a COCO annotation file (needs 'images' and 'annotations')")
     return data

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import posixpath
 import urllib.parse
 from typing import Iterator
@@ -56,15 +55,7 @@ def iter_inventory(source: str) -> Iterator[tuple[str, str, str]]:
 
 
 def _read_manifest(source: str) -> dict:
-    try:
-        manifest = json.loads(storage.read_bytes(source))
-    except NotFoundError as exc:
-        raise ConfigError(f"inventory manifest {source!r} does not exist") from exc
-    except ValueError as exc:
-        raise ConfigError(f"inventory manifest {source}: not JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"inventory manifest {source}: expected a JSON object")
-    return manifest
+    return storage.read_json_object(source, "inventory manifest")
 
 
 def _data_location(source: str, manifest: dict):

@@ -72,7 +72,7 @@ def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
     skips = skips if skips is not None else storage.ListingSkips()
     boxes = boxes if boxes is not None else BoxExpander()
     for source in sources:
-        if is_coco_file(source.strip()):
+        if is_coco_file(source.strip()) and not is_inventory_manifest(source.strip()):
             for uri, rel_key, extra in iter_coco_items(source.strip(), boxes.images, boxes.classes):
                 yield SourceItem(uri, rel_key, extra)
             continue

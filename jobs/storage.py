@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import functools
 import io
+import json
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ from typing import Callable, Iterator, TypeVar
 
 from cutout.jobs.allowlist import SourcePolicy
 from cutout.jobs.errors import (
+    ConfigError,
     InputTooLargeError,
     NotARegularFileError,
     NotFoundError,
@@ -74,6 +76,20 @@ def read_bytes(uri: str, *, max_bytes: int | None = None, policy: SourcePolicy |
         bucket, key = _split_s3(uri)
         return _with_retries(f"read {uri}", lambda: _s3_read(bucket, key, uri, max_bytes))
     return _with_retries(f"read {uri}", lambda: _http_read(uri, max_bytes, policy))
+
+
+def read_json_object(uri: str, what: str) -> dict:
+    """A small JSON object a user pointed at (an annotation or inventory file): a missing file or
+    text that is not a JSON object is a ``ConfigError`` naming ``what`` it should have been."""
+    try:
+        data = json.loads(read_bytes(uri))
+    except NotFoundError as exc:
+        raise ConfigError(f"{what} {uri!r} does not exist") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{what} {uri}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {uri}: expected a JSON object")
+    return data
 
 
 def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> None:
