@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     submit.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="folder, glob, s3:// prefix, list file (.txt/.csv/.jsonl/.parquet) or URI")
     submit.add_argument("--to", dest="destination", help="destination prefix (file:// or s3://); required")
-    submit.add_argument("--shard-size", type=int, default=32)
+    submit.add_argument("--shard-size", type=int, default=None,
+                        help="inputs per shard (default: 32, growing with the job to 1000 past 10^7 inputs)")
     submit.add_argument("--queue", default="cutout", help="queue (job class), e.g. cutout-gpu")
     submit.add_argument("--suffix", default="", help="appended to each output's file stem")
     submit.add_argument("--all-files", action="store_true", help="do not filter sources by image extension")
@@ -122,7 +123,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{result.items_new} new inputs", file=sys.stderr)
     print(
         f"{result.items_total} inputs in {result.shards_total} shards: "
-        f"{result.shards_enqueued} enqueued on queue {spec.queue!r}, "
+        f"{result.shards_enqueued} enqueued on queue {spec.queue!r} (the rest follow as it drains), "
         f"{result.shards_already_done} already done",
         file=sys.stderr,
     )
@@ -217,8 +218,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     result = resume_job(args.job, destination=args.dest, broker_url=args.broker, redis_url=args.redis)
     print(
-        f"job {result.job_id}: {result.shards_enqueued} shards re-enqueued, "
-        f"{result.shards_already_done}/{result.shards_total} already done"
+        f"job {result.job_id}: {result.shards_enqueued} shards re-enqueued (the rest follow as the "
+        f"queue drains), {result.shards_already_done}/{result.shards_total} already done"
     )
     return 0
 

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     progress_ttl_s: int = _field(3 * 24 * 3600, "seconds the live-progress keys of a job live in Redis", "`259200` (3 days)")
     worker_alive_s: float = _field(60.0, "a worker whose last heartbeat is older is not counted alive")
     task_max_retries: int = _field(10, "retries of a shard task after transient errors")
+    queue_window: int = _field(10_000, "most shard messages of one job waiting in the broker at once (the rest are sent as the queue drains)")
     debug: bool = _field(False, "print the full traceback of an error instead of one line (`--debug`)")
 
     # --- storage ---

@@ -9,6 +9,8 @@ A source is one of:
     ``url``) or ``.parquet`` (column ``uri`` or ``url``, read in batches). Other columns of a
     ``.csv`` with a header, ``.jsonl`` object or ``.parquet`` travel with the item as ``extra``
     and end up in its manifest row (img2dataset's ``save_additional_columns``);
+  * an S3 Inventory report: its ``manifest.json`` (``s3://inv/.../manifest.json``), CSV or
+    Parquet (``cutout.jobs.inventory``);
   * a single URI or file (``https://host/a.jpg``, ``s3://b/k.png``, ``cat.jpg``).
 
 Order is deterministic (sorted walks, S3's lexicographic listing, list-file order), so the
@@ -39,6 +41,7 @@ from typing import Iterable, Iterator
 
 from cutout.jobs import storage
 from cutout.jobs.errors import ConfigError, NotFoundError
+from cutout.jobs.inventory import is_inventory_manifest, iter_inventory
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 LIST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl", ".parquet"})
@@ -88,7 +91,10 @@ def _iter_one(source: str, all_files: bool, skips: storage.ListingSkips) -> Iter
     if not source:
         raise ConfigError("empty source")
     kind = storage.scheme_of(source)
-    if is_list_file(source):
+    if is_inventory_manifest(source):
+        yield from _expect_some(source, _iter_inventory(source, all_files),
+                              "(an S3 Inventory report) " + _nothing_matched(all_files))
+    elif is_list_file(source):
         yield from _expect_some(source, _iter_list_file(source), "is an empty list file")
     elif kind == "http":
         yield SourceItem(source, rel_key_for_uri(source))
@@ -166,12 +172,18 @@ def _iter_s3(source: str, all_files: bool) -> Iterator[SourceItem]:
 def _iter_s3_prefix(prefix_uri: str, bucket: str, prefix: str, all_files: bool, match) -> Iterator[SourceItem]:
     start = len(f"s3://{bucket}/{prefix}")
     try:
-        for uri in storage.list_uris(prefix_uri):
+        for uri in storage.list_tree(prefix_uri):
             rel = uri[start:]
             if _keep(rel, all_files) and (match is None or match(rel)):
                 yield SourceItem(uri, rel)
     except NotFoundError as exc:
         raise ConfigError(f"source {prefix_uri!r}: {exc}") from exc
+
+
+def _iter_inventory(source: str, all_files: bool) -> Iterator[SourceItem]:
+    for uri, _bucket, key in iter_inventory(source):
+        if _keep(key, all_files):
+            yield SourceItem(uri, key)
 
 
 # --- globs ------------------------------------------------------------------------------------

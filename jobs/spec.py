@@ -272,7 +272,8 @@ class JobSpec(BaseModel):
     destination: str
     pipeline: PipelineOptions = PipelineOptions()
     weights_sha256: str | None = None  # resolved at submit time when known
-    shard_size: int = Field(32, ge=1, le=10_000)
+    # None: the size follows the job's size (cutout.jobs.sharding.AUTO_SHARD_SIZES)
+    shard_size: int | None = Field(None, ge=1, le=10_000)
     queue: str = "cutout"
     suffix: str = ""  # appended to each output stem, e.g. "_cutout"
 

@@ -4,23 +4,26 @@ Everything durable lives in the destination (spec, shard files, records, stats);
 only the queue, live progress and a job-id → destination index. So every operation here can
 start again from the destination alone: that is what ``resume --dest`` does after Redis is lost.
 
-Submitting streams: sources → shards → shard files → task messages, one shard at a time, so
-memory does not grow with the number of inputs.
+Submitting streams: sources → shards → shard files, one shard at a time; task messages go
+through the job's bounded window (``cutout.jobs.window``): the first ones at submit, the rest
+as the queue drains. Memory stays flat: output-key and known-input checks hold 64-bit digests
+(``cutout.jobs.digests``), never the inputs themselves.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
 import redis
 
-from cutout.jobs import manifest, sharding, storage
+from cutout.jobs import manifest, sharding, storage, window
+from cutout.jobs.digests import DigestSet, digest
 from cutout.jobs.errors import ConfigError, CutoutError, NotFoundError
 from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
 from cutout.jobs.queue import send_process_shard, submitter_app
+from cutout.jobs.window import ShardWindow
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
 from cutout.jobs.sources import input_identity, iter_source_items
@@ -37,7 +40,7 @@ class SubmitResult:
     job_id: str
     job_prefix: str
     shards_total: int
-    shards_enqueued: int
+    shards_enqueued: int  # sent now; the rest of the job's shards follow as the window drains
     shards_already_done: int
     items_total: int
     skipped: dict[str, int] = field(default_factory=dict)  # source entries passed over, by reason
@@ -111,19 +114,19 @@ def submit_job(
         done = manifest.done_shard_ids(prefix)
         items_total, shards_total = totals
         return SubmitResult(job_id, prefix, shards_total, 0, len(done), items_total)
+    app = submitter_app(broker_url or default_broker_url())
     if totals is not None:
-        result = _enqueue_missing(spec, prefix, totals, broker_url, progress)
+        result = _enqueue_missing(spec, prefix, totals, client, app, progress)
     else:
-        result = _stream_and_enqueue(spec, prefix, broker_url, progress, all_files)
+        result = _stream_and_enqueue(spec, prefix, client, app, progress, all_files)
     progress.mark_queued()
     return result
 
 
-def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> SubmitResult:
-    done = set(manifest.done_shard_ids(prefix))
+def _stream_and_enqueue(spec, prefix, client, app, progress, all_files) -> SubmitResult:
+    done = set(manifest.done_shard_ids(prefix))  # both empty unless an earlier submit stopped midway
     written = set(manifest.all_shard_ids(prefix))
-    app = submitter_app(broker_url or default_broker_url())
-    shards_total = items_total = enqueued = already_done = 0
+    shards_total = items_total = already_done = 0
     skips = storage.ListingSkips()
     columns = ExtraColumns()
     shards = sharding.iter_shards(
@@ -133,20 +136,27 @@ def _stream_and_enqueue(spec, prefix, broker_url, progress, all_files) -> Submit
         suffix=spec.suffix,
         shard_size=spec.shard_size,
     )
-    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
-        def send(shard_id: str) -> None:
-            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
-
-        for shard in _saying_how_to_finish(shards, spec):
-            shards_total += 1
-            items_total += len(shard.items)
-            if shard.shard_id in done:
-                already_done += 1
-                continue
-            writer.write_then(shard, send, skip_write=shard.shard_id in written)
-            enqueued += 1
-            if shards_total % PROGRESS_EVERY_SHARDS == 0:
-                progress.set_total(items_total, shards_total)
+    job_window = ShardWindow(client, spec.job_id)
+    job_window.reset(prefix=prefix, queue=spec.queue, next_index=0, end=0)
+    with app.producer_or_acquire() as producer:
+        feeder = WindowFeeder(job_window, app, producer)
+        # a first submit sends while it writes; finishing a stopped one sends once all is written
+        on_durable = _nothing if done else feeder.durable
+        with ShardWriter(prefix) as writer:
+            for shard in _saying_how_to_finish(shards, spec):
+                shards_total += 1
+                items_total += len(shard.items)
+                already_done += shard.shard_id in done
+                writer.write_then(shard, on_durable,
+                                  skip_write=shard.shard_id in written or shard.shard_id in done)
+                if shards_total % PROGRESS_EVERY_SHARDS == 0:
+                    progress.set_total(items_total, shards_total)
+        if not done:
+            feeder.flush()
+    if done:
+        feeder.sent, _ = window.rebuild(client, app, job_id=spec.job_id, prefix=prefix, queue=spec.queue,
+                                        shards_total=shards_total)
+    enqueued = feeder.sent
     if shards_total == 0:
         raise ConfigError(f"no input images found in {', '.join(spec.sources)}")
     manifest.save_totals(prefix, items_total, shards_total, skipped=skips.counts, extra_columns=columns.names)
@@ -177,6 +187,27 @@ def _saying_how_to_finish(shards, spec: JobSpec):
             f"or `cutout resume {spec.job_id} --dest {spec.destination}`, to finish submitting it",
             stage=exc.stage,
         ) from exc
+
+
+class WindowFeeder:
+    """Moves the window's end up as shard files become durable (in shard order) and tops the
+    window up every few shards, so the first shards run while submit is still writing."""
+
+    EVERY_SHARDS = 64
+
+    def __init__(self, job_window: ShardWindow, app, producer=None):
+        self.window, self.app, self.producer = job_window, app, producer
+        self.durable_end = 0
+        self.sent = 0
+
+    def durable(self, shard_id: str) -> None:
+        self.durable_end = sharding.shard_index(shard_id) + 1
+        if self.durable_end % self.EVERY_SHARDS == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        self.window.extend(self.durable_end)
+        self.sent += window.top_up(self.window, self.app, producer=self.producer)
 
 
 class ExtraColumns:
@@ -273,38 +304,48 @@ def _extend_job(spec, prefix, client, broker_url, all_files) -> SubmitResult:
     items_old, _ = manifest.load_totals(prefix)
     progress = live_progress(client, spec.job_id)
     columns = ExtraColumns(manifest.load_extra_columns(prefix))
-    fresh = (item for item in columns.watch(iter_source_items(spec.sources, all_files=all_files))
-             if not known.has(item.uri))
+    fresh = known.new_only(columns.watch(iter_source_items(spec.sources, all_files=all_files)))
     shards = sharding.iter_shards(
         fresh, destination=spec.destination, extension=spec.pipeline.extension, suffix=spec.suffix,
-        shard_size=spec.shard_size, first_index=known.next_index, taken_keys=known.output_keys,
+        shard_size=spec.shard_size, first_index=known.next_index, items_before=items_old,
+        claims=known.output_keys,
     )
     app = submitter_app(broker_url or default_broker_url())
+    job_window = ShardWindow(client, spec.job_id)
+    windowed = job_window.exists()  # else (Redis lost it) it is rebuilt once the shards are written
     new_items = new_shards = 0
-    with app.producer_or_acquire() as producer, ShardWriter(prefix) as writer:
-        def send(shard_id: str) -> None:
-            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
-
-        for shard in shards:
-            new_items += len(shard.items)
-            new_shards += 1
-            writer.write_then(shard, send)
+    with app.producer_or_acquire() as producer:
+        feeder = WindowFeeder(job_window, app, producer)
+        with ShardWriter(prefix) as writer:
+            for shard in shards:
+                new_items += len(shard.items)
+                new_shards += 1
+                writer.write_then(shard, feeder.durable if windowed else _nothing)
+        if windowed:
+            feeder.flush()
     shards_total = known.next_index + new_shards
     manifest.save_totals(prefix, items_old + new_items, shards_total, extra_columns=columns.names)
     progress.set_total(items_old + new_items, shards_total)
     progress.rebuild_from_durable(prefix)
+    if not windowed:
+        feeder.sent, _ = window.rebuild(client, app, job_id=spec.job_id, prefix=prefix, queue=spec.queue,
+                                        shards_total=shards_total)
     progress.mark_queued()
     done = len(manifest.done_shard_ids(prefix))
-    return SubmitResult(spec.job_id, prefix, shards_total, new_shards, done, items_old + new_items,
+    return SubmitResult(spec.job_id, prefix, shards_total, feeder.sent, done, items_old + new_items,
                         items_new=new_items)
 
 
+def _nothing(_shard_id: str) -> None:
+    """The shard file is durable; its message waits for the window."""
+
+
 class _KnownInputs:
-    """Inputs and output keys already in the job's shard files, as 8-byte digests (bounded)."""
+    """Inputs and output keys already in the job's shard files, as 64-bit digests (bounded)."""
 
     def __init__(self) -> None:
-        self._inputs: set[bytes] = set()
-        self.output_keys: list[str] = []
+        self._inputs = DigestSet()
+        self.output_keys = sharding.KeyClaims()
         self.next_index = 0
 
     @classmethod
@@ -315,41 +356,36 @@ class _KnownInputs:
         base = storage.join_uri(destination, "x")[:-1]  # the destination with one trailing "/"
         shard_ids = manifest.all_shard_ids(prefix)
         with ThreadPoolExecutor(16, thread_name_prefix="shard-reader") as pool:
-            for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), shard_ids):
-                for item in shard.items:
-                    known._inputs.add(_digest(item.uri))
-                    if item.output_uri.startswith(base):
-                        known.output_keys.append(item.output_uri[len(base):])
+            for some in sharding.batches(shard_ids, 64):  # a bounded number of shards in memory
+                for shard in pool.map(lambda shard_id: sharding.read_shard(prefix, shard_id), some):
+                    for item in shard.items:
+                        known._inputs.add(digest(item.uri))
+                        if item.output_uri.startswith(base):
+                            known.output_keys.take(item.output_uri[len(base):])
+                    known._inputs.settle()
         if shard_ids:
             known.next_index = sharding.shard_index(shard_ids[-1]) + 1
         return known
 
-    def has(self, uri: str) -> bool:
-        return _digest(uri) in self._inputs
+    def new_only(self, items):
+        """The items whose input the job does not have yet, in order (checked a batch at a time)."""
+        for batch in sharding.batches(items, 4096):
+            known = self._inputs.contains_many([digest(item.uri) for item in batch])
+            yield from (item for item, seen in zip(batch, known) if not seen)
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
-
-
-def _enqueue_missing(spec, prefix, totals, broker_url, progress) -> SubmitResult:
-    """Every shard file exists already: enqueue those without a done-marker (no re-listing).
+def _enqueue_missing(spec, prefix, totals, client, app, progress) -> SubmitResult:
+    """Every shard file exists already: rebuild the window from the done-markers and send the
+    first shards without one (no re-listing of the sources).
 
     A job is a snapshot of its sources at first submit: objects added later are picked up by
     an incremental submit (``submit_incremental``).
     """
     items_total, shards_total = totals
-    done = manifest.done_shard_ids(prefix)
     progress.rebuild_from_durable(prefix)
-    app = submitter_app(broker_url or default_broker_url())
-    enqueued = 0
-    with app.producer_or_acquire() as producer:
-        for shard_id in manifest.all_shard_ids(prefix):
-            if shard_id in done:
-                continue
-            send_process_shard(app, prefix, shard_id, queue=spec.queue, producer=producer)
-            enqueued += 1
-    return SubmitResult(spec.job_id, prefix, shards_total, enqueued, len(done), items_total)
+    sent, done = window.rebuild(client, app, job_id=spec.job_id, prefix=prefix, queue=spec.queue,
+                                shards_total=shards_total)
+    return SubmitResult(spec.job_id, prefix, shards_total, sent, done, items_total)
 
 
 def resume_job(
@@ -419,6 +455,8 @@ def retry_failed(
                 app, ref.prefix, shard_id, queue=spec.queue, redo_failed=True,
                 error_class=error_class, inputs=shard_inputs if inputs else None, producer=producer,
             )
+    # counted in the job's window, so it sends fewer new shards until these are through
+    ShardWindow(client, job_id).add_pending([sharding.shard_index(shard_id) for shard_id in plan])
     if plan:  # recount live progress without the shards being redone (counted once each)
         progress.clear()
         progress.rebuild_from_durable(ref.prefix)
@@ -547,7 +585,7 @@ def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list
     storage.write_bytes(spec.sources[0], "".join(item.uri + "\n" for item in chosen).encode(),
                         content_type="text/plain")
     manifest.save_spec(prefix, spec)
-    shards = [chosen[i : i + spec.shard_size] for i in range(0, len(chosen), spec.shard_size)]
+    shards = list(sharding.split_by_size(chosen, spec.shard_size))
     for index, items in enumerate(shards):
         sharding.write_shard(prefix, sharding.Shard(sharding.shard_id_for(index), items))
     manifest.save_totals(prefix, len(chosen), len(shards),

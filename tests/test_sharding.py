@@ -120,3 +120,31 @@ def test_shard_files_round_trip(backend, tmp_path, request):
 
 def test_with_extension_keeps_renames():
     assert sharding.with_extension("/out/a.png.png", ".jpg") == "/out/a.png.jpg"
+
+
+def test_collision_names_are_the_same_when_the_claims_live_in_sorted_runs(monkeypatch):
+    """Claims move from a small set into merged sorted numpy runs (cutout.jobs.digests); a
+    clash with a key claimed long before (now in a run) is still found, with the same names."""
+    from cutout.jobs import digests
+
+    names = [f"d{i % 7}/{i}.jpg" for i in range(60)] + ["d0/0.png", "d3/10.webp", "d0/0.jpg.jpg", "d0/0.jpg"]
+    items = _items(*names)
+
+    def outputs():
+        shards = sharding.iter_shards(items, destination="/o", extension=".png", shard_size=3)
+        return [item.output_uri for shard in shards for item in shard.items]
+
+    in_a_set = outputs()
+    monkeypatch.setattr(digests, "BUFFER_ENTRIES", 4)  # every few claims become a sorted run
+    in_runs = outputs()
+    assert in_runs == in_a_set
+    assert in_runs[-4:] == ["/o/d0/0.png.png", "/o/d3/10.webp.png", "/o/d0/0.jpg.png", "/o/d0/0.jpg~2.png"]
+    assert len(set(in_runs)) == len(in_runs)
+
+
+def test_default_shard_sizes_grow_with_the_job():
+    assert [sharding.auto_shard_size(n) for n in (0, 99_999, 100_000, 10**6, 10**7, 10**8)] == [32, 32, 64, 256, 1000, 1000]
+    items = (SourceItem(f"s3://b/{i}.jpg", f"{i}.jpg") for i in range(100_100))
+    sizes = [len(shard.items) for shard in sharding.iter_shards(items, destination="/o", extension=".png")]
+    assert sizes[:3125] == [32] * 3125 and sizes[3125:] == [64, 36]
+    assert [len(part) for part in sharding.split_by_size(list(range(100_100)), None)] == sizes

@@ -7,7 +7,8 @@ must exceed the slowest shard). Each task records the shard it holds (``cutout.j
 under a Redis lock so one reaps at a time, re-sends the shard of any worker silent for
 ``CUTOUT_WORKER_STALE_S`` (60 s). The old message, redelivered hours later, finds the shard's
 done-marker and is skipped; a false alarm (a worker frozen for a minute) costs duplicate work,
-never a duplicate record: outputs are idempotent and a shard is counted once.
+never a duplicate record: outputs are idempotent and a shard is counted once. The same
+sweep keeps every job's bounded window of shard messages topped up (``cutout.jobs.window``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 import redis
 from redis.exceptions import RedisError
 
-from cutout.jobs import progress
+from cutout.jobs import progress, window
 from cutout.jobs.queue import TASK_PROCESS_SHARD, redis_url
 from cutout.jobs.settings import settings
 from cutout.workers import telemetry
@@ -39,6 +40,8 @@ def reap_once(client, app, worker: str) -> int:
         app.send_task(TASK_PROCESS_SHARD, kwargs=task["kwargs"], queue=task.get("queue"))
         telemetry.SHARDS.labels("resent").inc()
         sent += 1
+    # windowed jobs: shards a dead sender took, then whatever fits (a job with idle workers moves)
+    sent += window.reap_windows(client, app, stale_s=progress.WORKER_STALE_S)
     return sent
 
 

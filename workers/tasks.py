@@ -22,12 +22,13 @@ from redis.exceptions import RedisError
 
 from cutout.jobs import manifest, sharding
 from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerError
-from cutout.jobs.layout import check_task
+from cutout.jobs.layout import JobLayout, check_task
 from cutout.jobs.progress import hold_shard, release_shard
 from cutout.jobs.queue import TASK_PROCESS_SHARD, TRANSIENT_ERRORS, ReliableTask, redis_url
 from cutout.jobs.records import ItemRecord
 from cutout.jobs.redact import install_log_redaction
 from cutout.jobs.settings import settings
+from cutout.jobs.window import shard_left_queue
 from cutout.workers import telemetry
 from cutout.workers.celery_app import app
 from cutout.workers.shard import heartbeat, load_spec_cached, process_shard, shard_stats
@@ -80,6 +81,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
     except CutoutError as exc:
         if exc.permanent:
             log.error("shard %s of %s cannot run: %s: %s", shard_id, job_prefix, exc.error_class, exc)
+            _next_shards(self.app, job_prefix, shard_id)
             raise Reject(f"{exc.error_class}: {exc}", requeue=False) from exc
         return _out_of_retries(self, exc, worker_name)
     except TRANSIENT_ERRORS as exc:
@@ -89,6 +91,7 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
     finally:
         telemetry.BUSY_SECONDS.inc(time.monotonic() - began)
         _release(worker_name)
+    _next_shards(self.app, job_prefix, shard_id)
     if run.stats is None:
         log.info("shard %s skipped: %s", shard_id, run.skipped_reason)
         telemetry.SHARDS.labels("skipped").inc()
@@ -107,6 +110,15 @@ def _assemble_if_last(job_prefix: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
         log.warning("manifest of %s not assembled now (%s); `cutout report` will", job_prefix,
                     type(exc).__name__)
+
+
+def _next_shards(app, job_prefix: str, shard_id: str) -> None:
+    """This shard's message leaves the queue: free its place in the job's window and send the
+    next shards (best effort: the reaper tops the window up too)."""
+    try:
+        shard_left_queue(_redis_client(), app, JobLayout.from_prefix(job_prefix).job_id, shard_id)
+    except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
+        log.warning("job window not topped up now (%s); the reaper will", type(exc).__name__)
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
@@ -168,6 +180,7 @@ def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
                   shard_id, type(exc).__name__, RECORD_FAILED_RETRY_S)
         raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
     telemetry.SHARDS.labels("recorded_failed").inc()
+    _next_shards(task.app, job_prefix, shard_id)
     _assemble_if_last(job_prefix)  # a recorded failure can be the job's last shard too
     return {"shard_id": shard_id, "counts": counts}
 
