@@ -79,7 +79,8 @@ if [ "$STATUS" -ne 0 ] && [ "$STATUS" -ne 3 ]; then
 fi
 "$CUTOUT" report "$JOB" --html "$WORK/report.html" || [ $? -eq 3 ]
 
-say "copying the outputs and the manifest to $WORK/outputs to look at"
+"$CUTOUT" manifest "$JOB" --format jsonl --out "$WORK/manifest.jsonl"
+say "copying the outputs and the manifest's parts to $WORK/outputs to look at"
 "$PY" - "$WORK/outputs" <<'PYEOF'
 import sys, pathlib, boto3
 out = pathlib.Path(sys.argv[1])
@@ -87,7 +88,7 @@ s3 = boto3.client("s3")
 for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cutout-demo-out"):
     for obj in page.get("Contents", []):
         key = obj["Key"]
-        if key.endswith((".png", ".webp", ".jpg", "manifest.jsonl")):
+        if key.endswith((".png", ".webp", ".jpg", ".parquet")):
             target = out / key
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file("cutout-demo-out", key, str(target))

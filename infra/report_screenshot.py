@@ -41,7 +41,7 @@ def write_inputs(folder: Path) -> None:
 
 
 def run_job(source: Path, dest: Path, model: str) -> tuple[str, str]:
-    from cutout.jobs import manifest, sharding
+    from cutout.jobs import manifest, manifest_parts, sharding
     from cutout.jobs.sources import iter_source_items
     from cutout.jobs.spec import JobSpec, PipelineOptions
     from cutout.workers.shard import process_shard
@@ -60,7 +60,7 @@ def run_job(source: Path, dest: Path, model: str) -> tuple[str, str]:
         started = time.time()
         process_shard(prefix, shard.shard_id)
         print(f"  shard {shard.shard_id}: {time.time() - started:.1f} s", file=sys.stderr)
-    manifest.assemble_if_complete(prefix)
+    manifest_parts.build_missing(prefix)  # what the workers' group tasks do
     return prefix, spec.job_id
 
 

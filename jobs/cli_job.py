@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     _add_job_args(status)
     status.add_argument("--watch", action="store_true", help="refresh until the job finishes")
     status.add_argument("--interval", type=float, default=2.0)
+    status.add_argument("--verify", action="store_true",
+                        help="count from every shard's stats file instead of the live counters (slow at size)")
     status.set_defaults(func=cmd_status)
 
     resume = subparsers.add_parser("resume", help="re-enqueue every shard that is not done")
@@ -66,11 +68,19 @@ def register(subparsers) -> None:
     report = subparsers.add_parser("report", help="totals, failures and where the outputs are")
     _add_job_args(report)
     report.add_argument("--json", action="store_true", help="machine-readable summary")
-    report.add_argument("--manifest-format", default="jsonl", choices=("jsonl", "parquet"))
     report.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                         help="also write a self-contained HTML report page into the job's folder "
                              "(DEST/_cutout/jobs/JOB/report.html) and, given PATH, to that local file")
     report.set_defaults(func=cmd_report)
+
+    export = subparsers.add_parser(
+        "manifest", help="export the job's manifest (its Parquet parts) as one JSONL, CSV or Parquet file")
+    _add_job_args(export)
+    export.add_argument("--format", dest="fmt", default="jsonl", choices=("jsonl", "csv", "parquet"),
+                        help="jsonl (default), csv (lists and maps as JSON text) or parquet (one file)")
+    export.add_argument("--out", required=True, metavar="PATH", help="local file to write ('-': stdout)")
+    export.add_argument("--threads", type=int, default=8, help="parts read at once")
+    export.set_defaults(func=cmd_manifest)
 
     cancel = subparsers.add_parser("cancel", help="stop a job: workers skip its remaining shards")
     _add_job_args(cancel)
@@ -132,22 +142,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # --- status -------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
+    """From the live counters only (no file of the job is read); from the group roll-ups and one
+    listing of done-markers when Redis lost the job; from every stats file with ``--verify``."""
     from cutout.jobs.submit import find_job, live_progress, redis_client
 
     ref = find_job(args.job, destination=args.dest, redis_url=args.redis)
+    if args.verify:
+        return _print_durable(ref, verify=True)
+    from redis.exceptions import RedisError
+
     progress = live_progress(redis_client(args.redis), ref.job_id)
-    snapshot = progress.snapshot()
-    if snapshot.shards_total == 0:  # Redis lost or never told: rebuild from the durable records
-        progress.rebuild_from_durable(ref.prefix)
+    try:
         snapshot = progress.snapshot()
+    except RedisError:  # Redis down: the job's files still answer
+        return _print_durable(ref, verify=False)
+    if snapshot.shards_total == 0:  # Redis lost the job (or submit has not started it)
+        return _print_durable(ref, verify=False)
     if not args.watch:
-        print(format_snapshot(ref.job_id, snapshot, *_durable_counters(ref)))
-        return job_exit_code(_finished(snapshot), snapshot.counts.get("failed", 0))
+        print(format_snapshot(ref.job_id, snapshot))
+        return job_exit_code(snapshot.finished, snapshot.counts.get("failed", 0))
     return _watch(ref, progress, args.interval)
 
 
-def _finished(snap) -> bool:
-    return bool(snap.shards_total) and snap.shards_done >= snap.shards_total
+SHARDS_READ_WHEN_LOST = 10  # done shards outside the roll-ups whose stats `status` reads when Redis lost the job
+
+
+def _print_durable(ref, *, verify: bool) -> int:
+    from cutout.jobs import manifest
+    from cutout.jobs.progress import ProgressSnapshot
+    from cutout.jobs.rollup import Tally
+
+    if verify:
+        summary = manifest.summarise_full(ref.prefix)
+        note = "counted from every shard's stats file"
+    else:
+        summary = manifest.summarise(ref.prefix, read_limit=SHARDS_READ_WHEN_LOST)
+        note = "from the job's files (live progress is not in Redis; `cutout resume` restores it)"
+        if summary.uncounted_shards:
+            note += f"; {summary.uncounted_shards} done shard(s) of unfinished groups not in the counts"
+    tally = Tally(summary.counts, summary.error_classes, summary.flag_counts, summary.stage_seconds)
+    snap = ProgressSnapshot(total=summary.items_total or 0, counts=summary.counts,
+                            shards_done=summary.shards_done, shards_total=summary.shards_total, tally=tally)
+    print(format_snapshot(ref.job_id, snap, note=note))
+    return job_exit_code(summary.complete, summary.counts.get("failed", 0))
 
 
 def job_exit_code(complete: bool, failed: int) -> int:
@@ -159,31 +196,28 @@ def job_exit_code(complete: bool, failed: int) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _durable_counters(ref) -> tuple[dict[str, int], dict[str, int]]:
-    """Failure classes and quality flags from the durable stats (Redis counts statuses only)."""
-    from cutout.jobs import manifest
-
-    summary = manifest.summarise(ref.prefix)
-    return summary.error_classes, summary.flag_counts
-
-
-def format_snapshot(job_id: str, snap, errors: dict[str, int] | None = None,
-                    flags: dict[str, int] | None = None) -> str:
+def format_snapshot(job_id: str, snap, note: str | None = None) -> str:
     processed = sum(snap.counts.values())
     percent = 100.0 * processed / snap.total if snap.total else 0.0
     eta = f"{snap.eta_s:.0f} s" if snap.eta_s is not None else "?"
     counts = ", ".join(f"{k} {v}" for k, v in sorted(snap.counts.items())) or "nothing yet"
+    state = " (cancelled)" if snap.cancelled else " (finished)" if snap.finished else ""
     lines = [
-        f"job {job_id}{' (cancelled)' if snap.cancelled else ''}: {processed}/{snap.total} inputs "
+        f"job {job_id}{state}: {processed}/{snap.total} inputs "
         f"({percent:.1f} %), shards {snap.shards_done}/{snap.shards_total}, "
         f"{snap.in_flight} in flight, {snap.workers_alive} workers alive",
         f"  {counts}; rate {snap.rate_per_s or 0:.2f}/s; ETA {eta}",
     ]
+    errors, flags, seconds = snap.tally.error_classes, snap.tally.flag_counts, snap.tally.stage_seconds
     if errors:
-        top = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-        lines.append("  top errors: " + ", ".join(f"{k} ×{v}" for k, v in top))
+        lines.append("  top errors: " + ", ".join(f"{k} ×{v}" for k, v in list(errors.items())[:5]))
     if flags:
         lines.append("  quality flags: " + ", ".join(f"{k} ×{v}" for k, v in flags.items()))
+    if seconds and processed:
+        lines.append("  seconds per input: " + ", ".join(
+            f"{k} {v / processed:.3f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:6]))
+    if note:
+        lines.append(f"  ({note})")
     return "\n".join(lines)
 
 
@@ -194,21 +228,20 @@ def _watch(ref, progress, interval: float) -> int:
     with progress_bar(snap.total or None, desc=ref.job_id, interval_s=interval) as bar:
         while True:
             snap = progress.snapshot()
-            processed = sum(snap.counts.values())
             bar.total = snap.total or bar.total
-            bar.n = processed
+            bar.n = snap.processed
             bar.set_postfix(
                 failed=snap.counts.get("failed", 0), in_flight=snap.in_flight,
                 workers=snap.workers_alive, eta=f"{snap.eta_s:.0f}s" if snap.eta_s else "?",
             )
             bar.refresh()
-            if snap.shards_total and snap.shards_done >= snap.shards_total:
+            if snap.finished:
                 break
             if snap.cancelled:
                 print("job cancelled", file=sys.stderr)
                 return job_exit_code(False, 0)
             time.sleep(interval)
-    print(format_snapshot(ref.job_id, snap, *_durable_counters(ref)))
+    print(format_snapshot(ref.job_id, snap))
     return job_exit_code(True, snap.counts.get("failed", 0))
 
 
@@ -261,8 +294,7 @@ def cmd_redo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cutout.jobs.submit import job_report
 
-    report = job_report(args.job, destination=args.dest, redis_url=args.redis,
-                        manifest_format=args.manifest_format)
+    report = job_report(args.job, destination=args.dest, redis_url=args.redis)
     if args.html is not None:
         from cutout.jobs.report_html import write_report
 
@@ -283,7 +315,12 @@ def format_report(report: dict) -> str:
         f"  records:  {report['job_prefix']}",
     ]
     if report.get("manifest_uri"):
-        lines.append(f"  manifest: {report['manifest_uri']}")
+        lines.append(f"  manifest: {report['manifest_uri']}*.parquet ({report['manifest_parts']} parts written; "
+                     f"`cutout manifest {report['job_id']} --out FILE` for one file)")
+    if report.get("uncounted_shards"):
+        lines.append(f"  ({report['uncounted_shards']} done shards of unfinished groups are not in these counts)")
+    if report.get("skipped"):
+        lines.append("  source entries skipped: " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
     if report["error_classes"]:
         lines.append("  failures by class:")
         for name, count in sorted(report["error_classes"].items(), key=lambda kv: -kv[1]):
@@ -299,3 +336,17 @@ def format_report(report: dict) -> str:
         for name, count in report["flag_counts"].items():
             lines.append(f"    {count:>8}  {name}")
     return "\n".join(lines)
+
+
+# --- manifest export ----------------------------------------------------------------------------
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from cutout.jobs.manifest_export import export_manifest
+    from cutout.jobs.submit import find_job, load_job_spec
+
+    ref = find_job(args.job, destination=args.dest, redis_url=args.redis)
+    load_job_spec(ref)
+    result = export_manifest(ref.prefix, args.fmt, args.out, threads=args.threads)
+    print(f"{result.rows} rows from {result.parts} parts written to {args.out}"
+          + (f"; {result.groups_missing} group(s) not finished yet" if result.groups_missing else ""),
+          file=sys.stderr)
+    return job_exit_code(result.groups_missing == 0 and result.parts > 0, 0)

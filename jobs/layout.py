@@ -4,8 +4,8 @@ path: a forged ``../../x`` shard id is refused here, before anything is read or 
 
 Layout under ``DEST/_cutout/jobs/<job_id>`` (see cutout.jobs.manifest for what each file holds)::
 
-    spec.json  totals.json  shards/<shard>.jsonl  records/<shard>.jsonl  stats/<shard>.json
-    manifest.jsonl|parquet
+    spec.json  totals.json  parts.json  shards/<shard>.jsonl  records/<shard>.jsonl
+    stats/<shard>.json  manifest/part-<group>.parquet  rollups/<group>.json
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cutout.jobs.errors import InvalidIdError
 CONTROL_PREFIX = "_cutout"
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # JobSpec.job_id: the spec's sha256, first 16 hex digits
 SHARD_ID = re.compile(r"s[0-9]{6,12}")  # sharding.shard_id_for: "s" and a zero-padded index
-MANIFEST_FORMATS = ("jsonl", "parquet")
+GROUP_WIDTH = 8  # part and roll-up names: a zero-padded group index (sorts as numbers do)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -78,6 +78,11 @@ class JobLayout:
         return self._file("parent.json")
 
     @property
+    def parts(self) -> str:
+        """How the manifest is cut into parts (shards per group), fixed when the job is made."""
+        return self._file("parts.json")
+
+    @property
     def report(self) -> str:
         return self._file("report.html")
 
@@ -90,8 +95,8 @@ class JobLayout:
         return JobLayout(self.destination, check_job_id(job_id))
 
     def folder(self, name: str) -> str:
-        """``shards``, ``records``, ``stats`` or ``followups``: the folders a listing walks."""
-        if name not in ("shards", "records", "stats", "followups"):
+        """The folders a listing walks."""
+        if name not in ("shards", "records", "stats", "followups", "manifest", "rollups"):
             raise ValueError(f"no folder {name!r} in a job's layout")
         return self._file(name)
 
@@ -104,10 +109,13 @@ class JobLayout:
     def stats(self, shard_id: str) -> str:
         return self._file("stats", f"{check_shard_id(shard_id)}.json")
 
-    def manifest(self, fmt: str) -> str:
-        if fmt not in MANIFEST_FORMATS:
-            raise ValueError(f"manifest format must be jsonl or parquet, not {fmt!r}")
-        return self._file(f"manifest.{fmt}")
+    def part(self, group: int) -> str:
+        """The manifest part of a group of shards: every input's latest record, as Parquet."""
+        return self._file("manifest", f"part-{_group_name(group)}.parquet")
+
+    def rollup(self, group: int) -> str:
+        """The group's roll-up: its tallies and shards (written after its part)."""
+        return self._file("rollups", f"{_group_name(group)}.json")
 
     def holds_output(self, uri: str) -> bool:
         """Whether ``uri`` is an output location this job may write: below the destination,
@@ -120,6 +128,18 @@ class JobLayout:
 
     def _file(self, *parts: str) -> str:
         return storage.join_uri(self.prefix, *parts)
+
+
+def _group_name(group: int) -> str:
+    if not isinstance(group, int) or group < 0:
+        raise InvalidIdError(f"not a group index: {group!r}")
+    return f"{group:0{GROUP_WIDTH}d}"
+
+
+def group_of_name(name: str) -> int | None:
+    """``part-00000012.parquet`` or ``00000012.json`` back to 12; None for any other name."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0].removeprefix("part-")
+    return int(stem) if re.fullmatch(r"[0-9]{%d,12}" % GROUP_WIDTH, stem) else None
 
 
 def _comparable(uri: str) -> str:

@@ -3,16 +3,15 @@
 Layout under ``job_prefix`` (= ``DEST/_cutout/jobs/<job_id>``)::
 
     spec.json                the JobSpec
-    totals.json              number of inputs and shards, written by submit
+    parts.json               shards per manifest part (cutout.jobs.manifest_parts)
+    totals.json              number of inputs and shards, list-file columns; written by submit
     shards/<shard>.jsonl     inputs of each shard (cutout.jobs.sharding)
     records/<shard>.jsonl    one ItemRecord per input
     stats/<shard>.json       ShardStats, written after the records: the shard's done-marker
-    manifest.jsonl|parquet   every record in shard order, with a ``job_id`` column and the extra
-                             columns of list-file sources; assembled by the worker that
-                             finishes the last shard (``assemble_if_complete``), again after
-                             a retry or an incremental submit, and by ``report``
+    manifest/part-<g>.parquet  the manifest: every input's latest record, one part per group of
+    rollups/<g>.json           shards, each with its roll-up (cutout.jobs.manifest_parts)
     followups/<job>.json     redo jobs (``cutout redo``) whose records replace some of ours
-    parent.json              in a redo job: the job it redoes
+    parent.json              in a redo job: the job it redoes, and which of its shards
 
 A shard is done exactly when its stats file exists; records without stats (a worker died
 between the two writes) count as not done, and the shard runs again.
@@ -22,8 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from cutout.jobs import storage
-from cutout.jobs.errors import CutoutError, InvalidIdError, NotFoundError
+from cutout.jobs.errors import InvalidIdError, NotFoundError
 from cutout.jobs.layout import SHARD_ID, JobLayout
 from cutout.jobs.records import ItemRecord, ShardStats
 from cutout.jobs.sharding import shard_index
@@ -41,16 +38,15 @@ log = logging.getLogger(__name__)
 
 TOP_ERRORS_LIMIT = 20
 READ_THREADS = 16  # status and report read stats and records in parallel, in shard order
-OTHER_MESSAGES = "(other messages)"
 T = TypeVar("T")
 
 
-def _read(uri: str) -> bytes:
+def read_durable(uri: str) -> bytes:
     """One durable file, patiently: a report must not fail on one unlucky object."""
     return storage.patiently(lambda: storage.read_bytes(uri))
 
 
-def _in_order(calls: Iterable[Callable[[], T]], threads: int = READ_THREADS) -> Iterator[T]:
+def in_order(calls: Iterable[Callable[[], T]], threads: int = READ_THREADS) -> Iterator[T]:
     """Run ``calls`` on a thread pool and yield their results in order; at most a few per
     thread are held at once, so memory does not grow with the number of shards."""
     window = 4 * threads
@@ -71,15 +67,19 @@ def _layout(job_prefix: str) -> JobLayout:
 
 # --- spec and totals ----------------------------------------------------------------------------
 def save_spec(job_prefix: str, spec: JobSpec) -> None:
+    """The spec, and how the job's manifest is cut into parts (fixed from now on)."""
+    from cutout.jobs.manifest_parts import save_parts_layout
+
     storage.write_bytes(_layout(job_prefix).spec, spec.model_dump_json(indent=2).encode(),
                         content_type="application/json")
+    save_parts_layout(job_prefix, spec.shard_size)
 
 
 def load_spec(job_prefix: str) -> JobSpec:
     """The stored spec; ``NotFoundError`` names the URI when there is no job there."""
     layout = _layout(job_prefix)
     try:
-        data = _read(layout.spec)
+        data = read_durable(layout.spec)
     except NotFoundError as exc:
         raise NotFoundError(f"no job spec at {layout.spec} (wrong destination or job id?)") from exc
     spec = JobSpec.model_validate_json(data)
@@ -103,11 +103,18 @@ def save_totals(job_prefix: str, n_items: int, n_shards: int, *, skipped: dict[s
 
 def load_totals(job_prefix: str) -> tuple[int, int] | None:
     """``(items, shards)``, or None when submit has not finished writing shards."""
+    data = load_totals_full(job_prefix)
+    return None if data is None else (data["items"], data["shards"])
+
+
+def load_totals_full(job_prefix: str) -> dict | None:
+    """totals.json with every key (items, shards, skipped, extra_columns), or None."""
     try:
-        data = json.loads(_read(_layout(job_prefix).totals))
+        data = json.loads(read_durable(_layout(job_prefix).totals))
     except NotFoundError:
         return None
-    return int(data["items"]), int(data["shards"])
+    return {"items": int(data["items"]), "shards": int(data["shards"]), "skipped": data.get("skipped") or {},
+            "extra_columns": list(data.get("extra_columns") or [])}
 
 
 def load_extra_columns(job_prefix: str) -> list[str]:
@@ -134,14 +141,14 @@ def shard_done(job_prefix: str, shard_id: str) -> bool:
 def read_shard_records(job_prefix: str, shard_id: str) -> list[ItemRecord]:
     """The shard's records, or ``[]`` when it has none yet."""
     try:
-        data = _read(_layout(job_prefix).records(shard_id))
+        data = read_durable(_layout(job_prefix).records(shard_id))
     except NotFoundError:
         return []
     return [ItemRecord.model_validate_json(line) for line in data.decode().splitlines() if line.strip()]
 
 
 def read_shard_stats(job_prefix: str, shard_id: str) -> ShardStats:
-    return ShardStats.model_validate_json(_read(_layout(job_prefix).stats(shard_id)))
+    return ShardStats.model_validate_json(read_durable(_layout(job_prefix).stats(shard_id)))
 
 
 def _ids_under(job_prefix: str, folder: str, extension: str) -> list[str]:
@@ -166,111 +173,49 @@ def all_shard_ids(job_prefix: str) -> list[str]:
 def iter_shard_stats(job_prefix: str) -> Iterator[ShardStats]:
     """Stats of done shards, in shard order, read in parallel."""
     ids = _ids_under(job_prefix, "stats", ".json")
-    yield from _in_order(functools.partial(read_shard_stats, job_prefix, shard_id) for shard_id in ids)
+    yield from in_order(functools.partial(read_shard_stats, job_prefix, shard_id) for shard_id in ids)
 
 
 def iter_records(job_prefix: str) -> Iterator[ItemRecord]:
     """Records of done shards, in shard order, read in parallel (a bounded window of shards
     in memory)."""
     ids = _ids_under(job_prefix, "stats", ".json")
-    for records in _in_order(functools.partial(read_shard_records, job_prefix, shard_id) for shard_id in ids):
+    for records in in_order(functools.partial(read_shard_records, job_prefix, shard_id) for shard_id in ids):
         yield from records
 
 
-# --- the assembled manifest ---------------------------------------------------------------------
-def assemble_manifest(job_prefix: str, *, fmt: str = "jsonl") -> str:
-    """Write ``manifest.<fmt>`` (records of every done shard, in shard order); returns its URI."""
-    if fmt not in ("jsonl", "parquet"):
-        raise ValueError(f"manifest format must be jsonl or parquet, not {fmt!r}")
-    uri = _layout(job_prefix).manifest(fmt)
-    extra_columns = load_extra_columns(job_prefix)
-    fd, temp = tempfile.mkstemp(suffix=f".{fmt}")
-    os.close(fd)
-    try:
-        if fmt == "jsonl":
-            with open(temp, "w", encoding="utf-8") as handle:
-                for row in iter_manifest_rows(job_prefix, extra_columns):
-                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            storage.patiently(lambda: storage.upload_file(temp, uri, content_type="application/x-ndjson"))
-        else:
-            _write_parquet(iter_manifest_rows(job_prefix, extra_columns), temp, extra_columns)
-            storage.patiently(lambda: storage.upload_file(temp, uri, content_type="application/vnd.apache.parquet"))
-    finally:
-        os.remove(temp)
-    return uri
+def reopen_shard(job_prefix: str, shard_id: str) -> None:
+    """The shard runs again (``retry-failed``): it is not done, and its group's roll-up no
+    longer stands (the part stays readable until the group is rebuilt)."""
+    from cutout.jobs.manifest_parts import group_of, group_shards
+
+    layout = _layout(job_prefix)
+    storage.delete(layout.stats(shard_id))
+    storage.delete(layout.rollup(group_of(shard_id, group_shards(job_prefix))))
 
 
-def manifest_formats() -> tuple[str, ...]:
-    """The formats a manifest is kept in: JSONL always, Parquet too when pyarrow is installed."""
-    try:
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        return ("jsonl",)
-    return ("jsonl", "parquet")
-
-
-def assemble_if_complete(job_prefix: str, *, progress=None) -> list[str]:
-    """Assemble the manifest in every format once every shard is done; the URIs written, or [].
-
-    Called by a worker after each shard it finishes. Race-safe: a worker checks after its own
-    stats write, so the last of two finishing together always sees the job complete; when
-    both do, both write the same content atomically. Live progress (when given) answers
-    "not yet" cheaply, so only the last shards list the stats files. A failure is logged, never
-    raised: the shard is done, and ``cutout report`` assembles the manifest too.
-    """
-    try:
-        if progress is not None and not _live_may_be_complete(progress):
-            return []
-        if not _all_shards_done(job_prefix):
-            return []
-        written = [assemble_manifest(job_prefix, fmt=fmt) for fmt in manifest_formats()]
-        parent = parent_prefix_of(job_prefix)  # a finished redo refreshes its parent's manifest
-        if parent is not None and _all_shards_done(parent):
-            written += [assemble_manifest(parent, fmt=fmt) for fmt in manifest_formats()]
-        return written
-    except CutoutError as exc:
-        log.warning("manifest of %s not assembled (report will): %s: %s", job_prefix, exc.error_class, exc)
-        return []
-
-
-def _all_shards_done(job_prefix: str) -> bool:
-    totals = load_totals(job_prefix)
-    return totals is not None and len(done_shard_ids(job_prefix)) >= totals[1]
-
-
-def _live_may_be_complete(progress) -> bool:
-    """False only when live progress knows the job and counts fewer shards done than it has."""
-    from redis.exceptions import RedisError
-
-    try:
-        snap = progress.snapshot()
-    except RedisError:
-        return True
-    return snap.shards_total == 0 or snap.shards_done >= snap.shards_total
-
-
-def iter_manifest_rows(job_prefix: str, extra_columns: list[str] | None = None) -> Iterator[dict]:
-    """Manifest rows: each input's latest record (a redo job's record replaces the original),
-    with its ``job_id`` and its list-file columns, in shard order."""
-    for _, row in iter_latest_rows(job_prefix, extra_columns):
-        yield row
-
-
+# --- manifest rows ------------------------------------------------------------------------------
 def iter_latest_rows(job_prefix: str, extra_columns: list[str] | None = None, *,
                      with_followups: bool = True) -> Iterator[tuple[str, dict]]:
     """``(shard id in this job, row)`` for every record of a done shard, latest attempt first."""
     job_id = job_id_of(job_prefix)
     newer = followup_rows(job_prefix) if with_followups else {}
     for shard_id in _ids_under(job_prefix, "stats", ".json"):
-        extras = _shard_extras(job_prefix, shard_id) if extra_columns else {}
-        for record in read_shard_records(job_prefix, shard_id):
-            row = newer.get(record.input_uri)
-            if row is None:
-                row = record.model_dump(mode="json")
-                row["job_id"] = row.get("job_id") or job_id
-                for name, value in (extras.get(record.input_uri) or {}).items():
-                    row[extra_column_name(name)] = value
-            yield shard_id, row
+        for row in shard_rows(job_prefix, shard_id, extra_columns, job_id):
+            yield shard_id, newer.get(row["input_uri"], row)
+
+
+def shard_rows(job_prefix: str, shard_id: str, extra_columns: list[str] | None, job_id: str) -> list[dict]:
+    """The shard's records as manifest rows: with ``job_id`` and the list file's columns."""
+    extras = _shard_extras(job_prefix, shard_id) if extra_columns else {}
+    rows = []
+    for record in read_shard_records(job_prefix, shard_id):
+        row = record.model_dump(mode="json")
+        row["job_id"] = row.get("job_id") or job_id
+        for name, value in (extras.get(record.input_uri) or {}).items():
+            row[extra_column_name(name)] = value
+        rows.append(row)
+    return rows
 
 
 def job_id_of(job_prefix: str) -> str:
@@ -278,12 +223,15 @@ def job_id_of(job_prefix: str) -> str:
 
 
 # --- redo jobs: follow-ups that replace some records of their parent ------------------------------
-def link_followup(parent_prefix: str, child_job_id: str) -> None:
-    """Record that job ``child_job_id`` (a sibling of the parent's folder) redoes some inputs."""
+def link_followup(parent_prefix: str, child_job_id: str,
+                  parent_shards: dict[str, list[str]] | None = None) -> None:
+    """Record that job ``child_job_id`` (a sibling of the parent's folder) redoes some inputs;
+    ``parent_shards`` (child shard -> the parent's shards its inputs come from) lets a finished
+    redo shard refresh only the parent's manifest parts it touches."""
     body = json.dumps({"job_id": child_job_id, "created_at": time.time()}).encode()
     layout = _layout(parent_prefix)
     storage.write_bytes(layout.followup(child_job_id), body, content_type="application/json")
-    parent = json.dumps({"job_id": layout.job_id}).encode()
+    parent = json.dumps({"job_id": layout.job_id, "parent_shards": parent_shards}).encode()
     storage.write_bytes(layout.sibling(child_job_id).parent, parent, content_type="application/json")
 
 
@@ -305,6 +253,15 @@ def followup_rows(parent_prefix: str) -> dict[str, dict]:
         for _, row in iter_latest_rows(prefix, columns, with_followups=False):
             rows[row["input_uri"]] = row
     return rows
+
+
+def parent_shards_of(job_prefix: str) -> dict[str, list[str]] | None:
+    """In a redo job: its shard -> the parent's shards, or None when not recorded."""
+    try:
+        data = json.loads(read_durable(_layout(job_prefix).parent))
+    except NotFoundError:
+        return None
+    return data.get("parent_shards")
 
 
 def parent_prefix_of(job_prefix: str) -> str | None:
@@ -331,7 +288,7 @@ def _shard_extras(job_prefix: str, shard_id: str) -> dict[str, dict]:
     return {item.uri: item.extra for item in read_shard(job_prefix, shard_id).items if item.extra}
 
 
-def _parquet_schema(extra_columns: list[str] | None = None):
+def parquet_schema(extra_columns: list[str] | None = None):
     import pyarrow as pa
 
     text, strings = pa.string(), pa.list_(pa.string())
@@ -345,7 +302,7 @@ def _parquet_schema(extra_columns: list[str] | None = None):
     ] + [(extra_column_name(name), text) for name in extra_columns or ()])
 
 
-def _parquet_row(row: dict, extra_names: list[str]) -> dict:
+def parquet_row(row: dict, extra_names: list[str]) -> dict:
     """Maps as pairs; extra columns as text (JSON for non-strings), since list files mix types."""
     row["timings"] = list(row["timings"].items())
     row["quality"] = list(row.get("quality", {}).items())
@@ -354,28 +311,6 @@ def _parquet_row(row: dict, extra_names: list[str]) -> dict:
         if value is not None and not isinstance(value, str):
             row[name] = json.dumps(value, ensure_ascii=False, default=str)
     return row
-
-
-def _write_parquet(rows: Iterator[dict], path: str, extra_columns: list[str] | None = None,
-                   batch_size: int = 10_000) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        from cutout.jobs.errors import ConfigError
-
-        raise ConfigError("a parquet manifest needs pyarrow: pip install 'cutout[parquet]'") from exc
-    schema = _parquet_schema(extra_columns)
-    extra_names = [extra_column_name(name) for name in extra_columns or ()]
-    with pq.ParquetWriter(path, schema) as writer:
-        batch: list[dict] = []
-        for row in rows:
-            batch.append(_parquet_row(row, extra_names))
-            if len(batch) >= batch_size:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                batch = []
-        if batch:
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -389,8 +324,13 @@ class JobSummary:
     counts: dict[str, int] = field(default_factory=dict)
     error_classes: dict[str, int] = field(default_factory=dict)
     top_errors: dict[str, int] = field(default_factory=dict)
-    manifest_uri: str | None = None
+    manifest_uri: str | None = None  # the folder of Parquet parts, once one is written
     flag_counts: dict[str, int] = field(default_factory=dict)  # quality flags of done outputs
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # source entries the listing passed over
+    groups_total: int = 0
+    groups_current: int = 0  # groups whose part and roll-up are written and current
+    uncounted_shards: int = 0  # done shards whose counts were not read (a partial summary)
 
     @property
     def items_processed(self) -> int:
@@ -401,56 +341,79 @@ class JobSummary:
         return self.shards_total > 0 and self.shards_done >= self.shards_total
 
 
-def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> JobSummary:
-    """Counts by status, error classes and the commonest messages, from the stats files only."""
-    counts: dict[str, int] = {}
-    classes: dict[str, int] = {}
-    flags: dict[str, int] = {}
-    messages = _MergedCounter(top_errors_limit)
-    shards_done = 0
-    for stats in iter_shard_stats(job_prefix):
-        shards_done += 1
-        _add(counts, stats.counts)
-        _add(classes, stats.error_classes)
-        _add(flags, stats.flag_counts)
-        for message, number in stats.top_errors.items():
-            messages.add(message, number)
-    totals = load_totals(job_prefix)
-    shards_total = totals[1] if totals else len(all_shard_ids(job_prefix))
-    try:
-        destination = load_spec(job_prefix).destination
-    except NotFoundError:
-        destination = None
-    candidates = (_layout(job_prefix).manifest(f) for f in ("jsonl", "parquet"))
-    manifest = next((uri for uri in candidates if storage.patiently(functools.partial(storage.exists, uri))), None)
+def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT, build: bool = False,
+              read_limit: int | None = None, state=None) -> JobSummary:
+    """Counts, failures and flags from the group roll-ups and one listing of done-markers.
+
+    Done shards of groups without a current roll-up (still running, or just retried) are read
+    one by one, at most ``read_limit`` of them (default: 10 + shards/100); beyond that the
+    summary says how many it left out. ``build`` first writes the parts of groups that are
+    done but have none (a lost build task): what `report` and `manifest` do. ``state``: the
+    groups as the caller already read them (``manifest_parts.groups_state``).
+    """
+    from cutout.jobs import manifest_parts
+    from cutout.jobs.rollup import Tally
+
+    state = state or manifest_parts.groups_state(job_prefix)
+    if build:
+        manifest_parts.build_missing(job_prefix, state)
+    current = [r for g, r in sorted(state.rollups.items()) if state.current(g)]
+    fields: dict[str, float] = {}
+    for rollup in current:
+        _add(fields, rollup["fields"])
+    outside = state.shards_outside_current()
+    limit = 10 + state.shards_total // 100 if read_limit is None else read_limit
+    messages = [rollup["top_errors"] for rollup in current]
+    for stats in in_order(functools.partial(read_shard_stats, job_prefix, s) for s in outside[:limit]):
+        _add(fields, _stats_fields(stats))
+        messages.append(stats.top_errors)
+    tally = Tally.from_fields(fields)
+    totals = load_totals_full(job_prefix) or {}
+    layout = _layout(job_prefix)
     return JobSummary(
-        job_prefix=job_prefix, destination=destination, shards_done=shards_done,
-        shards_total=shards_total, items_total=totals[0] if totals else None, counts=counts,
-        error_classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])),
-        top_errors=messages.as_dict(), manifest_uri=manifest,
-        flag_counts=dict(sorted(flags.items(), key=lambda kv: -kv[1])),
+        job_prefix=job_prefix, destination=layout.destination, shards_done=len(state.done),
+        shards_total=state.shards_total, items_total=totals.get("items"), counts=tally.counts,
+        error_classes=tally.error_classes,
+        top_errors=manifest_parts.merged_top_errors([{"top_errors": m} for m in messages], top_errors_limit),
+        manifest_uri=layout.folder("manifest") + "/" if current else None, flag_counts=tally.flag_counts,
+        stage_seconds=tally.stage_seconds, skipped=totals.get("skipped") or {},
+        groups_total=manifest_parts.groups_total(state.shards_total, state.per_group),
+        groups_current=len(current), uncounted_shards=max(0, len(outside) - limit),
     )
 
 
-def _add(total: dict[str, int], part: dict[str, int]) -> None:
+def summarise_full(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT) -> JobSummary:
+    """Every shard's stats file read (``status --verify``): slow at size, needs nothing else."""
+    from cutout.jobs import manifest_parts
+    from cutout.jobs.rollup import Tally
+
+    fields: dict[str, float] = {}
+    messages = []
+    shards_done = 0
+    for stats in iter_shard_stats(job_prefix):
+        shards_done += 1
+        _add(fields, _stats_fields(stats))
+        messages.append({"top_errors": stats.top_errors})
+    tally = Tally.from_fields(fields)
+    totals = load_totals_full(job_prefix) or {}
+    shards_total = totals["shards"] if totals else len(all_shard_ids(job_prefix))
+    return JobSummary(
+        job_prefix=job_prefix, destination=_layout(job_prefix).destination, shards_done=shards_done,
+        shards_total=shards_total, items_total=totals.get("items"), counts=tally.counts,
+        error_classes=tally.error_classes,
+        top_errors=manifest_parts.merged_top_errors(messages, top_errors_limit),
+        flag_counts=tally.flag_counts, skipped=totals.get("skipped") or {},
+    )
+
+
+def _stats_fields(stats: ShardStats) -> dict[str, float]:
+    """A shard's tally fields from its stats file (no stage seconds: those live in records)."""
+    fields: dict[str, float] = {f"status:{k}": v for k, v in stats.counts.items()}
+    fields.update({f"class:{k}": v for k, v in stats.error_classes.items()})
+    fields.update({f"flag:{k}": v for k, v in stats.flag_counts.items()})
+    return fields
+
+
+def _add(total: dict, part: dict) -> None:
     for key, number in part.items():
         total[key] = total.get(key, 0) + number
-
-
-class _MergedCounter:
-    """Merges per-shard capped counters, keeping at most ``limit`` distinct messages."""
-
-    def __init__(self, limit: int):
-        self.limit, self.counts, self.other = limit, {}, 0
-
-    def add(self, message: str, number: int) -> None:
-        if message != OTHER_MESSAGES and (message in self.counts or len(self.counts) < self.limit):
-            self.counts[message] = self.counts.get(message, 0) + number
-        else:
-            self.other += number
-
-    def as_dict(self) -> dict[str, int]:
-        data = dict(sorted(self.counts.items(), key=lambda kv: -kv[1]))
-        if self.other:
-            data[OTHER_MESSAGES] = self.other
-        return data

@@ -4,10 +4,12 @@ Why one file: it is opened from a bucket, a laptop or a mail attachment, often w
 so everything is inline: CSS in a ``<style>``, the chart as inline SVG, the thumbnails as small
 JPEG ``data:`` URIs. No script runs in the page.
 
-What it reads is bounded, however big the job: the stats files (one per shard), the records of
-the few shards that hold an example of each failure class or a flagged output, and of a spread
-of shards for the sample. Thumbnails are re-encoded small and stop at a byte budget. Submitter
-side: Pillow only, never torch.
+What it reads is bounded, however big the job: the group roll-ups (one per group of up to 1000
+shards), and the manifest parts of the few groups that hold an example of each failure class or
+flagged output, and of a spread of groups for the sample. Every output shown is its latest
+record from the part (a redo's record, new flags included, replaces the original one).
+Thumbnails are re-encoded small and stop at a byte budget. Submitter side: Pillow and pyarrow,
+never torch.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from cutout.jobs import manifest, storage
+from cutout.jobs import manifest, manifest_parts, storage
 from cutout.jobs.errors import CutoutError
 from cutout.jobs.layout import JobLayout
-from cutout.jobs.records import ItemRecord, ShardStats
+from cutout.jobs.records import ItemRecord
+from cutout.jobs.rollup import Tally
 
 THUMB_SIDE = 160  # px, long side
 SAMPLE_SIZE = 12  # done outputs shown as a sample
@@ -29,6 +32,7 @@ FLAGGED_PER_FLAG = 6  # flagged outputs shown per flag
 THUMB_BUDGET_BYTES = 2_000_000  # total size of every data: URI in the page
 MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # inputs bigger than this get no preview
 CHART_BINS = 40
+SAMPLE_GROUPS = 3  # parts the sample is drawn from (spread over the job)
 
 
 @dataclass
@@ -39,10 +43,19 @@ class Tile:
 
 
 @dataclass
+class ShardRun:
+    """When a shard ran and how many inputs it finished (from its group's roll-up)."""
+
+    started_at: float
+    finished_at: float
+    items: int
+
+
+@dataclass
 class ReportData:
     job_id: str
     summary: manifest.JobSummary
-    stats: list[ShardStats]
+    runs: list[ShardRun]
     failure_examples: dict[str, ItemRecord] = field(default_factory=dict)
     flagged: dict[str, list[Tile]] = field(default_factory=dict)
     sample: list[Tile] = field(default_factory=list)
@@ -51,16 +64,21 @@ class ReportData:
 # --- gathering ----------------------------------------------------------------------------------
 def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
            budget: int = THUMB_BUDGET_BYTES) -> ReportData:
-    """Everything the page shows, reading only the shards it needs."""
-    summary = manifest.summarise(job_prefix)
-    stats = list(manifest.iter_shard_stats(job_prefix))
-    data = ReportData(job_id, summary, stats)
-    wanted = _shards_to_read(stats, sample_size)
-    sample_shards = set(wanted["sample"])
-    per_shard = -(-sample_size // max(1, len(sample_shards)))  # fill the sample from few shards too
-    for shard_id in sorted(set().union(*wanted.values())):
-        records = manifest.read_shard_records(job_prefix, shard_id)
-        _collect(data, records, per_shard if shard_id in sample_shards else 0, sample_size)
+    """Everything the page shows, reading the roll-ups and only the parts it needs."""
+    state = manifest_parts.groups_state(job_prefix)
+    manifest_parts.build_missing(job_prefix, state)
+    summary = manifest.summarise(job_prefix, state=state)
+    rollups = [rollup for group, rollup in sorted(state.rollups.items()) if state.current(group)]
+    runs = [ShardRun(s["started_at"], s["finished_at"], s["items"]) for r in rollups for s in r["shards"]]
+    data = ReportData(job_id, summary, runs)
+    wanted = _groups_to_read(rollups, sample_size)
+    sample_groups = set(wanted["sample"])
+    per_group = -(-sample_size // max(1, len(sample_groups)))  # fill the sample from few groups too
+    for group in sorted(set().union(*wanted.values())):
+        table = manifest_parts.read_part(job_prefix, group)
+        if table is not None:
+            records = _rows_worth_showing(table, per_group if group in sample_groups else 0)
+            _collect(data, records, per_group if group in sample_groups else 0, sample_size)
     thumbs = _ThumbBudget(budget)
     for tiles in data.flagged.values():
         for tile in tiles:
@@ -70,22 +88,47 @@ def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
     return data
 
 
-def _shards_to_read(stats: list[ShardStats], sample_size: int) -> dict[str, list[str]]:
-    """Shards holding the first example of each error class and flag, and a spread for the sample."""
+def _rows_worth_showing(table, for_sample: int) -> list[ItemRecord]:
+    """Of a part (up to 10^6 rows), only the rows the page can show become records: the first
+    failure of each error class, the first few outputs of each flag, and the first unflagged
+    done outputs for the sample."""
+    import pyarrow.compute as pc
+
+    done = pc.equal(table["status"], "done")
+    failed = table.filter(pc.equal(table["status"], "failed"))
+    flagged = table.filter(pc.and_(done, pc.greater(pc.list_value_length(table["flags"]), 0)))
+    plain = table.filter(pc.and_(done, pc.equal(pc.list_value_length(table["flags"]), 0)))
+    first_of_class: dict[str, int] = {}
+    for index, name in enumerate(failed["error_class"].to_pylist()):
+        first_of_class.setdefault(name, index)
+    shown: dict[str, int] = {}
+    flag_rows = []
+    for index, flags in enumerate(flagged["flags"].to_pylist()):
+        if any(shown.get(flag, 0) < FLAGGED_PER_FLAG for flag in flags):
+            flag_rows.append(index)
+            for flag in flags:
+                shown[flag] = shown.get(flag, 0) + 1
+    picked = [failed.take(sorted(first_of_class.values())), flagged.take(flag_rows), plain.slice(0, for_sample)]
+    return [ItemRecord.model_validate(manifest_parts.plain_row(row)) for part in picked for row in part.to_pylist()]
+
+
+def _groups_to_read(rollups: list[dict], sample_size: int) -> dict[str, list[int]]:
+    """Groups holding the first example of each error class and flag, and a spread for the sample."""
     classes_seen: set[str] = set()
     flags_seen: dict[str, int] = {}
     failures, flagged = [], []
-    for shard in stats:
-        if set(shard.error_classes) - classes_seen:
-            failures.append(shard.shard_id)
-            classes_seen |= set(shard.error_classes)
-        if any(flags_seen.get(f, 0) < FLAGGED_PER_FLAG for f in shard.flag_counts):
-            flagged.append(shard.shard_id)
-            for name, count in shard.flag_counts.items():
+    for rollup in rollups:
+        tally = Tally.from_fields(rollup["fields"])
+        if set(tally.error_classes) - classes_seen:
+            failures.append(rollup["group"])
+            classes_seen |= set(tally.error_classes)
+        if any(flags_seen.get(f, 0) < FLAGGED_PER_FLAG for f in tally.flag_counts):
+            flagged.append(rollup["group"])
+            for name, count in tally.flag_counts.items():
                 flags_seen[name] = flags_seen.get(name, 0) + count
-    with_done = [s.shard_id for s in stats if s.counts.get("done", 0)]
-    step = max(1, len(with_done) // max(1, sample_size))
-    return {"failures": failures, "flagged": flagged, "sample": with_done[::step][:sample_size]}
+    with_done = [r["group"] for r in rollups if Tally.from_fields(r["fields"]).counts.get("done", 0)]
+    step = max(1, len(with_done) // SAMPLE_GROUPS)
+    return {"failures": failures, "flagged": flagged, "sample": with_done[::step][:SAMPLE_GROUPS]}
 
 
 def _collect(data: ReportData, records: list[ItemRecord], for_sample: int, sample_size: int) -> None:
@@ -164,7 +207,7 @@ def render(data: ReportData) -> str:
         f"<p class='meta'>outputs: <code>{_e(summary.destination or '?')}</code> · "
         f"records: <code>{_e(summary.job_prefix)}</code> · generated "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>",
-        _totals(data), _rate_section(data.stats), _failures(data), _flag_section(data),
+        _totals(data), _rate_section(data.runs), _failures(data), _flag_section(data),
         _sample_section(data), "</body></html>",
     ]
     return "\n".join(parts)
@@ -176,7 +219,7 @@ def _totals(data: ReportData) -> str:
     cards = [("inputs", summary.items_total if summary.items_total is not None else "?")]
     cards += [(name, summary.counts.get(name, 0)) for name in ("done", "failed", "skipped")]
     cards.append(("shards", f"{summary.shards_done}/{summary.shards_total}"))
-    span = _span(data.stats)
+    span = _span(data.runs)
     if span:
         cards.append(("wall time", _duration(span)))
         cards.append(("mean rate", f"{processed / span:.2f}/s"))
@@ -185,27 +228,27 @@ def _totals(data: ReportData) -> str:
     return f"<section><h2>Totals</h2><div class='cards'>{items}</div></section>"
 
 
-def _span(stats: list[ShardStats]) -> float:
-    if not stats:
+def _span(runs: list[ShardRun]) -> float:
+    if not runs:
         return 0.0
-    return max(s.finished_at for s in stats) - min(s.started_at for s in stats)
+    return max(s.finished_at for s in runs) - min(s.started_at for s in runs)
 
 
-def _rate_section(stats: list[ShardStats]) -> str:
-    return f"<section><h2>Rate over time</h2>{rate_chart_svg(stats)}</section>"
+def _rate_section(runs: list[ShardRun]) -> str:
+    return f"<section><h2>Rate over time</h2>{rate_chart_svg(runs)}</section>"
 
 
-def rate_chart_svg(stats: list[ShardStats], *, width: int = 880, height: int = 220, bins: int = CHART_BINS) -> str:
+def rate_chart_svg(runs: list[ShardRun], *, width: int = 880, height: int = 220, bins: int = CHART_BINS) -> str:
     """Bars: inputs finished per second in each time bin (from shard finish times); line: the
     cumulative share of inputs finished."""
-    if not stats:
-        return "<p class='muted'>no shard has finished yet</p>"
-    start = min(s.started_at for s in stats)
-    span = max(_span(stats), 1e-6)
+    if not runs:
+        return "<p class='muted'>no group of shards has finished yet</p>"
+    start = min(s.started_at for s in runs)
+    span = max(_span(runs), 1e-6)
     counts = [0] * bins
-    for shard in stats:
+    for shard in runs:
         index = min(bins - 1, int((shard.finished_at - start) / span * bins))
-        counts[index] += sum(shard.counts.values())
+        counts[index] += shard.items
     rates = [c / (span / bins) for c in counts]
     top = max(rates) or 1.0
     left, bottom, plot_w, plot_h = 48, height - 28, width - 60, height - 44

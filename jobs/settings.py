@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     metrics_port: int = _field(9108, "port of a worker's Prometheus `/metrics` (0 = off; `--metrics-port`)")
     metrics_addr: str = _field("0.0.0.0", "address the metrics server listens on")
     heartbeat_interval: float = _field(5.0, "seconds between a busy worker's heartbeats")
+    manifest_group_shards: int | None = _field(None, "shards per manifest part (a group); fixed for a job when it is submitted", "up to 1000 shards and 10^6 rows")
+    manifest_inline_shards: int = _field(64, "a worker writes a finished group's part itself when the group has at most this many shards; bigger groups get their own small task")
 
     # --- models and pipeline ---
     models_dir: str | None = _field(None, "where weights are stored and looked up", "`~/.cache/cutout/models`")

@@ -448,18 +448,20 @@ def retry_failed(
     client = redis_client(redis_url)
     progress = live_progress(client, job_id)
     app = submitter_app(broker_url or default_broker_url())
+    for shard_id in plan:
+        manifest.reopen_shard(ref.prefix, shard_id)  # not done again; its group's part is rebuilt
+    if plan:  # recount live progress without them, before a worker can count them again
+        progress.clear()
+        progress.rebuild_from_durable(ref.prefix)
     with app.producer_or_acquire() as producer:
         for shard_id, shard_inputs in plan.items():
-            storage.delete(stats_uri(ref.prefix, shard_id))  # the shard is not done again
             send_process_shard(
                 app, ref.prefix, shard_id, queue=spec.queue, redo_failed=True,
                 error_class=error_class, inputs=shard_inputs if inputs else None, producer=producer,
             )
     # counted in the job's window, so it sends fewer new shards until these are through
     ShardWindow(client, job_id).add_pending([sharding.shard_index(shard_id) for shard_id in plan])
-    if plan:  # recount live progress without the shards being redone (counted once each)
-        progress.clear()
-        progress.rebuild_from_durable(ref.prefix)
+    if plan:
         progress.mark_queued()
     items = sum(len(shard_inputs) for shard_inputs in plan.values())
     return RetryResult(job_id, len(plan), items)
@@ -540,7 +542,7 @@ def redo_outputs(
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     parent = load_job_spec(ref)
     pipeline = _pipeline_with(parent.pipeline, overrides or {})
-    chosen = _select_for_redo(ref.prefix, set(flags), {input_identity(uri) for uri in inputs})
+    chosen, origins = _select_for_redo(ref.prefix, set(flags), {input_identity(uri) for uri in inputs})
     selection = stable_hash({"inputs": [item.uri for item in chosen], "flags": sorted(flags)})[:12]
     spec = parent.model_copy(update={
         "sources": (storage.join_uri(ref.prefix, "redo", f"{selection}.txt"),), "pipeline": pipeline,
@@ -548,7 +550,7 @@ def redo_outputs(
     })
     prefix = sharding.job_prefix(spec.destination, spec.job_id)
     if manifest.load_totals(prefix) is None:
-        _write_redo_job(ref.prefix, prefix, spec, chosen)
+        _write_redo_job(ref.prefix, prefix, spec, chosen, origins)
     result = submit_job(spec, broker_url=broker_url, redis_url=redis_url)
     return RedoResult(spec.job_id, job_id, len(chosen), result.shards_enqueued, pipeline.config_hash())
 
@@ -562,8 +564,9 @@ def _pipeline_with(pipeline, overrides: dict):
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
 
 
-def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> list[sharding.ShardItem]:
-    """The original shard items of the chosen inputs, judged by each input's latest record."""
+def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> tuple[list, dict[str, str]]:
+    """The original shard items of the chosen inputs, judged by each input's latest record, and
+    the shard each came from."""
     wanted: dict[str, set[str]] = {}
     for shard_id, row in manifest.iter_latest_rows(prefix):
         if inputs and input_identity(row["input_uri"]) not in inputs:
@@ -577,10 +580,12 @@ def _select_for_redo(prefix: str, flags: set[str], inputs: set[str]) -> list[sha
         raise ConfigError(f"not inputs of this job with a record: {', '.join(sorted(missing)[:5])}")
     if not chosen:
         raise ConfigError(f"no done output of this job carries {' or '.join(sorted(flags))}")
-    return chosen
+    origins = {uri: shard_id for shard_id, uris in wanted.items() for uri in uris}
+    return chosen, origins
 
 
-def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list) -> None:
+def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list,
+                    origins: dict[str, str]) -> None:
     """Spec, the list of chosen inputs, shard files holding the original items, totals; linked last."""
     storage.write_bytes(spec.sources[0], "".join(item.uri + "\n" for item in chosen).encode(),
                         content_type="text/plain")
@@ -590,7 +595,9 @@ def _write_redo_job(parent_prefix: str, prefix: str, spec: JobSpec, chosen: list
         sharding.write_shard(prefix, sharding.Shard(sharding.shard_id_for(index), items))
     manifest.save_totals(prefix, len(chosen), len(shards),
                          extra_columns=manifest.load_extra_columns(parent_prefix))
-    manifest.link_followup(parent_prefix, spec.job_id)
+    parent_shards = {sharding.shard_id_for(index): sorted({origins[item.uri] for item in items})
+                     for index, items in enumerate(shards)}
+    manifest.link_followup(parent_prefix, spec.job_id, parent_shards)
 
 
 # --- cancel -------------------------------------------------------------------------------------
@@ -614,24 +621,17 @@ def _save_spec_once(prefix: str, spec: JobSpec) -> None:
 
 
 # --- report -------------------------------------------------------------------------------------
-def job_report(
-    job_id: str,
-    *,
-    destination: str | None = None,
-    redis_url: str | None = None,
-    manifest_format: str = "jsonl",
-) -> dict:
-    """Totals from the durable stats files; assembles the manifest once every shard is done."""
+def job_report(job_id: str, *, destination: str | None = None, redis_url: str | None = None) -> dict:
+    """Totals from the group roll-ups (``manifest.summarise``); first writes the parts of done
+    groups that have none (a lost build task)."""
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     load_job_spec(ref)
-    summary = manifest.summarise(ref.prefix)
-    complete = summary.complete and manifest.load_totals(ref.prefix) is not None
-    manifest_uri = manifest.assemble_manifest(ref.prefix, fmt=manifest_format) if complete else None
+    summary = manifest.summarise(ref.prefix, build=True)
     return {
         "job_id": job_id,
         "destination": ref.destination,
         "job_prefix": ref.prefix,
-        "complete": complete,
+        "complete": summary.complete and summary.groups_current == summary.groups_total,
         "shards_done": summary.shards_done,
         "shards_total": summary.shards_total,
         "items_total": summary.items_total,
@@ -639,5 +639,9 @@ def job_report(
         "error_classes": summary.error_classes,
         "top_errors": summary.top_errors,
         "flag_counts": summary.flag_counts,
-        "manifest_uri": manifest_uri,
+        "stage_seconds": summary.stage_seconds,
+        "skipped": summary.skipped,
+        "manifest_uri": summary.manifest_uri,
+        "manifest_parts": f"{summary.groups_current}/{summary.groups_total}",
+        "uncounted_shards": summary.uncounted_shards,
     }

@@ -1,9 +1,8 @@
 """``cutout submit --incremental`` on a growing source, with a real redis-server and a real worker:
-only the new inputs are processed, and the manifest, assembled by the worker that finishes the
-last shard (no ``report`` call), keeps exactly one record per input across the runs."""
+only the new inputs are processed, and the manifest parts, written by the workers that finish
+each group's last shard (no ``report`` call), keep exactly one record per input across the runs."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -41,18 +40,14 @@ def _write(folder, files: dict[str, bytes]) -> None:
 
 
 def _wait_for_manifest(prefix: str, rows: int, fleet, timeout: float = 120) -> list[dict]:
-    """The worker that finishes the last shard writes the manifest: wait for it to hold ``rows``."""
-    from cutout.jobs import storage
-    from cutout.jobs.errors import NotFoundError
+    """The worker that finishes a group's last shard writes its manifest part: wait for the parts
+    to hold ``rows``."""
+    from cutout.jobs import manifest_parts
 
-    uri = storage.join_uri(prefix, "manifest.jsonl")
     deadline = time.monotonic() + timeout
     records: list[dict] = []
     while time.monotonic() < deadline:
-        try:
-            records = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line]
-        except NotFoundError:
-            records = []
+        records = list(manifest_parts.iter_rows(prefix))
         if len(records) >= rows:
             return records
         time.sleep(0.3)

@@ -253,26 +253,29 @@ def shards_done(prefix: str) -> int:
 
 
 def wait_for_job(prefix: str, shards_total: int, fleet: WorkerFleet, timeout: float = JOB_TIMEOUT_S) -> None:
-    """Every shard done and the manifest written, in both formats, by the worker that finished
-    the last shard: a job's end as a user sees it."""
-    from cutout.jobs import storage
-    from cutout.jobs.layout import JobLayout
+    """Every shard done and every manifest part written, by the workers that finished each
+    group's last shard: a job's end as a user sees it."""
+    from cutout.jobs import manifest_parts
 
-    layout = JobLayout.from_prefix(prefix)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if shards_done(prefix) >= shards_total and all(
-                storage.exists(layout.manifest(fmt)) for fmt in ("jsonl", "parquet")):
+        if shards_done(prefix) >= shards_total and manifest_parts.all_current(prefix):
             return
         time.sleep(0.5)
     pytest.fail(f"job did not finish: {shards_done(prefix)}/{shards_total} shards\n{fleet.all_logs()}")
 
 
 def read_manifest(prefix: str) -> list[dict]:
-    from cutout.jobs import manifest, storage
+    """Every row of the manifest's parts, read as one Parquet dataset (what a user does)."""
+    import pyarrow.dataset as ds
 
-    uri = manifest.assemble_manifest(prefix, fmt="jsonl")
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+    from cutout.jobs import manifest_parts, storage
+
+    folder = storage.join_uri(prefix, "manifest")
+    if folder.startswith("s3://"):
+        return list(manifest_parts.iter_rows(prefix))
+    table = ds.dataset(storage._local_path(folder), format="parquet").to_table()
+    return [manifest_parts.plain_row(row) for row in table.to_pylist()]
 
 
 def assert_exactly_once(records: list[dict], expected_inputs: set[str]) -> None:

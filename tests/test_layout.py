@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cutout.jobs.errors import InvalidIdError
-from cutout.jobs.layout import JobLayout, check_task
+from cutout.jobs.layout import group_of_name, JobLayout, check_task
 
 JOB = "0123456789abcdef"
 
@@ -18,7 +18,10 @@ def test_paths_and_round_trip(destination):
     assert layout.shard("s000007") == f"{base}/shards/s000007.jsonl"
     assert layout.records("s1000000") == f"{base}/records/s1000000.jsonl"
     assert layout.stats("s000007") == f"{base}/stats/s000007.json"
-    assert layout.manifest("parquet") == f"{base}/manifest.parquet"
+    assert layout.part(12) == f"{base}/manifest/part-00000012.parquet"
+    assert layout.rollup(12) == f"{base}/rollups/00000012.json"
+    assert group_of_name(layout.part(12)) == 12 == group_of_name(layout.rollup(12))
+    assert group_of_name(f"{base}/manifest/part-1.parquet.tmp") is None
     assert JobLayout.from_prefix(layout.prefix) == JobLayout(destination.rstrip("/"), JOB)
 
 

@@ -113,10 +113,10 @@ def wait_done(prefix: str, shards: int, timeout: float, logs: list[Path]) -> Non
 
 
 def records(prefix: str) -> list[dict]:
-    from cutout.jobs import manifest, storage
+    from cutout.jobs import manifest_parts
 
-    uri = manifest.assemble_manifest(prefix, fmt="jsonl")
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+    manifest_parts.build_missing(prefix)  # what `cutout manifest` does for a part not yet written
+    return list(manifest_parts.iter_rows(prefix))
 
 
 # --- the bookkeeping, on a real Redis ---------------------------------------------------------

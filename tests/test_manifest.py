@@ -70,26 +70,39 @@ def test_records_round_trip(job_prefix):
     assert manifest.read_shard_stats(job_prefix, "s000003") == stats
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_assemble_manifest_in_shard_order(job_prefix, fmt):
-    # s000010 sorts before s000002 as text; the manifest must follow shard order
-    for shard_id in ("s000010", "s000002"):
-        _finish(job_prefix, shard_id, [_record(shard_id, n) for n in range(3)])
-    uri = manifest.assemble_manifest(job_prefix, fmt=fmt)
-    assert uri == storage.join_uri(job_prefix, f"manifest.{fmt}")
-    if fmt == "jsonl":
-        rows = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
-    else:
-        import io
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_parts_and_export_in_shard_order(job_prefix, fmt, tmp_path, monkeypatch):
+    """Parts of 2 shards; the export lists every row in shard order (s000010 sorts before
+    s000002 as text, part 10 before part 2 would too without zero-padding)."""
+    from cutout.jobs import manifest_parts
+    from cutout.jobs.manifest_export import export_manifest
 
+    monkeypatch.setenv("CUTOUT_MANIFEST_GROUP_SHARDS", "2")
+    manifest_parts.save_parts_layout(job_prefix, 8)
+    shard_ids = [sharding.shard_id_for(i) for i in range(22)]
+    manifest.save_totals(job_prefix, 3 * len(shard_ids), len(shard_ids))
+    for shard_id in reversed(shard_ids):
+        _finish(job_prefix, shard_id, [_record(shard_id, n) for n in range(3)])
+    assert manifest_parts.build_missing(job_prefix) == list(range(11))
+    assert manifest_parts.part_groups(job_prefix) == list(range(11))
+    out = tmp_path / f"manifest.{fmt}"
+    result = export_manifest(job_prefix, fmt, str(out), threads=4)
+    assert (result.rows, result.parts, result.groups_missing) == (66, 11, 0)
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    elif fmt == "csv":
+        import csv
+
+        rows = list(csv.DictReader(out.open()))
+        for row in rows:
+            row["timings"], row["output_uris"] = json.loads(row["timings"]), json.loads(row["output_uris"])
+    else:
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
-        for row in rows:
-            row["timings"] = dict(row["timings"])
-    assert [r["input_uri"] for r in rows] == [f"s3://in/{s}/{n}.jpg" for s in ("s000002", "s000010") for n in range(3)]
+        rows = [manifest_parts.plain_row(row) for row in pq.read_table(out).to_pylist()]
+    assert [r["input_uri"] for r in rows] == [f"s3://in/{s}/{n}.jpg" for s in shard_ids for n in range(3)]
     assert rows[1]["timings"] == {"decode": 0.01}
-    assert rows[1]["output_uris"] == ["s3://out/s000002/1.png"]
+    assert list(rows[1]["output_uris"]) == ["s3://out/s000000/1.png"]
 
 
 def test_summarise(job_prefix):
@@ -102,15 +115,18 @@ def test_summarise(job_prefix):
             top_errors={"TruncatedImageError: bad": 1})
     _finish(job_prefix, "s000001", [_record("s000001", 0, "failed", "bad"), _record("s000001", 1, "skipped")],
             top_errors={"TruncatedImageError: bad": 1})
-    summary = manifest.summarise(job_prefix, top_errors_limit=5)
+    summary = manifest.summarise(job_prefix, top_errors_limit=5)  # no roll-up yet: reads the stats
     assert summary.counts == {"done": 1, "failed": 2, "skipped": 1}
     assert summary.error_classes == {"TruncatedImageError": 2}
     assert summary.top_errors == {"TruncatedImageError: bad": 2}
     assert (summary.shards_done, summary.shards_total, summary.items_total) == (2, 3, 6)
-    assert summary.destination == "s3://out/" and not summary.complete
-    assert summary.manifest_uri is None
-    manifest.assemble_manifest(job_prefix)
-    assert manifest.summarise(job_prefix).manifest_uri == storage.join_uri(job_prefix, "manifest.jsonl")
+    assert not summary.complete and summary.manifest_uri is None
+    _finish(job_prefix, "s000002", [_record("s000002", 0), _record("s000002", 1)])
+    summary = manifest.summarise(job_prefix, build=True)  # report's path: builds the done group
+    assert summary.manifest_uri == storage.join_uri(job_prefix, "manifest") + "/"
+    assert (summary.groups_current, summary.groups_total, summary.complete) == (1, 1, True)
+    assert summary.counts == {"done": 3, "failed": 2, "skipped": 1}
+    assert summary.stage_seconds == {"decode": pytest.approx(0.01 * 3)}  # from the records
 
 
 def test_summary_keeps_error_messages_capped(tmp_path):
@@ -119,7 +135,7 @@ def test_summary_keeps_error_messages_capped(tmp_path):
         shard_id = sharding.shard_id_for(index)
         _finish(prefix, shard_id, [_record(shard_id, 0, "failed", f"msg {index}")],
                 top_errors={f"E: msg {index}": 1, "(other messages)": 2})
-    summary = manifest.summarise(prefix, top_errors_limit=10)
+    summary = manifest.summarise_full(prefix, top_errors_limit=10)
     assert len(summary.top_errors) == 11
     assert summary.top_errors["(other messages)"] == 20 + 30 * 2
     assert sum(summary.top_errors.values()) == 90
@@ -245,3 +261,59 @@ def test_rebuild_after_redis_loss(redis_client, tmp_path):
         before.counts, before.shards_done, before.total, before.shards_total)
     assert progress.rebuild_from_durable(prefix) == 0  # idempotent
     assert progress.snapshot().counts == {"done": 2, "failed": 2}
+
+
+def test_items_move_the_counters_before_the_shard_ends_and_fold_once(redis_client):
+    progress = LiveProgress(redis_client, "job46")
+    progress.set_total(n_items=6, n_shards=2)
+    progress.shard_started("s000000", "w1")
+    first = [_record("s000000", 0), _record("s000000", 1, "failed", "bad")]
+    progress.items_finished("s000000", first)
+    snap = progress.snapshot()
+    assert snap.counts == {"done": 1, "failed": 1} and snap.shards_done == 0 and snap.in_flight == 1
+    assert snap.tally.error_classes == {"TruncatedImageError": 1}
+    assert snap.tally.stage_seconds == {"decode": pytest.approx(0.01)}
+    progress.shard_started("s000000", "w2")  # redelivered: the dead attempt's live counts go
+    assert progress.snapshot().counts == {}
+    records = first + [_record("s000000", 2)]
+    progress.items_finished("s000000", records)
+    assert progress.shard_finished("s000000", records) is True
+    assert progress.shard_finished("s000000", records) is False  # a late duplicate adds nothing
+    snap = progress.snapshot()
+    assert snap.counts == {"done": 2, "failed": 1} and (snap.shards_done, snap.in_flight) == (1, 0)
+    assert progress.done_in_range(0, 1) == 1 and progress.done_in_range(1, 1) == 0
+
+
+def test_an_ended_job_keeps_its_own_rate_and_a_cancelled_one_has_no_eta(redis_client, monkeypatch):
+    import cutout.jobs.progress as progress_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])
+    progress = LiveProgress(redis_client, "job47")
+    progress.set_total(n_items=40, n_shards=4)
+    for index in range(4):
+        clock[0] += 2.0
+        progress.shard_finished(sharding.shard_id_for(index), {"done": 10})
+    clock[0] += 3600  # an hour after the end
+    snap = progress.snapshot()
+    assert snap.finished and snap.rate_per_s == pytest.approx(40 / 6.0) and snap.eta_s == 0.0
+
+    other = LiveProgress(redis_client, "job48")
+    other.set_total(n_items=40, n_shards=4)
+    other.shard_finished("s000000", {"done": 10})
+    clock[0] += 2.0
+    other.shard_finished("s000001", {"done": 10})
+    other.cancel()
+    clock[0] += 600
+    snap = other.snapshot()
+    assert snap.cancelled and snap.eta_s is None and snap.rate_per_s == pytest.approx(20 / 2.0)
+
+
+def test_an_idle_live_worker_is_counted_alive(redis_client):
+    from cutout.jobs.progress import worker_seen
+
+    progress = LiveProgress(redis_client, "job49")
+    progress.set_total(n_items=4, n_shards=1)
+    assert progress.snapshot().workers_alive == 0
+    worker_seen(redis_client, "idle-worker")  # its liveness loop, with no shard to run
+    assert progress.snapshot().workers_alive == 1

@@ -8,7 +8,6 @@ job's records.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -57,7 +56,7 @@ def value(samples, name: str, **labels) -> float:
 
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
 def test_scraped_metrics_match_the_jobs_records(pool, redis_client, redis_url, tmp_path):
-    from cutout.jobs import manifest, storage
+    from cutout.jobs import manifest, manifest_parts
     from cutout.jobs.spec import JobSpec, PipelineOptions
     from cutout.jobs.submit import submit_job
 
@@ -100,8 +99,8 @@ def test_scraped_metrics_match_the_jobs_records(pool, redis_client, redis_url, t
     events.close()
     task_events = {c for c in channels if ".celeryev/task." in c}  # task.succeeded, or batched
     assert bool(task_events) == (pool == "prefork"), channels
-    uri = manifest.assemble_manifest(job.job_prefix, fmt="jsonl")
-    recs = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+    manifest_parts.build_missing(job.job_prefix)
+    recs = list(manifest_parts.iter_rows(job.job_prefix))
     assert len(recs) == 9
 
     items = families["cutout_items"]

@@ -179,7 +179,8 @@ def test_report_survives_a_quarter_of_requests_failing(bucket, s3_fault_proxy, m
         report = job_report(spec.job_id, destination=destination)
         assert report["complete"] and report["counts"] == {"done": 2 * shards}
         assert report["shards_done"] == shards
-    assert s3_fault_proxy.requests_failed > 50
+    assert s3_fault_proxy.requests_failed > 20  # the first report builds the part: ~130 requests
     s3_fault_proxy.reset()
-    lines = manifest.storage.read_bytes(report["manifest_uri"]).decode().splitlines()
-    assert len(lines) == 2 * shards
+    from cutout.jobs import manifest_parts
+
+    assert len(list(manifest_parts.iter_rows(prefix))) == 2 * shards  # the parts report wrote

@@ -169,10 +169,20 @@ class _Loop:
         self.guard = guard
         self.trimaps = trimaps
         self.emit_lock = threading.Lock()
+        self.unreported: list[ItemRecord] = []  # emitted, not yet in the live counters
 
     def emit(self, record: ItemRecord) -> None:
         with self.emit_lock:
             self.sink.emit(record)
+            self.unreported.append(record)
+
+    def report_counts(self) -> None:
+        """Live counters move per item: one Redis round trip per batch (CrashGuard's store)."""
+        with self.emit_lock:
+            records, self.unreported = self.unreported, []
+        progress = self.guard.progress
+        if records and progress is not None:
+            best_effort(lambda: progress.items_finished(self.guard.shard_id, records))
 
     def new_record(self, item: ShardItem) -> ItemRecord:
         return ItemRecord(input_uri=item.uri, status="failed", **self.record_fields)
@@ -197,10 +207,12 @@ class _Loop:
                     next_reads = self.start_reads(io_pool, batches[index + 1])  # read-ahead
                 writes = self.run_batch(io_pool, batch, reads)
                 _wait_all(previous_writes)  # at most two batches of outputs in memory
+                self.report_counts()
                 previous_writes = writes
             _wait_all(previous_writes)
         finally:  # on Ctrl-C: unstarted reads are dropped, writes under way finish and emit
             io_pool.shutdown(wait=True, cancel_futures=True)
+            self.report_counts()
 
     def start_reads(self, io_pool: ThreadPoolExecutor, batch: list[ShardItem]) -> list[Future]:
         return [io_pool.submit(read_input, item.uri, self.source_policy) for item in batch]

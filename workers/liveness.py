@@ -53,6 +53,7 @@ def start_reaper(app, worker: str) -> threading.Event:
         client = redis.Redis.from_url(redis_url())
         while not stop.wait(settings().reap_interval):
             try:
+                progress.worker_seen(client, worker)  # alive, even when idle
                 reap_once(client, app, worker)
             except RedisError as exc:  # the broker is down: nothing to reap into either
                 log.warning("liveness check skipped: %s", exc)

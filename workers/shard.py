@@ -95,7 +95,7 @@ def process_shard(
     stats = shard_stats(spec, shard_id, records, started, worker_name, attempt)
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
     if progress is not None:
-        best_effort(lambda: progress.shard_finished(shard_id, stats.counts))
+        best_effort(lambda: progress.shard_finished(shard_id, records))
     return ShardRun(shard_id, stats)
 
 

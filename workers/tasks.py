@@ -20,7 +20,7 @@ import redis
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
-from cutout.jobs import manifest, sharding
+from cutout.jobs import manifest, manifest_parts, sharding
 from cutout.jobs.errors import CutoutError, TransientStorageError, WorkerError
 from cutout.jobs.layout import JobLayout, check_task
 from cutout.jobs.progress import hold_shard, release_shard
@@ -38,6 +38,9 @@ install_log_redaction()  # every log line of the worker, Celery's own included, 
 
 # When even recording a failed shard fails, its message comes back this often, never lost.
 RECORD_FAILED_RETRY_S = 600
+TASK_BUILD_MANIFEST_GROUP = "cutout.build_manifest_group"
+# A group finished before submit wrote totals.json waits for it: this often, this many times.
+GROUP_WAIT_S, GROUP_WAIT_TRIES = 30, 240
 
 
 @lru_cache(maxsize=1)
@@ -97,18 +100,18 @@ def process_shard_task(self, job_prefix: str, shard_id: str, redo_failed: bool =
         telemetry.SHARDS.labels("skipped").inc()
         return {"shard_id": shard_id, "skipped": run.skipped_reason}
     _observe(job_prefix, run)
-    _assemble_if_last(job_prefix)
+    _build_group_if_complete(job_prefix, shard_id)
     return {"shard_id": shard_id, "counts": run.stats.counts}
 
 
-def _assemble_if_last(job_prefix: str) -> None:
-    """The worker that finishes a job's last shard writes its manifest (race-safe, idempotent).
-    A failure here loses nothing: the records are durable and `cutout report` assembles it."""
+def _build_group_if_complete(job_prefix: str, shard_id: str) -> None:
+    """The worker that finishes a group's last shard writes (or queues) that group's manifest
+    part. A failure here loses nothing: the records are durable and `cutout report` builds it."""
     try:
         spec = load_spec_cached(job_prefix)
-        manifest.assemble_if_complete(job_prefix, progress=live_progress(spec.job_id))
+        manifest_parts.after_shard(job_prefix, shard_id, live_progress(spec.job_id), _send_group)
     except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
-        log.warning("manifest of %s not assembled now (%s); `cutout report` will", job_prefix,
+        log.warning("manifest part of shard %s not written now (%s); `cutout report` will", shard_id,
                     type(exc).__name__)
 
 
@@ -119,6 +122,24 @@ def _next_shards(app, job_prefix: str, shard_id: str) -> None:
         shard_left_queue(_redis_client(), app, JobLayout.from_prefix(job_prefix).job_id, shard_id)
     except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
         log.warning("job window not topped up now (%s); the reaper will", type(exc).__name__)
+
+
+def _send_group(job_prefix: str, group: int) -> None:
+    queue = load_spec_cached(job_prefix).queue
+    build_manifest_group_task.apply_async(kwargs={"job_prefix": job_prefix, "group": group}, queue=queue)
+
+
+@app.task(name=TASK_BUILD_MANIFEST_GROUP, bind=True, base=ReliableTask)  # the shard task's retry policy
+def build_manifest_group_task(self, job_prefix: str, group: int) -> dict:
+    """Write one group's manifest part and roll-up: reads that group only (a few minutes at most
+    for 10^6 rows), never the whole job."""
+    JobLayout.from_prefix(job_prefix)  # a forged message is refused before anything is read
+    if not isinstance(group, int) or group < 0:
+        raise Reject(f"not a group index: {group!r}", requeue=False)
+    result = manifest_parts.build_and_propagate(job_prefix, group, _send_group)
+    if result.reason == manifest_parts.WAITING_FOR_SUBMIT:
+        raise self.retry(countdown=GROUP_WAIT_S, max_retries=GROUP_WAIT_TRIES)
+    return {"group": group, "written": result.written, "rows": result.rows, "reason": result.reason}
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
@@ -181,7 +202,7 @@ def _record_failed_shard(task, error: CutoutError, worker_name: str) -> dict:
         raise task.retry(exc=exc, countdown=RECORD_FAILED_RETRY_S, max_retries=task.request.retries + 1)
     telemetry.SHARDS.labels("recorded_failed").inc()
     _next_shards(task.app, job_prefix, shard_id)
-    _assemble_if_last(job_prefix)  # a recorded failure can be the job's last shard too
+    _build_group_if_complete(job_prefix, shard_id)  # a recorded failure can end a group too
     return {"shard_id": shard_id, "counts": counts}
 
 
@@ -203,7 +224,7 @@ def record_failed_shard(job_prefix: str, shard_id: str, error: CutoutError, *,
     manifest.write_shard_result(job_prefix, shard_id, records, stats)
     counts = stats.counts
     try:
-        live_progress(spec.job_id).shard_finished(shard_id, counts)
+        live_progress(spec.job_id).shard_finished(shard_id, records)
     except RedisError as exc:
         log.warning("live progress update failed (records are still written): %s", exc)
     return counts
