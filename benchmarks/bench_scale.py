@@ -7,7 +7,9 @@ each shard then gets its records and stats from the real shard-result writer
 real progress code (``LiveProgress.items_finished`` / ``shard_finished``), and each group's
 Parquet part and roll-up from the real builder, called the way a worker calls it
 (``manifest_parts.after_shard``; a group's own task body is ``build_and_propagate``, run here
-in place of the Celery task). 1 % of inputs fail, 2 % carry a quality flag.
+in place of the Celery task). 1 % of inputs fail, 2 % carry a quality flag; timings and quality
+values differ per input (so parts compress as real ones would, not better). Before any shard
+runs, the list grows by 1 % and an incremental submit adds those inputs.
 
 Every phase runs in its own process, so its peak RSS is its own. Storage requests are counted
 by a layer around ``cutout.jobs.storage`` (a listing counts one request per 1000 names, as an
@@ -138,12 +140,13 @@ def phase_finish(args) -> dict:
     started = time.perf_counter()
     _finish_range(args.dest, args.job, args.redis, last, last + 1)
     shard_written = time.perf_counter()
-    rows = _dataset_rows(prefix)
+    rows = _dataset(prefix).count_rows()
     queryable = time.perf_counter()
+    distinct = _distinct_inputs(_dataset(prefix))
     parts = sorted(Path(_local(prefix)).glob("manifest/*.parquet")) if prefix.startswith("file:") else []
     return {"last_shard_s": shard_written - started, "queryable_s": queryable - shard_written,
-            "rows": rows, "groups": len(chunks), "per_group": per_group, "last_shard": shard_id_for(last),
-            "part_bytes": [p.stat().st_size for p in parts]}
+            "rows": rows, "distinct_inputs": distinct, "groups": len(chunks), "per_group": per_group,
+            "last_shard": shard_id_for(last), "part_bytes": [p.stat().st_size for p in parts]}
 
 
 def _finish_range(dest: str, job_id: str, redis_url: str, first: int, stop: int) -> None:
@@ -184,18 +187,22 @@ def _record(spec, shard_id: str, item):
         return ItemRecord(status="failed", stage="decode", error_class="DecodeError",
                           error="cannot identify image file", timings={"read": 0.012}, **common)
     flags = ["low_confidence"] if number % FLAGGED_EVERY == 0 else []
-    return ItemRecord(status="done", output_uris=[item.output_uri], width=1024, height=768, flags=flags,
-                      timings={"read": 0.012, "decode": 0.02, "segment": 0.41, "composite": 0.03, "write": 0.015},
-                      quality={"alpha_coverage": 0.42, "unknown_share": 0.03, "confidence": 0.91}, **common)
+    spread = [((number * prime) % 9973) / 9973 for prime in (7919, 104729, 1299709)]  # values differ per input
+    return ItemRecord(status="done", output_uris=[item.output_uri], width=640 + number % 3000,
+                      height=480 + number % 2000, flags=flags,
+                      timings={"read": 0.01 * spread[0], "decode": 0.02 + 0.01 * spread[1], "segment": 0.4 * spread[2],
+                               "composite": 0.03 * spread[1], "write": 0.015 * spread[0]},
+                      quality={"alpha_coverage": spread[0], "unknown_share": spread[1] / 10, "confidence": spread[2]},
+                      **common)
 
 
-def _dataset_rows(prefix: str) -> int:
-    """Rows of the manifest read as one dataset (pyarrow.dataset over the parts folder)."""
+def _dataset(prefix: str):
+    """The manifest as one dataset: pyarrow.dataset over the parts folder."""
     import pyarrow.dataset as ds
 
     folder = prefix + "/manifest/"
     if folder.startswith("file:"):
-        return ds.dataset(_local(folder), format="parquet").count_rows()
+        return ds.dataset(_local(folder), format="parquet")
     import pyarrow.fs as pafs
 
     bucket_key = folder[len("s3://"):]
@@ -203,7 +210,14 @@ def _dataset_rows(prefix: str) -> int:
     fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme=endpoint.split(":")[0],
                            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
                            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    return ds.dataset(bucket_key, format="parquet", filesystem=fs).count_rows()
+    return ds.dataset(bucket_key, format="parquet", filesystem=fs)
+
+
+def _distinct_inputs(dataset) -> int:
+    """Inputs named in the manifest, each counted once (equal to its rows: every input once)."""
+    import pyarrow.compute as pc
+
+    return pc.count_distinct(dataset.to_table(columns=["input_uri"])["input_uri"]).as_py()
 
 
 def _local(uri: str) -> str:
@@ -284,15 +298,15 @@ def measure(size: int, workdir: Path, *, s3_endpoint: str | None, workers: int) 
         ctx["job"] = out["submit"]["job_id"]
         out["redis_submit_mib"] = (client.info("memory")["used_memory"] - base) / 2**20
         out["broker_messages"] = client.llen("cutout")
+        # the source grows by 1 % before any shard ran: compared against all N inputs
+        write_list(list_file, size, size + max(1000, size // 100), mode="a")
+        out["incremental"] = run_phase("incremental", ctx)
         out["finish"] = run_phase("finish", ctx)
         out["redis_finished_mib"] = (client.info("memory")["used_memory"] - base) / 2**20
         out["status_up"] = run_phase("status", ctx)
         out["report"] = run_phase("report", ctx)
         client.flushall()
         out["status_lost"] = run_phase("status", ctx)
-        new = max(1000, size // 100)
-        write_list(list_file, size, size + new, mode="a")
-        out["incremental"] = run_phase("incremental", ctx)
     return out
 
 
@@ -316,7 +330,8 @@ def rows_of(m: dict) -> list[tuple[str, str]]:
         ("Redis after submit / broker messages", f"+{m['redis_submit_mib']:.1f} MiB / {m['broker_messages']:,}"),
         ("Redis after every shard counted", f"+{m['redis_finished_mib']:.1f} MiB"),
         ("manifest parts", part_text),
-        ("last shard → queryable manifest", f"{fin['queryable_s']:.2f} s ({fin['rows']:,} rows in pyarrow.dataset)"),
+        ("last shard → queryable manifest", f"{fin['queryable_s']:.2f} s ({fin['rows']:,} rows, "
+                                            f"{fin.get('distinct_inputs', 0):,} inputs)"),
         ("status, Redis up: wall / requests", _cmd(m["status_up"])),
         ("status, Redis lost: wall / requests", _cmd(m["status_lost"])),
         ("report (text): wall / requests", _cmd(m["report"])),
