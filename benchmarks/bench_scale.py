@@ -138,18 +138,19 @@ def phase_finish(args) -> dict:
     with get_context("fork").Pool(args.workers) as pool:
         pool.starmap(_finish_range, [(args.dest, args.job, args.redis, a, b) for a, b in chunks if a < b])
     started = time.perf_counter()
-    _finish_range(args.dest, args.job, args.redis, last, last + 1)
-    shard_written = time.perf_counter()
+    shard_written = _finish_range(args.dest, args.job, args.redis, last, last + 1)
     rows = _dataset(prefix).count_rows()
     queryable = time.perf_counter()
     distinct = _distinct_inputs(_dataset(prefix))
     parts = sorted(Path(_local(prefix)).glob("manifest/*.parquet")) if prefix.startswith("file:") else []
-    return {"last_shard_s": shard_written - started, "queryable_s": queryable - shard_written,
+    return {"last_shard_s": shard_written - started, "queryable_s": queryable - shard_written,  # its group built
             "rows": rows, "distinct_inputs": distinct, "groups": len(chunks), "per_group": per_group,
             "last_shard": shard_id_for(last), "part_bytes": [p.stat().st_size for p in parts]}
 
 
-def _finish_range(dest: str, job_id: str, redis_url: str, first: int, stop: int) -> None:
+def _finish_range(dest: str, job_id: str, redis_url: str, first: int, stop: int) -> float:
+    """Finish shards [first, stop); returns when the last one's done-marker and counters were
+    written (before its group is built)."""
     import redis
 
     from cutout.jobs import manifest, manifest_parts
@@ -174,7 +175,9 @@ def _finish_range(dest: str, job_id: str, redis_url: str, first: int, stop: int)
         stats = shard_stats(spec, shard_id, records, started, WORKER, 1)
         manifest.write_shard_result(prefix, shard_id, records, stats)
         progress.shard_finished(shard_id, records)
+        written = time.perf_counter()
         manifest_parts.after_shard(prefix, shard_id, progress, send)
+    return written
 
 
 def _record(spec, shard_id: str, item):
