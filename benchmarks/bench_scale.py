@@ -301,6 +301,8 @@ def measure(size: int, workdir: Path, *, s3_endpoint: str | None, workers: int) 
         ctx["job"] = out["submit"]["job_id"]
         out["redis_submit_mib"] = (client.info("memory")["used_memory"] - base) / 2**20
         out["broker_messages"] = client.llen("cutout")
+        print(f"# Redis after submit: +{out['redis_submit_mib']:.1f} MiB, {out['broker_messages']:,} messages",
+              file=sys.stderr, flush=True)
         # the source grows by 1 % before any shard ran: compared against all N inputs
         write_list(list_file, size, size + max(1000, size // 100), mode="a")
         out["incremental"] = run_phase("incremental", ctx)
