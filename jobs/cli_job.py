@@ -159,9 +159,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if snapshot.shards_total == 0:  # Redis lost the job (or submit has not started it)
         return _print_durable(ref, verify=False)
     if not args.watch:
-        print(format_snapshot(ref.job_id, snapshot))
+        print(format_snapshot(ref.job_id, snapshot, note=_parts_note(ref, snapshot)))
         return job_exit_code(snapshot.finished, snapshot.counts.get("failed", 0))
     return _watch(ref, progress, args.interval)
+
+
+def _parts_note(ref, snapshot) -> str | None:
+    """For a finished job, whether every manifest part is written (a lost build task leaves a
+    gap that `report` fills): a few requests (the group size, a listing of the roll-ups)."""
+    from cutout.jobs import manifest_parts
+
+    if not snapshot.finished:
+        return None
+    groups = manifest_parts.groups_total(snapshot.shards_total, manifest_parts.group_shards(ref.prefix))
+    written = len(manifest_parts.rollup_groups(ref.prefix))
+    if written >= groups:
+        return None
+    return f"manifest: {written}/{groups} parts written; `cutout report {ref.job_id}` writes the others"
 
 
 SHARDS_READ_WHEN_LOST = 10  # done shards outside the roll-ups whose stats `status` reads when Redis lost the job
@@ -241,7 +255,7 @@ def _watch(ref, progress, interval: float) -> int:
                 print("job cancelled", file=sys.stderr)
                 return job_exit_code(False, 0)
             time.sleep(interval)
-    print(format_snapshot(ref.job_id, snap))
+    print(format_snapshot(ref.job_id, snap, note=_parts_note(ref, snap)))
     return job_exit_code(True, snap.counts.get("failed", 0))
 
 

@@ -266,11 +266,15 @@ def _groups_under(job_prefix: str, folder: str, extension: str) -> list[int]:
     return sorted(groups)
 
 
+def rollup_groups(job_prefix: str) -> list[int]:
+    """Groups that have a roll-up, in order (one listing)."""
+    return _groups_under(job_prefix, "rollups", ".json")
+
+
 def load_rollups(job_prefix: str) -> list[dict]:
     """Every roll-up of the job, in group order (one listing, then reads in parallel)."""
     layout = JobLayout.from_prefix(job_prefix)
-    groups = _groups_under(job_prefix, "rollups", ".json")
-    reads = (functools.partial(_load_json, layout.rollup(group)) for group in groups)
+    reads = (functools.partial(_load_json, layout.rollup(group)) for group in rollup_groups(job_prefix))
     return [rollup for rollup in manifest.in_order(reads) if rollup is not None]
 
 

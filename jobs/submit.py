@@ -22,12 +22,13 @@ from cutout.jobs.errors import ConfigError, CutoutError, NotFoundError
 from cutout.jobs.layout import JobLayout
 from cutout.jobs.queue import broker_url as default_broker_url
 from cutout.jobs.queue import redis_url as default_redis_url
+from cutout.jobs.settings import settings
 from cutout.jobs.queue import send_process_shard, submitter_app
-from cutout.jobs.window import ShardWindow
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
 from cutout.jobs.sources import input_identity, iter_source_items
 from cutout.jobs.spec import JobSpec
+from cutout.jobs.window import ShardWindow
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ def redis_client(url: str | None = None) -> redis.Redis:
     return redis.Redis.from_url(url or default_redis_url())
 
 
+def progress_url(redis_url: str | None, broker_url: str | None) -> str:
+    """The job's live-progress Redis: the one named, else CUTOUT_REDIS_URL, else the broker the
+    job is sent to (a caller who names only a broker must not write progress to another Redis)."""
+    return redis_url or settings().redis_url or broker_url or default_redis_url()
+
+
 def live_progress(client: redis.Redis, job_id: str):
     from cutout.jobs.progress import LiveProgress
 
@@ -103,6 +110,7 @@ def submit_job(
     While this Redis still knows the job's shards are queued, a resubmit sends nothing (no
     duplicate messages); ``force`` (``cutout resume``) re-enqueues every unfinished shard.
     """
+    redis_url = progress_url(redis_url, broker_url)
     job_id = spec.job_id
     prefix = sharding.job_prefix(spec.destination, job_id)
     client = redis_client(redis_url)
@@ -283,6 +291,7 @@ def submit_incremental(
     already in a shard file count as known even while their shard is still queued. Two
     incremental submits of one job at once are refused (a Redis lock).
     """
+    redis_url = progress_url(redis_url, broker_url)
     prefix = sharding.job_prefix(spec.destination, spec.job_id)
     if manifest.load_totals(prefix) is None:  # never fully submitted: an ordinary first submit
         result = submit_job(spec, broker_url=broker_url, redis_url=redis_url, all_files=all_files)
@@ -400,6 +409,7 @@ def resume_job(
     Works after Redis was flushed: the spec, shard files and stats live in the destination, and
     live progress is rebuilt from them. A cancelled job is un-cancelled.
     """
+    redis_url = progress_url(redis_url, broker_url)
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     spec = load_job_spec(ref)
     progress = live_progress(redis_client(redis_url), job_id)
@@ -442,6 +452,7 @@ def retry_failed(
     each input exactly once, with its latest status. Nothing is changed when one of ``inputs``
     is not a failed input of the job.
     """
+    redis_url = progress_url(redis_url, broker_url)
     ref = find_job(job_id, destination=destination, redis_url=redis_url)
     spec = load_job_spec(ref)
     plan = _plan_retry(ref.prefix, error_class, {input_identity(uri) for uri in inputs})
@@ -531,6 +542,7 @@ def redo_outputs(
     links it as a follow-up: its manifest lists each input's latest record (one per input),
     refreshed when the redo's last shard finishes. The same redo submitted again resumes.
     """
+    redis_url = progress_url(redis_url, broker_url)
     from cutout.jobs.records import QUALITY_FLAGS
     from cutout.jobs.spec import stable_hash
 

@@ -62,6 +62,25 @@ def test_broker_alone_moves_the_live_progress_too(inputs, tmp_path, two_redis):
     assert not _job_keys(default)
 
 
+def test_submit_job_from_python_with_only_a_broker_keeps_progress_beside_it(inputs, tmp_path, two_redis,
+                                                                          monkeypatch):
+    """The Python functions follow the CLI's rule: naming only a broker moves progress too."""
+    from cutout.jobs.spec import JobSpec, PipelineOptions
+    from cutout.jobs.submit import cancel_job, find_job, resume_job, submit_job
+
+    default, chosen = two_redis
+    monkeypatch.setenv("CUTOUT_BROKER_URL", default.url)
+    monkeypatch.setenv("CUTOUT_REDIS_URL", "")
+    spec = JobSpec(sources=(str(inputs),), destination=(tmp_path / "out").as_uri(),
+                   pipeline=PipelineOptions(model="threshold"), queue=f"edges-{uuid.uuid4().hex[:6]}")
+    submit_job(spec, broker_url=chosen.url)
+    assert _job_keys(chosen) and not _job_keys(default)
+    resume_job(spec.job_id, broker_url=chosen.url)
+    assert find_job(spec.job_id, redis_url=chosen.url).job_id == spec.job_id
+    cancel_job(spec.job_id, redis_url=chosen.url)
+    assert not _job_keys(default)
+
+
 def test_redis_flag_or_variable_still_separates_progress(inputs, tmp_path, two_redis):
     progress, broker = two_redis
     for extra, env in ((("--redis", progress.url), {}), ((), {"CUTOUT_REDIS_URL": progress.url})):

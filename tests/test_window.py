@@ -216,3 +216,38 @@ def test_window_of_two_over_ten_shards_survives_flushall_resume_and_a_killed_wor
     assert len(set(inputs)) == 30 and all(row["status"] == "done" for row in rows)
     outputs = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "_cutout")
     assert len(outputs) == 30
+
+
+def test_incremental_submit_rebuilds_a_lost_window_and_extends_a_live_one(tmp_path, redis_client, redis_url, monkeypatch):
+    from PIL import Image
+
+    from cutout.jobs.queue import submitter_app
+    from cutout.jobs.submit import submit_incremental
+    from cutout.jobs.window import ShardWindow, shard_left_queue
+    from cutout.workers.shard import process_shard
+
+    monkeypatch.setenv("CUTOUT_QUEUE_WINDOW", "2")
+    monkeypatch.setenv("CUTOUT_ALLOWED_SOURCES", f"{(tmp_path / 'in').as_uri()}/")
+    spec = make_job(tmp_path, 4, 1)
+    result = submit(spec, redis_url)
+    for number in range(4):
+        process_shard(result.job_prefix, f"s{number:06d}", worker_name="test")
+
+    def grow(*names: str) -> None:
+        for name in names:
+            Image.new("RGB", (24, 24), "red").save(tmp_path / "in" / name)
+
+    redis_client.flushall()  # the window is lost with everything else
+    grow("new_a.png", "new_b.png", "new_c.png")
+    extended = submit_incremental(spec, broker_url=redis_url, redis_url=redis_url)
+    assert (extended.items_new, extended.shards_total, extended.shards_enqueued) == (3, 7, 2)
+    assert sorted(queued_shards(redis_client)) == ["s000004", "s000005"]  # done shards are not sent
+    window = ShardWindow(redis_client, result.job_id)
+    assert (window.state().next, window.state().end) == (6, 7)
+
+    grow("new_d.png")
+    again = submit_incremental(spec, broker_url=redis_url, redis_url=redis_url)
+    assert (again.items_new, again.shards_total, again.shards_enqueued) == (1, 8, 0)  # the window is full
+    assert window.state().end == 8
+    assert shard_left_queue(redis_client, submitter_app(redis_url), result.job_id, "s000004") == 1
+    assert queued_shards(redis_client)[0] == "s000006"

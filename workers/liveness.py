@@ -41,7 +41,7 @@ def reap_once(client, app, worker: str) -> int:
         telemetry.SHARDS.labels("resent").inc()
         sent += 1
     # windowed jobs: shards a dead sender took, then whatever fits (a job with idle workers moves)
-    sent += window.reap_windows(client, app, stale_s=progress.WORKER_STALE_S)
+    sent += window.reap_windows(client, app, stale_s=settings().worker_stale_s)
     return sent
 
 

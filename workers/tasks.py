@@ -115,15 +115,6 @@ def _build_group_if_complete(job_prefix: str, shard_id: str) -> None:
                     type(exc).__name__)
 
 
-def _next_shards(app, job_prefix: str, shard_id: str) -> None:
-    """This shard's message leaves the queue: free its place in the job's window and send the
-    next shards (best effort: the reaper tops the window up too)."""
-    try:
-        shard_left_queue(_redis_client(), app, JobLayout.from_prefix(job_prefix).job_id, shard_id)
-    except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
-        log.warning("job window not topped up now (%s); the reaper will", type(exc).__name__)
-
-
 def _send_group(job_prefix: str, group: int) -> None:
     queue = load_spec_cached(job_prefix).queue
     build_manifest_group_task.apply_async(kwargs={"job_prefix": job_prefix, "group": group}, queue=queue)
@@ -140,6 +131,15 @@ def build_manifest_group_task(self, job_prefix: str, group: int) -> dict:
     if result.reason == manifest_parts.WAITING_FOR_SUBMIT:
         raise self.retry(countdown=GROUP_WAIT_S, max_retries=GROUP_WAIT_TRIES)
     return {"group": group, "written": result.written, "rows": result.rows, "reason": result.reason}
+
+
+def _next_shards(app, job_prefix: str, shard_id: str) -> None:
+    """This shard's message leaves the queue: free its place in the job's window and send the
+    next shards (best effort: the reaper tops the window up too)."""
+    try:
+        shard_left_queue(_redis_client(), app, JobLayout.from_prefix(job_prefix).job_id, shard_id)
+    except Exception as exc:  # noqa: BLE001 - the shard itself is done and recorded
+        log.warning("job window not topped up now (%s); the reaper will", type(exc).__name__)
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
