@@ -44,6 +44,8 @@ SETTINGS = {
     "fast": CUTOUT + ["--preset", "fast"],
     "balanced": CUTOUT + ["--preset", "balanced"],
     "best": CUTOUT + ["--preset", "best"],
+    "auto": CUTOUT + ["--preset", "auto"],
+    "balanced-no-escalation": CUTOUT + ["--preset", "balanced", "--escalate-below", "0"],
     # one raw IS-Net pass at 1024 (fast's raw settings at rembg's size): rembg without -a
     "isnet-1024": CUTOUT + ["--preset", "fast", "--seg-size", "1024"],
     "modnet": CUTOUT + ["--model", "modnet", "--refine", "none"],

@@ -46,7 +46,14 @@ QUALITY_FLAGS = (
     "low_confidence",  # the model's mean confidence was low
     "matting_skipped",  # matting was not run (budget, option or fallback)
     "matting_degraded",  # matting fell back to a cheaper method
+    "likely_wrong",  # the quality score (the estimated chance the cutout is right) is low
+    "multiple_objects",  # the cutout holds separate parts of similar size: maybe not one subject
 )
+
+# Version of the quality score's model (cutout.workers.quality.SCORE_MODEL and the flag
+# thresholds): part of every job's config hash, so outputs scored by another model are not
+# taken for done with the same settings. Change it whenever the coefficients change.
+QUALITY_MODEL = "score-1"
 
 
 class ShardStats(BaseModel):

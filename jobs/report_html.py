@@ -6,7 +6,8 @@ JPEG ``data:`` URIs. No script runs in the page.
 
 What it reads is bounded, however big the job: the group roll-ups (one per group of up to 1000
 shards), and the manifest parts of the few groups that hold an example of each failure class or
-flagged output, and of a spread of groups for the sample. Every output shown is its latest
+flagged output (of those read, the lowest quality scores are shown first), and of a spread of
+groups for the sample. Every output shown is its latest
 record from the part (a redo's record, new flags included, replaces the original one).
 Thumbnails are re-encoded small and stop at a byte budget. Submitter side: Pillow and pyarrow,
 never torch.
@@ -90,13 +91,15 @@ def gather(job_prefix: str, job_id: str, *, sample_size: int = SAMPLE_SIZE,
 
 def _rows_worth_showing(table, for_sample: int) -> list[ItemRecord]:
     """Of a part (up to 10^6 rows), only the rows the page can show become records: the first
-    failure of each error class, the first few outputs of each flag, and the first unflagged
-    done outputs for the sample."""
+    failure of each error class, the few lowest-scored outputs of each flag, and the first
+    unflagged done outputs for the sample."""
     import pyarrow.compute as pc
 
     done = pc.equal(table["status"], "done")
     failed = table.filter(pc.equal(table["status"], "failed"))
     flagged = table.filter(pc.and_(done, pc.greater(pc.list_value_length(table["flags"]), 0)))
+    scores = pc.map_lookup(flagged["quality"], "score", "first")  # the worst outputs first
+    flagged = flagged.take(pc.array_sort_indices(scores, null_placement="at_end"))
     plain = table.filter(pc.and_(done, pc.equal(pc.list_value_length(table["flags"]), 0)))
     first_of_class: dict[str, int] = {}
     for index, name in enumerate(failed["error_class"].to_pylist()):
@@ -138,13 +141,19 @@ def _collect(data: ReportData, records: list[ItemRecord], for_sample: int, sampl
             data.failure_examples[record.error_class or "UnknownError"] = record
         if record.status != "done":
             continue
-        for flag in record.flags:
+        for flag in record.flags:  # keep the lowest quality scores: the worst outputs first
             tiles = data.flagged.setdefault(flag, [])
-            if len(tiles) < FLAGGED_PER_FLAG:
-                tiles.append(Tile(record))
+            tiles.append(Tile(record))
+            tiles.sort(key=_score)
+            del tiles[FLAGGED_PER_FLAG:]
         if for_sample > 0 and not record.flags and len(data.sample) < sample_size:
             data.sample.append(Tile(record))
             for_sample -= 1
+
+
+def _score(tile: "Tile") -> float:
+    """The output's quality score (cutout.workers.quality); 1 when the record has none."""
+    return tile.record.quality.get("score", 1.0)
 
 
 class _ThumbBudget:

@@ -157,6 +157,13 @@ class PipelineOptions(BaseModel):
     refine: Literal["auto", "none", "grabcut"] = Field(
         "auto", json_schema_extra=USER,
         description="GrabCut refinement of the mask (auto: the model's measured default)")
+    escalate: PresetName | None = Field(
+        None, json_schema_extra=USER,
+        description="rerun outputs whose quality score is below escalate_below with this preset, "
+                    "keeping the output with the higher score (the cascade)")
+    escalate_below: float = Field(
+        0.5, ge=0.0, le=1.0, json_schema_extra=USER,
+        description="quality score below which an output is rerun with the escalate preset")
     trimap_fg: float = Field(0.95, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,
                              description="mask value above which a pixel is sure foreground")
     trimap_bg: float = Field(0.05, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,
@@ -253,7 +260,10 @@ class PipelineOptions(BaseModel):
         return FORMAT_EXTENSIONS[self.format]
 
     def config_hash(self) -> str:
-        return stable_hash(self.model_dump(mode="json"))
+        """The options and the quality score's model version: both decide what a record holds."""
+        from cutout.jobs.records import QUALITY_MODEL
+
+        return stable_hash({**self.model_dump(mode="json"), "quality_model": QUALITY_MODEL})
 
 
 def user_option_fields() -> dict[str, FieldInfo]:

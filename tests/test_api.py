@@ -37,6 +37,16 @@ def test_remove_background_takes_paths_bytes_arrays_and_pil_images(tmp_path):
         assert result.alpha[~inside].mean() < 0.1
 
 
+def test_the_result_carries_the_quality_score_and_flags():
+    from cutout.workers import quality
+
+    rgb, _inside = disk_on_plain()
+    result = cutout.remove_background(rgb, model="threshold")
+    assert 0.0 <= result.quality["score"] <= 1.0
+    assert result.quality["score"] == pytest.approx(quality.score(result.quality), abs=2e-3)
+    assert "multiple_objects" not in result.flags and result.quality["second_object"] == 0.0
+
+
 def test_an_rgba_array_keeps_its_transparent_pixels():
     rgb, inside = disk_on_plain()
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])

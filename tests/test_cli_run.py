@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from cutout.jobs.records import QUALITY_FLAGS
+from cutout.workers import quality
 from tests import images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +87,10 @@ def test_run_single_file_all_good_exits_zero(tmp_path):
     with Image.open(out / "one.jpg") as image:
         assert image.mode == "RGB"
         assert image.getpixel((2, 2))[0] > 200  # red backdrop
+    (record,) = _records(out)  # the quality score is stored with the measurements it came from
+    assert 0.0 <= record["quality"]["score"] <= 1.0
+    assert record["quality"]["score"] == pytest.approx(quality.score(record["quality"]), abs=2e-3)
+    assert set(record["flags"]) <= set(QUALITY_FLAGS)
 
 
 def test_run_refuses_conflicting_options(tmp_path):

@@ -68,3 +68,23 @@ def test_mask_folder_leaves_the_boundary_band_out(tmp_path):
                                   matting="none", refine="none").alpha
         assert row["iou"] == metrics.iou(alpha >= 0.5, raw > 192, band)
         assert row["mse"] == metrics.mse(alpha, (raw > 192).astype(np.float32), ~band)
+
+
+def test_the_report_says_how_well_the_score_and_flags_find_the_bad_outputs(tmp_path):
+    """GrabCut's 24077 (two objects, where the truth has one) and teddy, with the cheap threshold
+    model: the counts in the report are those of the per-photo rows."""
+    folder = tmp_path / "masks"
+    _copy(["24077", "teddy", "banana1"], DATA / "grabcut_msrc", folder, "mask")
+    result = _eval(folder, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    rows, flags = report["per_image"], report["flags"]
+    bad = [row["iou"] < 0.9 for row in rows]
+    assert flags["bad"] == sum(bad) and flags["images"] == 3
+    for flag in ("likely_wrong", "multiple_objects"):
+        flagged = [flag in row["flags"] for row in rows]
+        assert flags["flags"][flag] == {"flagged": sum(flagged), "caught": sum(f and b for f, b in zip(flagged, bad))}
+    scores = [row["score"] for row in rows]
+    expected = metrics.roc_auc(1 - np.array(scores), np.array(bad))
+    assert flags["score_auc"] == expected or (np.isnan(expected) and np.isnan(flags["score_auc"]))
+    assert "quality score and flags:" in result.stdout and "likely_wrong" in result.stdout

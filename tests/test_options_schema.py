@@ -35,6 +35,8 @@ SAMPLES = {
     "fusion": ("mean", "mean"),
     "model_sizes": ("isnet-general=768,u2netp=320", (("isnet-general", 768), ("u2netp", 320))),
     "refine": ("none", "none"),
+    "escalate": ("fast", "fast"),
+    "escalate_below": ("0.7", 0.7),
     "trimap_band": ("0.02", 0.02),
     "matting": ("knn", "knn"),
     "background": ("color:#00ff00", "color:#00ff00"),
@@ -94,7 +96,7 @@ def test_literal_fields_offer_their_choices_and_refuse_others():
     sub = _subparser("run")
     actions = {action.dest: action for action in sub._actions}
     assert actions["format"].choices == ["png", "webp", "webp-lossy", "jpeg"]
-    assert actions["preset"].choices == ["fast", "balanced", "best"]
+    assert actions["preset"].choices == ["fast", "balanced", "best", "auto"]
     with pytest.raises(SystemExit):
         sub.parse_args(["x", "--out", "o", "--refine", "sometimes"])
 

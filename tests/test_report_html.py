@@ -220,3 +220,15 @@ def test_report_page_never_imports_torch(finished_job):
     assert out.returncode == 3, out.stderr  # finished, with failed inputs
     assert "HEAVY []" in out.stdout, out.stdout
     assert storage.exists(storage.join_uri(prefix, "report.html"))
+
+
+def test_flagged_outputs_are_shown_worst_score_first():
+    from cutout.jobs import report_html
+
+    data = report_html.ReportData("job", manifest.JobSummary("prefix", None, 0, 0, 0), [])
+    scores = [0.4, 0.05, 0.3, 0.9, 0.2, 0.5, 0.1, 0.35]
+    records = [ItemRecord(input_uri=f"photo_{i}.png", status="done", flags=["likely_wrong"],
+                          quality={"score": score}) for i, score in enumerate(scores)]
+    report_html._collect(data, records, 0, 0)
+    shown = [tile.record.quality["score"] for tile in data.flagged["likely_wrong"]]
+    assert shown == sorted(scores)[:report_html.FLAGGED_PER_FLAG]

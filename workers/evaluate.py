@@ -384,7 +384,8 @@ def score_user_sample(pipeline, sample: UserSample) -> dict:
     return {"name": sample.name, "sad": metrics.sad(result.alpha, sample.gt, keep),
             "mse": metrics.mse(result.alpha, sample.gt, keep),
             "iou": metrics.iou(result.alpha >= 0.5, sample.gt >= 0.5, sample.ignore),
-            "seconds": wall, "cpu_seconds": cpu, "notes": result.notes}
+            "seconds": wall, "cpu_seconds": cpu, "notes": result.notes,
+            "score": result.quality.get("score", 1.0), "flags": result.flags}
 
 
 def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
@@ -410,7 +411,9 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
                      "median": statistics.median(r[key] for r in rows)}
                for key in ("sad", "mse", "iou", "seconds", "cpu_seconds")}
     report = {"options": options.model_dump(mode="json"), "data_dir": str(root),
-              "images": len(rows), "model_load": load, "summary": summary, "per_image": rows}
+              "images": len(rows), "model_load": load, "summary": summary,
+              "flags": flag_report(rows), "per_image": rows}
+    _print_flag_report(report["flags"])
     print(f"  mean: SAD {summary['sad']['mean']:.2f} (median {summary['sad']['median']:.2f})  "
           f"MSE {summary['mse']['mean']:.4f}  IoU {summary['iou']['mean']:.4f}  per image "
           f"{summary['seconds']['mean']:.2f} s, {summary['cpu_seconds']['mean']:.2f} CPU-s")
@@ -418,6 +421,35 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {out_dir / 'eval.json'}")
     return report
+
+
+BAD_IOU = 0.90  # an output is "bad" below this IoU of alpha ≥ 0.5 against the truth
+
+
+def flag_report(rows: list[dict]) -> dict:
+    """How well the quality score and each flag find this folder's bad outputs, so a user can
+    check them on their own kind of photos before trusting them at scale."""
+    from cutout.jobs.records import QUALITY_FLAGS
+
+    bad = np.array([row["iou"] < BAD_IOU for row in rows])
+    scores = np.array([row["score"] for row in rows])
+    report = {"images": len(rows), "bad": int(bad.sum()), "score_auc": metrics.roc_auc(1.0 - scores, bad),
+              "flags": {}}
+    for flag in (*QUALITY_FLAGS, "any flag"):
+        flagged = np.array([bool(row["flags"]) if flag == "any flag" else flag in row["flags"] for row in rows])
+        if flagged.any() or flag in ("likely_wrong", "multiple_objects", "any flag"):
+            report["flags"][flag] = {"flagged": int(flagged.sum()), "caught": int((flagged & bad).sum())}
+    return report
+
+
+def _print_flag_report(report: dict) -> None:
+    images, bad = report["images"], report["bad"]
+    print(f"== quality score and flags: {bad} of {images} outputs bad (IoU < {BAD_IOU:.2f})")
+    print(f"  score ROC AUC {report['score_auc']:.3f} (1: every bad output scores below every good "
+          "one; 0.5: chance; nan: no bad or no good output)")
+    for flag, counts in report["flags"].items():
+        print(f"  {flag:18} caught {counts['caught']:3d}/{bad} bad ({counts['caught'] / max(1, bad):4.0%}), "
+              f"flagged {counts['flagged']:3d}/{images} ({counts['flagged'] / max(1, images):4.0%})")
 
 
 def _print_end_to_end(summary: dict) -> None:

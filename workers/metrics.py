@@ -73,3 +73,14 @@ def iou(mask: np.ndarray, gt_mask: np.ndarray, ignore: np.ndarray | None = None)
     inter = np.logical_and(mask, gt_mask)[keep].sum()
     union = np.logical_or(mask, gt_mask)[keep].sum()
     return float(inter / union) if union else 1.0
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC: the chance that a random positive scores above a random negative (ties count
+    half); NaN when either class is empty. Used to judge how well a score finds bad outputs."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))

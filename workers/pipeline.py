@@ -92,12 +92,15 @@ class Pipeline:
         *,
         device: str | None = None,
         read_uri: Callable[[str], bytes] | None = None,
+        nested: bool = False,
     ):
         self.options = options or PipelineOptions()
         self.device = device
+        self.nested = nested  # a cascade's second pipeline: its models join the job's, none dropped
         self.background = self.options.parsed_background()
         self._read_uri = read_uri
         self._background_image: np.ndarray | None = None
+        self._escalation: Pipeline | None = None  # the cascade's costlier pipeline, built on first use
 
     # --- stages ------------------------------------------------------------------------------
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -158,15 +161,21 @@ class Pipeline:
 
     def segment_at(self, images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
         """One size; on device OOM retry one by one, then at half the size, then on CPU."""
-        from cutout.workers.segment import get_segmenter
-
         options = self.options.model_copy(update={"seg_size": size})
         try:
-            return get_segmenter(options, device=self.device).predict(images)
+            return self._segmenter(options).predict(images)
         except OutOfMemoryError:
             if len(images) > 1:
                 return [self.segment_at([image], size)[0] for image in images]
             return [self._segment_after_oom(images[0], options)]
+
+    def _segmenter(self, options: PipelineOptions):
+        from cutout.workers.models.cache import MODEL_CACHE
+        from cutout.workers.segment import get_segmenter
+
+        if self.nested:
+            return MODEL_CACHE.component(options, self.device)
+        return get_segmenter(options, device=self.device)
 
     def _segment_after_oom(self, image: np.ndarray, options: PipelineOptions) -> np.ndarray:
         from cutout.workers.segment import get_segmenter
@@ -201,6 +210,7 @@ class Pipeline:
         opts = self.options
         notes: list[str] = []
         timings: dict[str, float] = {}
+        unrefined = mask
         if self.refine_method == "grabcut" and trimap is None:
             from cutout.workers.refine import refine_with_grabcut
 
@@ -225,8 +235,32 @@ class Pipeline:
             notes.append("input-alpha-applied")
         image = run_stage(timings, "composite", self._composite, rgb, alpha, foreground)
         quality, flags = measure(alpha, mask, trimap, notes, fg_threshold=opts.trimap_fg,
-                                 bg_threshold=opts.trimap_bg)
-        return CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
+                                 bg_threshold=opts.trimap_bg, rgb=rgb, unrefined=unrefined,
+                                 ramp=self.mask_ramp)
+        result = CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
+        if opts.escalate and not user_trimap and quality["score"] < opts.escalate_below:
+            result = self._escalate(rgb, input_alpha, result)
+        return result
+
+    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult) -> CutoutResult:
+        """The cascade: rerun a doubtful output with the costlier preset (once: that preset's own
+        escalation is off), keep the higher score."""
+        if self._escalation is None:
+            opts = self.options
+            keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
+                    "max_pixels": opts.max_pixels}
+            self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, escalate=None, **keep),
+                                        device=self.device, read_uri=self._read_uri, nested=True)
+        timings = dict(first.timings)  # both runs' seconds, stage by stage
+        mask = run_stage(timings, "segment", self._escalation.segment, [rgb])[0]
+        second = self._escalation.finish(rgb, mask, input_alpha=input_alpha)
+        for stage, seconds in second.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        kept = second if second.quality["score"] > first.quality["score"] else first
+        kept.notes.append(f"escalated to {self.options.escalate}: score {first.quality['score']:.2f} -> "
+                          f"{second.quality['score']:.2f}, kept the {'second' if kept is second else 'first'}")
+        kept.timings = timings
+        return kept
 
     def _composite(self, rgb: np.ndarray, alpha: np.ndarray, foreground) -> np.ndarray:
         from cutout.workers.composite import composite

@@ -1,16 +1,35 @@
 """Quality signals of one output: a few numbers measured from the arrays the pipeline already
-holds, and flags (``cutout.jobs.records.QUALITY_FLAGS``) when they look wrong, so that among a
-million outputs the doubtful ones can be counted, shown and rerun without looking at each.
+holds, a score (the estimated chance that the cutout is right) and flags
+(``cutout.jobs.records.QUALITY_FLAGS``) when they look wrong, so that among a million outputs the
+doubtful ones can be counted, shown and rerun without looking at each.
 
-Measurements (all 0..1):
+Measurements (all 0..1), computed on a copy at most ``SIGNAL_SIDE`` px long so they stay cheap
+(about 10-20 ms per photo) next to the model:
     ``alpha_coverage``  share of the frame the cutout keeps (alpha ≥ 0.5).
     ``unknown_share``   share of the frame the trimap left to matting (when no trimap was built:
                         the share the mask leaves between the trimap thresholds).
     ``confidence``      mean of |2·mask − 1| over the frame: 1 when the model was sure of every
                         pixel, 0 when it said 0.5 everywhere.
+    ``second_object``   area of the second-largest separate kept part over the largest's: near 1
+                        when the cutout holds two objects of similar size (a cup and a spoon).
+    ``joined_object``   the same after cutting strips narrower than ``NECK``: two objects that
+                        touch (people side by side) count as two.
+    ``border_contact``  share of the frame's edge the cutout touches (a subject cut by the frame,
+                        or background kept).
+    ``refine_change``   1 − IoU of the mask before and after refinement: how much GrabCut moved it.
+    ``ramp_gain``       share of the kept area that the calibration ramp added (pixels the raw
+                        model put below 0.5).
+    ``grey_share``      share of the cutout's pixels (alpha > 0.05) left between 0.05 and 0.95.
+    ``edge_alignment``  share of the cutout's outline lying on a strong image edge (top quarter
+                        of the photo's gradient): low when the outline crosses flat regions.
+    ``score``           the chance that the cutout is right (IoU ≥ 0.9 against a person's mask),
+                        from a logistic regression on the measurements above (``SCORE_MODEL``).
 """
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 
 # Thresholds, checked on the 27 alphamatting.com + 50 GrabCut photos with IS-Net
@@ -21,15 +40,51 @@ FULL_FRAME_MIN = 0.97  # over 97 % kept: the background is still there (real sub
 WIDE_UNKNOWN_MIN = 0.2  # a fifth of the frame uncertain: the model hesitated far beyond the edges
 LOW_CONFIDENCE_MAX = 0.98  # the calibrated mask is near 0 or 1 almost everywhere (≥ 0.984 on all 77)
 KEPT_ALPHA = 0.5  # a pixel counts as kept from this alpha up
+SIGNAL_SIDE = 512  # px: the measurements run on a copy this long at most
+NECK = 0.03  # parts joined by a strip narrower than 2 × 3 % of the long side count as separate
+STRONG_EDGE_QUANTILE = 0.75  # an outline pixel is "on an edge" above this quantile of the gradient
+
+# The score: P(right) = sigmoid(intercept + sum(weight * (value - mean) / scale)), a logistic
+# regression (L2 penalty 3 on the standardised weights) fitted on the outputs of the fast,
+# balanced and best presets for all 77 visible photos (27 alphamatting.com, 50 GrabCut;
+# "right" = IoU of alpha >= 0.5 against the truth >= 0.9), printed by
+#   .venv/bin/python benchmarks/quality_cv.py --cache /work/main/.cache/masks
+# which also reports it cross-validated (fitted on one half, judged on the other; both folds in
+# docs/results.md). Version: cutout.jobs.records.QUALITY_MODEL, part of every config hash.
+SCORE_MODEL = {
+    "intercept": 0.9022,
+    "features": {  # name: (mean, scale, weight)
+        "multiple_objects": (0.0866, 0.2812, -0.7324),
+        "sqrt_joined_object": (0.0885, 0.2353, -0.2656),
+        "sqrt_second_object": (0.0451, 0.1617, -0.7534),
+        "border_contact": (0.0996, 0.1211, -0.4704),
+        "sqrt_refine_change": (0.1218, 0.1218, -0.12),
+        "ramp_gain": (0.0613, 0.0938, -0.5473),
+        "grey_share": (0.1511, 0.1244, -0.2513),
+        "edge_alignment": (0.9289, 0.0749, 0.5171),
+        "unknown_share": (0.0802, 0.0761, 0.1829),
+        "confidence": (0.9904, 0.0187, 0.1895),
+        "alpha_coverage": (0.3146, 0.1826, 0.6467),
+    },
+}
+# likely_wrong below this score: the score under which 17 % of the default preset's outputs on
+# the fitted photos fall (chosen by the same command).
+LIKELY_WRONG_BELOW = 0.543
+# Two parts of similar size (after cutting narrow necks): on the 77 visible photos, 7 outputs
+# reach 0.25 or more and all 7 are bad; the largest value of a good output is 0.12.
+MULTIPLE_OBJECTS_MIN = 0.2
 
 _NOTE_FLAGS = (("matting-skipped", "matting_skipped"), ("matting-fallback", "matting_degraded"))
 
 
 def measure(
     alpha: np.ndarray, mask: np.ndarray, trimap: np.ndarray | None, notes: list[str],
-    *, fg_threshold: float = 0.95, bg_threshold: float = 0.05,
+    *, fg_threshold: float = 0.95, bg_threshold: float = 0.05, rgb: np.ndarray | None = None,
+    unrefined: np.ndarray | None = None, ramp: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[dict[str, float], list[str]]:
-    """(measurements, flags) for one output; see the module docstring."""
+    """(measurements, flags) for one output; see the module docstring. ``mask`` is the mask
+    matting started from, ``unrefined`` the calibrated mask before refinement (None: not
+    refined) and ``ramp`` the calibration that made it from the model's raw output."""
     if trimap is not None:
         unknown = float(np.count_nonzero(trimap == 128)) / trimap.size
     else:
@@ -39,7 +94,75 @@ def measure(
         "unknown_share": unknown,
         "confidence": float(np.abs(2.0 * mask.astype(np.float32) - 1.0).mean()),
     }
-    return {k: round(v, 4) for k, v in quality.items()}, flags_for(quality, notes)
+    quality.update(shape_signals(alpha, mask, unrefined if unrefined is not None else mask, rgb, ramp))
+    quality["score"] = score(quality)
+    return {k: round(float(v), 4) for k, v in quality.items()}, flags_for(quality, notes)
+
+
+def shape_signals(alpha: np.ndarray, mask: np.ndarray, unrefined: np.ndarray,
+                  rgb: np.ndarray | None, ramp: tuple[float, float]) -> dict[str, float]:
+    """The measurements beyond coverage, unknown band and confidence, on a small copy."""
+    alpha, mask, unrefined = (_small(a.astype(np.float32, copy=False)) for a in (alpha, mask, unrefined))
+    kept = alpha >= KEPT_ALPHA
+    low, high = ramp
+    raw_half = min(1.0, max(0.0, (0.5 - low) / (high - low)))  # raw 0.5 in calibrated units
+    before = unrefined >= KEPT_ALPHA
+    visible = alpha > 0.05
+    return {
+        "second_object": second_object(kept),
+        "joined_object": second_object(kept, NECK),
+        "border_contact": float(np.concatenate([kept[0], kept[-1], kept[:, 0], kept[:, -1]]).mean()),
+        "refine_change": 1.0 - _iou(before, mask >= KEPT_ALPHA),
+        "ramp_gain": float(np.count_nonzero(before & (unrefined < raw_half))) / max(1, np.count_nonzero(before)),
+        "grey_share": float(np.count_nonzero(visible & (alpha < 0.95))) / max(1, np.count_nonzero(visible)),
+        "edge_alignment": edge_alignment(kept, _small(rgb)) if rgb is not None else 0.5,
+    }
+
+
+def second_object(kept: np.ndarray, neck: float = 0.0) -> float:
+    """Area of the second-largest 8-connected kept part over the largest's (0: one part). With
+    ``neck`` (a fraction of the long side), parts joined by a strip narrower than that count as
+    separate (two people standing shoulder to shoulder)."""
+    binary = kept.astype(np.uint8)
+    radius = round(neck * max(kept.shape))
+    if radius:
+        binary = cv2.erode(binary, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
+    count, _labels, stats, _centroids = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    areas = np.sort(stats[1:count, cv2.CC_STAT_AREA])[::-1]
+    return float(areas[1] / areas[0]) if len(areas) > 1 else 0.0
+
+
+def edge_alignment(kept: np.ndarray, rgb: np.ndarray) -> float:
+    """Share of the outline of ``kept`` within a pixel of a strong image edge."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    gradient = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+    near = cv2.dilate(gradient, np.ones((3, 3), np.uint8))
+    binary = kept.astype(np.uint8)
+    outline = (binary - cv2.erode(binary, np.ones((3, 3), np.uint8))).astype(bool)
+    if not outline.any():
+        return 0.5
+    strong = float(np.quantile(gradient, STRONG_EDGE_QUANTILE))
+    return float((near[outline] > strong).mean())
+
+
+def score(quality: dict[str, float]) -> float:
+    """The chance that the cutout is right: logistic regression on standardised measurements."""
+    if not SCORE_MODEL:
+        return 1.0
+    logit = SCORE_MODEL["intercept"]
+    for name, (mean, scale, weight) in SCORE_MODEL["features"].items():
+        logit += weight * (feature_value(quality, name) - mean) / scale
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def feature_value(quality: dict[str, float], name: str) -> float:
+    """A model input: a measurement, ``sqrt_<measurement>`` (spreads the small values) or
+    ``multiple_objects`` (1 when that flag's rule holds)."""
+    if name.startswith("sqrt_"):
+        return math.sqrt(max(0.0, quality[name[5:]]))
+    if name == "multiple_objects":
+        return float(quality["joined_object"] >= MULTIPLE_OBJECTS_MIN)
+    return quality[name]
 
 
 def flags_for(quality: dict[str, float], notes: list[str]) -> list[str]:
@@ -56,4 +179,22 @@ def flags_for(quality: dict[str, float], notes: list[str]) -> list[str]:
     for prefix, flag in _NOTE_FLAGS:
         if any(note.startswith(prefix) for note in notes):
             flags.append(flag)
+    if quality.get("score", 1.0) < LIKELY_WRONG_BELOW:
+        flags.append("likely_wrong")
+    if quality.get("joined_object", 0.0) >= MULTIPLE_OBJECTS_MIN:
+        flags.append("multiple_objects")
     return flags
+
+
+def _small(array: np.ndarray) -> np.ndarray:
+    height, width = array.shape[:2]
+    scale = SIGNAL_SIDE / max(height, width)
+    if scale >= 1.0:
+        return array
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(array, size, interpolation=cv2.INTER_AREA)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b)) / union if union else 1.0

@@ -1,0 +1,373 @@
+"""Cross-validated quality score, do-no-harm gating and cascade, from cached raw masks.
+
+Why: at scale nobody looks at the outputs, so the score has to find the bad ones by itself; it
+is fitted here on one half of the visible photos and judged on the other, both ways round.
+
+    .venv/bin/python benchmarks/cache_masks.py --cache /work/main/.cache/masks \\
+        isnet-general:896 u2netp:320 isnet-general:768 isnet-general:512       # raw masks, once
+    .venv/bin/python benchmarks/quality_cv.py --cache /work/main/.cache/masks   # prints everything
+
+Steps:
+1. Every photo (27 alphamatting + 50 GrabCut) through the real post-processing
+   (``Pipeline.finish``: calibrate, GrabCut, trimap, matting, quality measurements) for each
+   variant below, from the cached raw masks; per-photo rows are kept in
+   ``CACHE/quality_rows.json`` (``--refresh`` recomputes them after a change to the measurements).
+2. A photo's output is *bad* when the IoU of alpha ≥ 0.5 against the truth is below 0.90
+   (GrabCut: the 128 band left out; alphamatting: truth > 0.5).
+3. Score: logistic regression (L2, Newton steps, numpy) on standardised measurements, fitted on
+   one half (each set's photos by name, alternating: A = even positions) and reported on the
+   other: ROC AUC, and the ``likely_wrong`` threshold chosen on the fitted half (the score
+   below which ``FLAG_SHARE`` of that half's outputs fall) with the share of bad outputs it
+   catches and of all outputs it flags on the held-out half. Then the model fitted on all
+   photos, printed as the ``SCORE_MODEL`` block of ``cutout/workers/quality.py``.
+4. Do no harm: per photo, ``balanced``, and ``best`` again where its score is below S (the
+   output with the higher score kept, as ``Pipeline._escalate`` does); S chosen on one half (the
+   lowest criterion of ``tune_cv.py`` within balanced's CPU budget, ties to the lower S) and
+   reported on the other; a refinement gate (the unrefined output where the refined one scores
+   low) scored the same way.
+5. Cascade: ``fast`` on every photo, ``balanced`` or ``best`` rerun where the score is below T,
+   the output with the higher score kept; T chosen the same way against ``best``, and the
+   frontier (quality against estimated CPU per photo) for every T.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tune_cv import Masks, samples  # noqa: E402  (same data, halves and cache as the presets' CV)
+
+BAD_IOU = 0.90
+FLAG_SHARE = 0.17  # the likely_wrong threshold flags this share of the fitted half's outputs
+RIDGE = 3.0  # L2 penalty on the standardised weights (77 photos: keep the model small); of 0.3,
+# 1, 3, 10, 30 the best pooled held-out AUC (1 and 3 within 0.001), so slightly optimistic
+# The model's inputs, all of the measurements (no subset picked on the data); sqrt_ spreads
+# ratios whose informative values are small.
+FEATURES = ("multiple_objects", "sqrt_joined_object", "sqrt_second_object", "border_contact", "sqrt_refine_change", "ramp_gain", "grey_share",
+            "edge_alignment", "unknown_share", "confidence", "alpha_coverage")
+SECOND_OPINION = "u2netp_disagreement"  # 1 - IoU with a u2netp 320 pass: costs a network run
+
+TIE = 0.005  # criteria closer than this count as equal; the cheaper threshold wins
+BALANCED = {"preset": "balanced", "background": "mask", "escalate": None}
+BEST = {"preset": "best", "background": "mask", "escalate": None}
+FAST = {"preset": "fast", "background": "mask", "escalate": None}
+NO_REFINE = {"refine": "none"}
+# name: (mask source in tune_cv's notation, PipelineOptions fields). Fast's model is the fused
+# one; its raw mask is the mean of the two cached passes, as the fusion computes it.
+VARIANTS = {
+    "balanced": ("isnet@896", BALANCED),
+    "balanced/raw": ("isnet@896", {**BALANCED, **NO_REFINE}),
+    "best": ("max:isnet@768,isnet@896", BEST),
+    "fast": ("mean:isnet@512,u2netp@320", FAST),
+}
+
+
+# --- step 1: rows ---------------------------------------------------------------------------
+def collect(masks: Masks, data, rows: dict, names) -> None:
+    from PIL import Image
+
+    from cutout.jobs.spec import PipelineOptions
+    from cutout.workers import metrics
+    from cutout.workers.pipeline import Pipeline
+
+    for name in names:
+        source, fields = VARIANTS[name]
+        if not all(masks.available(m) for m in masks.members(source)):
+            print(f"  {name}: masks not cached yet, left out", flush=True)
+            continue
+        pipeline = Pipeline(PipelineOptions(**fields))
+        for dataset, stem, path, gt, ignore, half in data:
+            key = f"{name}|{dataset}/{stem}"
+            if key in rows:
+                continue
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            start = time.process_time()
+            result = pipeline.finish(rgb, pipeline.calibrate(masks.source(source, dataset, stem)))
+            cpu = time.process_time() - start
+            alpha = result.alpha
+            second = masks.source("u2netp@320", dataset, stem) >= 0.5
+            row = {"set": dataset, "stem": stem, "half": half, "cpu": cpu, "notes": result.notes,
+                   "iou": metrics.iou(alpha >= 0.5, gt > 0.5, ignore),
+                   "mse": metrics.mse(alpha, gt, None if ignore is None else ~ignore),
+                   **{f"q_{k}": v for k, v in result.quality.items()},
+                   "q_" + SECOND_OPINION: 1.0 - metrics.iou(second, alpha >= 0.5)}
+            if dataset == "am":
+                row["sad"] = metrics.sad(alpha, gt)
+            rows[key] = row
+        print(f"  {name}: done", flush=True)
+
+
+def table(rows: dict, name: str, data) -> list[dict]:
+    return [rows[f"{name}|{d}/{s}"] for d, s, *_ in data if f"{name}|{d}/{s}" in rows]
+
+
+# --- step 3: the score ------------------------------------------------------------------------
+def feature_matrix(rows: list[dict], features) -> np.ndarray:
+    from cutout.workers.quality import feature_value
+
+    return np.array([[feature_value({k[2:]: v for k, v in r.items() if k.startswith("q_")}, f)
+                      for f in features] for r in rows], np.float64)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE):
+    """Means, scales, weights, intercept of P(y = 1) = sigmoid(b + w · (x - mean) / scale)."""
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-9
+    z = np.hstack([np.ones((len(x), 1)), (x - mean) / scale])
+    w = np.zeros(z.shape[1])
+    penalty = np.eye(z.shape[1]) * ridge
+    penalty[0, 0] = 0.0
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-z @ w))
+        gradient = z.T @ (p - y) + penalty @ w
+        hessian = z.T @ (z * (p * (1 - p))[:, None]) + penalty
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return mean, scale, w[1:], w[0]
+
+
+def predict_right(model, x: np.ndarray) -> np.ndarray:
+    """The score: P(right) = 1 - P(bad)."""
+    mean, scale, weights, intercept = model
+    return 1.0 - 1.0 / (1.0 + np.exp(-(intercept + ((x - mean) / scale) @ weights)))
+
+
+def auc(score_bad: np.ndarray, bad: np.ndarray) -> float:
+    """ROC AUC of ``score_bad`` (higher = more likely bad)."""
+    from cutout.workers.metrics import roc_auc
+
+    return roc_auc(score_bad, bad)
+
+
+def flag_threshold(scores: np.ndarray, share: float = FLAG_SHARE) -> float:
+    """The score below which ``share`` of these outputs fall."""
+    return float(np.quantile(scores, share))
+
+
+def catch(scores: np.ndarray, bad: np.ndarray, threshold: float) -> tuple[float, float, int, int]:
+    flagged = scores < threshold
+    return (float((flagged & bad).sum() / max(1, bad.sum())), float(flagged.mean()),
+            int((flagged & bad).sum()), int(bad.sum()))
+
+
+def score_study(rows: dict, data, variants, features, label: str) -> dict:
+    """Both folds and the pooled held-out figures for one feature set, fitted on ``variants``'
+    rows, reported on the ``balanced`` rows of the held-out half."""
+    print(f"\n{label}: features {', '.join(features)}; fitted on {', '.join(variants)}")
+    held_scores, held_bad, out = [], [], {}
+    for fit_half, test_half in (("A", "B"), ("B", "A")):
+        fit_rows = [r for v in variants for r in table(rows, v, data) if r["half"] == fit_half]
+        test_rows = [r for r in table(rows, "balanced", data) if r["half"] == test_half]
+        model = fit_logistic(feature_matrix(fit_rows, features), np.array([r["iou"] < BAD_IOU for r in fit_rows], float))
+        fit_balanced = [r for r in table(rows, "balanced", data) if r["half"] == fit_half]
+        threshold = flag_threshold(predict_right(model, feature_matrix(fit_balanced, features)))
+        scores = predict_right(model, feature_matrix(test_rows, features))
+        bad = np.array([r["iou"] < BAD_IOU for r in test_rows])
+        caught, flagged, n_caught, n_bad = catch(scores, bad, threshold)
+        print(f"  fit {fit_half}, report {test_half}: AUC {auc(1 - scores, bad):.3f}  likely_wrong below "
+              f"{threshold:.3f}: caught {n_caught}/{n_bad} = {caught:.0%} of bad, flagged {flagged:.0%} of "
+              f"{len(test_rows)}")
+        held_scores.append(scores)
+        held_bad.append(bad)
+        out[f"fit {fit_half}"] = {"auc": auc(1 - scores, bad), "caught": caught, "flagged": flagged,
+                                  "threshold": threshold}
+        out[fit_half] = model
+    scores, bad = np.concatenate(held_scores), np.concatenate(held_bad)
+    flagged = np.concatenate([s < out[f"fit {h}"]["threshold"] for s, h in zip(held_scores, "AB")])
+    print(f"  pooled held-out: AUC {auc(1 - scores, bad):.3f}  caught {(flagged & bad).sum()}/{bad.sum()} = "
+          f"{(flagged & bad).sum() / bad.sum():.0%}, flagged {flagged.mean():.0%} of {len(bad)}")
+    out["pooled"] = {"auc": auc(1 - scores, bad), "caught": float((flagged & bad).sum() / bad.sum()),
+                     "flagged": float(flagged.mean())}
+    return out
+
+
+def single_signal_aucs(rows: dict, data) -> None:
+    balanced = table(rows, "balanced", data)
+    bad = np.array([r["iou"] < BAD_IOU for r in balanced])
+    print(f"\nbalanced outputs: {bad.sum()} bad of {len(bad)} (IoU < {BAD_IOU}); one signal each, AUC "
+          "(> 0.5: higher means worse; < 0.5: lower means worse):")
+    for name in sorted(k for k in balanced[0] if k.startswith("q_") and k != "q_score"):
+        values = np.array([r[name] for r in balanced])
+        print(f"  {name[2:]:22} {auc(values, bad):.3f}")
+
+
+def rescore(rows: dict, model, features) -> None:
+    """Every row's score ``s`` under ``model`` (a fold's, so policies are judged out of fold)."""
+    values = list(rows.values())
+    for row, value in zip(values, predict_right(model, feature_matrix(values, features))):
+        row["s"] = float(value)
+
+
+def final_model(rows: dict, data, variants, features):
+    fit_rows = [r for v in variants for r in table(rows, v, data)]
+    mean, scale, weights, intercept = fit_logistic(
+        feature_matrix(fit_rows, features), np.array([r["iou"] < BAD_IOU for r in fit_rows], float))
+    # the model predicts P(bad); the stored score is P(right): flip the signs once here
+    model = {"intercept": round(float(-intercept), 4),
+             "features": {f: (round(float(m), 4), round(float(s), 4), round(float(-w), 4))
+                          for f, m, s, w in zip(features, mean, scale, weights)}}
+    balanced = table(rows, "balanced", data)
+    threshold = flag_threshold(predict_right((mean, scale, weights, intercept), feature_matrix(balanced, features)))
+    print("\nfitted on all photos (paste into cutout/workers/quality.py):")
+    print(f'SCORE_MODEL = {{\n    "intercept": {model["intercept"]},\n    "features": {{  # name: (mean, scale, weight)')
+    for name, values in model["features"].items():
+        print(f'        "{name}": {values},')
+    print("    },\n}")
+    print(f"LIKELY_WRONG_BELOW = {threshold:.3f}  # flags {FLAG_SHARE:.0%} of the balanced outputs")
+    return mean, scale, weights, intercept
+
+
+# --- step 4: do no harm -----------------------------------------------------------------------
+def criterion(chosen: list[dict], reference: list[dict]) -> float:
+    """tune_cv.py's J: SAD, MSE (alphamatting), 1 - IoU, MSE (GrabCut), each over the default's."""
+    def means(rows):
+        am = [r for r in rows if r["set"] == "am"]
+        gc = [r for r in rows if r["set"] == "gc"]
+        return (statistics.fmean(r["sad"] for r in am), statistics.fmean(r["mse"] for r in am),
+                1 - statistics.fmean(r["iou"] for r in gc), statistics.fmean(r["mse"] for r in gc))
+    return statistics.fmean(c / max(r, 1e-9) for c, r in zip(means(chosen), means(reference)))
+
+
+def figures(rows: list[dict]) -> str:
+    am = [r for r in rows if r["set"] == "am"]
+    gc = [r for r in rows if r["set"] == "gc"]
+    return (f"SAD {statistics.fmean(r['sad'] for r in am):6.2f} / {statistics.median(r['sad'] for r in am):5.2f}"
+            f"  MSE am {statistics.fmean(r['mse'] for r in am):.4f}  IoU gc {statistics.fmean(r['iou'] for r in gc):.4f}"
+            f"  MSE gc {statistics.fmean(r['mse'] for r in gc):.4f}")
+
+
+def escalated(rows: dict, key: str, cheap: str, costly: str, below: float) -> tuple[dict, bool]:
+    """The cascade for one photo: ``cheap``'s output, or ``costly``'s when the first scored
+    below ``below`` and the second scores higher (``Pipeline._escalate``)."""
+    first = rows[f"{cheap}|{key}"]
+    if first["s"] >= below:
+        return first, False
+    second = rows[f"{costly}|{key}"]
+    return (second if second["s"] > first["s"] else first), True
+
+
+def rerun_cpu(rows: dict, keys, below: float) -> float:
+    """Estimated CPU-s per photo of balanced with best rerun where its score is below ``below``."""
+    share = sum(rows[f"balanced|{k}"]["s"] < below for k in keys) / len(keys)
+    return COST["balanced"] + share * (COST["best"] - FIXED_RUN_CPU)
+
+
+def cheapest_best(grid, j) -> float:
+    """The lowest threshold whose criterion is within ``TIE`` of the best on the grid (a lower
+    threshold reruns fewer photos)."""
+    values = {threshold: j(threshold) for threshold in grid}
+    return min(t for t, value in values.items() if value <= min(values.values()) + TIE)
+
+
+def harm_study(rows: dict, data, models: dict, features) -> dict:
+    """Per photo: balanced, and best where balanced's score is below S (the higher score kept);
+    S chosen on one half by tune_cv.py's criterion, reported on the other. A refinement gate
+    (the unrefined output where the refined one scores below a threshold, if it scores higher)
+    is chosen and reported the same way."""
+    keys = [f"{d}/{s}" for d, s, *_ in data]
+    halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
+    grid = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
+    print("\ndo no harm: balanced, and best where balanced's score is below S (higher score kept):")
+    picks = {}
+    for fit_half, test_half in (("A", "B"), ("B", "A"), (None, None)):
+        rescore(rows, models[fit_half], features)
+        fit = [k for k in keys if fit_half is None or halves[k] == fit_half]
+        reference = [rows[f"balanced|{k}"] for k in fit]
+        affordable = [s for s in grid if rerun_cpu(rows, fit, s) <= BALANCED_BUDGET]
+        below, below_r = (cheapest_best(affordable, lambda s: criterion(
+            [escalated(rows, k, "balanced", other, s)[0] for k in fit], reference)) for other in ("best", "balanced/raw"))
+        picks[fit_half] = below
+        test = [k for k in keys if test_half is None or halves[k] == test_half]
+        chosen = [escalated(rows, k, "balanced", "best", below) for k in test]
+        gate = [escalated(rows, k, "balanced", "balanced/raw", below_r)[0] for k in test]
+        default = [rows[f"balanced|{k}"] for k in test]
+        label = "all photos" if fit_half is None else f"fit {fit_half}, report {test_half}"
+        share = sum(c[1] for c in chosen) / len(test)
+        print(f"  {label}: S {below} (the lowest criterion at an estimated CPU within {BALANCED_BUDGET:.2f}): "
+              f"best rerun on {sum(c[1] for c in chosen)}/{len(test)}, est. CPU-s "
+              f"{COST['balanced'] + share * (COST['best'] - FIXED_RUN_CPU):.2f}")
+        print(f"    default            {figures(default)}")
+        print(f"    + best below S     {figures([c[0] for c in chosen])}  J {criterion([c[0] for c in chosen], default):.3f}")
+        print(f"    refinement gate    {figures(gate)}  J {criterion(gate, default):.3f} (unrefined kept "
+              f"below {below_r} when it scores higher)")
+        print(f"    best preset        {figures([rows[f'best|{k}'] for k in test])}")
+    return picks
+
+
+# --- step 5: cascade --------------------------------------------------------------------------
+# Whole-process CPU-s per photo from benchmarks/bench_cost.py (docs/results.md): fast 2.71,
+# balanced 4.47, best 6.84; a rerun costs best's per-photo work without its model loads and
+# imports, estimated as best minus FIXED_RUN_CPU.
+COST = {"fast": 2.71, "balanced": 4.47, "best": 6.84}
+FIXED_RUN_CPU = 0.9  # imports and model loads per photo over a 27-photo run (bench_cost.py)
+BALANCED_BUDGET = 10.04 / 2  # balanced's budget: half of rembg -a's CPU-s per photo (bench_cost.py)
+
+
+def cascade_study(rows: dict, data, models: dict, features) -> None:
+    """``fast`` everywhere, ``balanced`` or ``best`` again below T (the higher score kept). T is
+    chosen on one half: the lowest criterion against ``best`` at an estimated CPU within
+    ``balanced``'s; reported on the other half, and every T on all photos (the frontier)."""
+    keys = [f"{d}/{s}" for d, s, *_ in data]
+    halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
+    grid = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+    def run(test, costly, threshold):
+        picked = [escalated(rows, k, "fast", costly, threshold) for k in test]
+        cpu = COST["fast"] + sum(c[1] for c in picked) / len(test) * (COST[costly] - FIXED_RUN_CPU)
+        return [c[0] for c in picked], cpu
+
+    for costly in ("balanced", "best"):
+        print(f"\ncascade: fast everywhere, {costly} where fast's score < T, the higher score kept")
+        for fit_half, test_half in (("A", "B"), ("B", "A"), (None, None)):
+            rescore(rows, models[fit_half], features)
+            fit = [k for k in keys if fit_half is None or halves[k] == fit_half]
+            best_rows = [rows[f"best|{k}"] for k in fit]
+            within = [(criterion(run(fit, costly, t)[0], best_rows), t) for t in grid
+                      if run(fit, costly, t)[1] <= COST["balanced"]]
+            threshold = min(within)[1] if within else grid[0]
+            test = [k for k in keys if test_half is None or halves[k] == test_half]
+            chosen, cpu = run(test, costly, threshold)
+            label = "all photos" if fit_half is None else f"fit {fit_half}, report {test_half}"
+            print(f"  {label}: T {threshold}")
+            for name in ("fast", "balanced", "best"):
+                print(f"    {name:10} {figures([rows[f'{name}|{k}'] for k in test])}  CPU-s {COST[name]:.2f}")
+            print(f"    cascade    {figures(chosen)}  CPU-s {cpu:.2f} (est.)  J vs best "
+                  f"{criterion(chosen, [rows[f'best|{k}'] for k in test]):.3f}")
+        print("  the frontier, all photos (scores of the model fitted on all photos):")
+        for threshold in grid:
+            chosen, cpu = run(keys, costly, threshold)
+            print(f"    T {threshold:4.2f}  {figures(chosen)}  CPU-s {cpu:.2f} (est.)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default=".cache/masks")
+    parser.add_argument("--refresh", action="store_true", help="recompute every row")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    masks, data = Masks(Path(args.cache)), samples()
+    path = Path(args.cache) / "quality_rows.json"
+    rows = {} if args.refresh or not path.exists() else json.loads(path.read_text())
+    collect(masks, data, rows, args.variants)
+    path.write_text(json.dumps(rows))
+    single_signal_aucs(rows, data)
+    fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
+    score_study(rows, data, ["balanced"], FEATURES, "score, fitted on balanced outputs")
+    folds = score_study(rows, data, fitted_on, FEATURES, "score, fitted on every preset's outputs")
+    score_study(rows, data, fitted_on, FEATURES + (SECOND_OPINION,), "score with the u2netp second opinion")
+    models = {"A": folds["A"], "B": folds["B"], None: final_model(rows, data, fitted_on, FEATURES)}
+    if all(table(rows, v, data) for v in ("balanced/raw", "best")):
+        harm_study(rows, data, models, FEATURES)
+    if all(table(rows, v, data) for v in ("fast", "best")):
+        cascade_study(rows, data, models, FEATURES)
+
+
+if __name__ == "__main__":
+    main()

