@@ -13,6 +13,7 @@ import time
 
 from pydantic import ValidationError
 
+from cutout.jobs.boxes import add_box_arguments, box_spec_fields
 from cutout.jobs.cli import add_connection_args
 from cutout.jobs.cli_options import add_pipeline_arguments, chosen_options, options_from_args, validation_message
 from cutout.jobs.errors import ConfigError
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     submit.add_argument("--incremental", action="store_true",
                         help="add only inputs the job does not list yet (a source that keeps growing)")
     add_pipeline_arguments(submit)
+    add_box_arguments(submit)
     add_connection_args(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -97,12 +99,13 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 def build_spec(args: argparse.Namespace):
     from cutout.jobs.spec import JobSpec
 
+    boxes = box_spec_fields(args)  # before the pipeline: --classes may filter COCO annotations
     pipeline = options_from_args(args)
     try:
         return JobSpec(
             sources=tuple(args.sources), destination=args.destination, pipeline=pipeline,
             weights_sha256=_local_weights_sha256(args.weights), shard_size=args.shard_size,
-            queue=args.queue, suffix=args.suffix,
+            queue=args.queue, suffix=args.suffix, **boxes,
         )
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from exc

@@ -26,9 +26,14 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag-name`` per user-facing PipelineOptions field."""
     group = parser.add_argument_group("pipeline")
     for name, info in user_option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        if info.annotation is bool:  # a switch (--crop), or a value (--crop false), absent: not set
+            group.add_argument(flag, dest=name, nargs="?", const=True, type=_switch, default=None,
+                               help=_help(name, info))
+            continue
         kind, choices = _flag_type(info.annotation)
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=choices,
-                           default=None, help=_help(name, info))
+        group.add_argument(flag, dest=name, type=kind, choices=choices, default=None,
+                           help=_help(name, info))
 
 
 def chosen_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,6 +57,16 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
     )
+
+
+def _switch(text: str) -> bool:
+    """A boolean flag's optional value: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
 
 
 def _flag_type(annotation) -> tuple[type, list[str] | None]:

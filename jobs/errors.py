@@ -164,3 +164,11 @@ class InvalidIdError(CutoutError):
 class CorruptImageError(DecodeError):
     """An image by its signature, but damaged (bad checksum, broken header or pixel stream) or
     holding no usable pixel value (a float image that is all NaN/Inf)."""
+
+
+# --- box hints ---------------------------------------------------------------------------------
+class InvalidBoxError(CutoutError):
+    """A box hint that names no pixels of its image: empty, inverted, or outside the image.
+    Recorded for that one object; the image's other boxes are cut out as usual."""
+
+    stage = "box"

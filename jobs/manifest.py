@@ -299,15 +299,30 @@ def parquet_schema(extra_columns: list[str] | None = None):
         ("height", pa.int64()), ("model", text), ("config_hash", text), ("shard_id", text),
         ("worker", text), ("job_id", text), ("quality", pa.map_(pa.string(), pa.float64())),
         ("flags", strings),
-    ] + [(extra_column_name(name), text) for name in extra_columns or ()])
+    ] + [(extra_column_name(name), _extra_type(name)) for name in extra_columns or ()])
+
+
+# Columns a box hint adds, kept typed (a box is four numbers to a query); the ids a COCO
+# annotation adds stay text like any list-file column (datasets do not all use integers).
+TYPED_EXTRAS = {"box": "boxes", "box_index": "id"}
+
+
+def _extra_type(name: str):
+    """Typed for box hints; other list-file columns are text (list files mix types)."""
+    import pyarrow as pa
+
+    kind = TYPED_EXTRAS.get(name)
+    return pa.list_(pa.float64()) if kind == "boxes" else pa.int64() if kind == "id" else pa.string()
 
 
 def parquet_row(row: dict, extra_names: list[str]) -> dict:
-    """Maps as pairs; extra columns as text (JSON for non-strings), since list files mix types."""
+    """Maps as pairs; extra columns as text (JSON for non-strings), box hints as they are."""
     row["timings"] = list(row["timings"].items())
     row["quality"] = list(row.get("quality", {}).items())
     for name in extra_names:
         value = row.get(name)
+        if name in TYPED_EXTRAS:
+            continue
         if value is not None and not isinstance(value, str):
             row[name] = json.dumps(value, ensure_ascii=False, default=str)
     return row

@@ -12,7 +12,7 @@ Collisions: two inputs that would share an output (``a.jpg`` and ``a.png`` → `
 never overwrite each other. The first in source order gets the natural name; a later one
 keeps its full source name before the new extension (``a.png.png``), then ``~2``, ``~3``...
 Source order is deterministic, so the same sources always give the same keys. Detection
-holds a 64-bit digest per output key (``cutout.jobs.digests``: about 8 MB per million inputs).
+holds a 64-bit digest per output key (``cutout.jobs.digests``: 8 bytes per input, large runs on temp disk).
 """
 from __future__ import annotations
 

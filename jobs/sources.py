@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from cutout.jobs import storage
+from cutout.jobs.boxes import BoxExpander
+from cutout.jobs.coco import is_coco_file, iter_coco_items
 from cutout.jobs.errors import ConfigError, NotFoundError
 from cutout.jobs.inventory import is_inventory_manifest, iter_inventory
 
@@ -58,15 +60,33 @@ class SourceItem:
 
 
 def iter_source_items(sources: Iterable[str], *, all_files: bool = False,
-                      skips: storage.ListingSkips | None = None) -> Iterator[SourceItem]:
+                      skips: storage.ListingSkips | None = None,
+                      boxes: BoxExpander | None = None) -> Iterator[SourceItem]:
     """Every input of every source, in a stable order; ``ConfigError`` for a missing source.
 
     Folder entries that are not regular files (pipes, sockets, devices, broken links, symlink
-    loops) are skipped with a warning and counted in ``skips``.
+    loops) are skipped with a warning and counted in ``skips``. A list-file row with a box
+    column gives one input per box (``boxes``: which column, which format; default ``bbox``,
+    ``xywh``; see ``cutout.jobs.boxes``).
     """
     skips = skips if skips is not None else storage.ListingSkips()
+    boxes = boxes if boxes is not None else BoxExpander()
     for source in sources:
-        yield from _iter_one(source.strip(), all_files, skips)
+        if is_coco_file(source.strip()):
+            for uri, rel_key, extra in iter_coco_items(source.strip(), boxes.images, boxes.classes):
+                yield SourceItem(uri, rel_key, extra)
+            continue
+        for item in _iter_one(source.strip(), all_files, skips):
+            yield from _with_boxes(item, boxes, source)
+
+
+def _with_boxes(item: SourceItem, boxes: BoxExpander, source: str) -> Iterator[SourceItem]:
+    """A listed item as is, or one item per box its row carries."""
+    if not item.extra:
+        yield item
+        return
+    for uri, rel_key, extra in boxes.expand(item.uri, item.rel_key, item.extra, where=f"{source}: "):
+        yield SourceItem(uri, rel_key, extra)
 
 
 def input_identity(uri: str) -> str:

@@ -190,6 +190,10 @@ class PipelineOptions(BaseModel):
                          description="lossy WebP / JPEG quality")
     max_pixels: int = Field(64_000_000, ge=1, json_schema_extra=USER,
                             description="inputs over this many pixels are refused from the header")
+    crop: bool = Field(
+        False, json_schema_extra=USER,
+        description="with box hints: write just the box and its margin (object banks), not the "
+                    "whole frame")
 
     @property
     def component_models(self) -> tuple[str, ...]:
@@ -286,6 +290,12 @@ class JobSpec(BaseModel):
     shard_size: int | None = Field(None, ge=1, le=10_000)
     queue: str = "cutout"
     suffix: str = ""  # appended to each output stem, e.g. "_cutout"
+    # Box hints in list files (cutout.jobs.boxes): the column holding them and their format.
+    box_column: str = "bbox"
+    box_format: Literal["xywh", "xyxy", "xywhn", "xyxyn"] = "xywh"
+    # COCO annotation sources (cutout.jobs.coco): where their images live (file names join it).
+    images: str | None = None
+    annotation_classes: tuple[str, ...] = ()  # COCO sources: the categories kept (all when empty)
 
     @field_validator("sources")
     @classmethod

@@ -26,6 +26,7 @@ from cutout.jobs.settings import settings
 from cutout.jobs.queue import send_process_shard, submitter_app
 from cutout.jobs.records import ShardStats
 from cutout.jobs.redact import redact
+from cutout.jobs.boxes import box_expander
 from cutout.jobs.sources import input_identity, iter_source_items
 from cutout.jobs.spec import JobSpec
 from cutout.jobs.window import ShardWindow
@@ -138,7 +139,8 @@ def _stream_and_enqueue(spec, prefix, client, app, progress, all_files) -> Submi
     skips = storage.ListingSkips()
     columns = ExtraColumns()
     shards = sharding.iter_shards(
-        columns.watch(iter_source_items(spec.sources, all_files=all_files, skips=skips)),
+        columns.watch(iter_source_items(spec.sources, all_files=all_files, skips=skips,
+                                        boxes=box_expander(spec))),
         destination=spec.destination,
         extension=spec.pipeline.extension,
         suffix=spec.suffix,
@@ -313,7 +315,8 @@ def _extend_job(spec, prefix, client, broker_url, all_files) -> SubmitResult:
     items_old, _ = manifest.load_totals(prefix)
     progress = live_progress(client, spec.job_id)
     columns = ExtraColumns(manifest.load_extra_columns(prefix))
-    fresh = known.new_only(columns.watch(iter_source_items(spec.sources, all_files=all_files)))
+    fresh = known.new_only(columns.watch(iter_source_items(spec.sources, all_files=all_files,
+                                                           boxes=box_expander(spec))))
     shards = sharding.iter_shards(
         fresh, destination=spec.destination, extension=spec.pipeline.extension, suffix=spec.suffix,
         shard_size=spec.shard_size, first_index=known.next_index, items_before=items_old,

@@ -43,6 +43,7 @@ SAMPLES = {
     "format": ("webp", "webp"),
     "quality": ("77", 77),
     "max_pixels": ("1000000", 1_000_000),
+    "crop": ("true", True),
 }
 ALONE = {"weights": {"model": "u2netp"}}  # fields checked apart, with the fields they need
 PIPELINE_COMMANDS = ("run", "submit", "redo", "eval")

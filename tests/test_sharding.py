@@ -123,8 +123,9 @@ def test_with_extension_keeps_renames():
 
 
 def test_collision_names_are_the_same_when_the_claims_live_in_sorted_runs(monkeypatch):
-    """Claims move from a small set into merged sorted numpy runs (cutout.jobs.digests); a
-    clash with a key claimed long before (now in a run) is still found, with the same names."""
+    """Claims move from a small set into merged sorted numpy runs (cutout.jobs.digests), then
+    into runs on disk; a clash with a key claimed long before (now in a run) is still found,
+    with the same names."""
     from cutout.jobs import digests
 
     names = [f"d{i % 7}/{i}.jpg" for i in range(60)] + ["d0/0.png", "d3/10.webp", "d0/0.jpg.jpg", "d0/0.jpg"]
@@ -138,6 +139,13 @@ def test_collision_names_are_the_same_when_the_claims_live_in_sorted_runs(monkey
     monkeypatch.setattr(digests, "BUFFER_ENTRIES", 4)  # every few claims become a sorted run
     in_runs = outputs()
     assert in_runs == in_a_set
+    monkeypatch.setattr(digests, "RAM_RUN_ENTRIES", 8)  # runs of more than 8 live in temp files
+    monkeypatch.setattr(digests, "MERGE_CHUNK_ENTRIES", 3)
+    opened, write_run = [], digests._write_run
+    monkeypatch.setattr(digests, "_write_run", lambda path, chunks: opened.append(path) or write_run(path, chunks))
+    on_disk = outputs()
+    assert on_disk == in_a_set
+    assert opened  # the claims really went through runs on disk
     assert in_runs[-4:] == ["/o/d0/0.png.png", "/o/d3/10.webp.png", "/o/d0/0.jpg.png", "/o/d0/0.jpg~2.png"]
     assert len(set(in_runs)) == len(in_runs)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
@@ -38,10 +38,13 @@ class Session:
         self.options = _options(options, _chosen("Session", pipeline_options))
         self.pipeline = MODEL_CACHE.pipeline(self.options, device)
 
-    def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None) -> CutoutResult:
+    def remove(self, image: ImageInput, *, trimap: np.ndarray | None = None,
+               box: Sequence[float] | None = None) -> CutoutResult:
         """One image → its cutout. Raises a typed ``CutoutError`` (labelled with its stage).
-        ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces segmentation for this image."""
-        (result,) = self._run([image], [trimap])
+        ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces segmentation for this image;
+        ``box`` ``(x, y, w, h)`` in pixels cuts out the object in that box (at the input's size,
+        alpha zero outside it; just the box and its margin with ``crop=True``)."""
+        (result,) = self._run([image], [trimap], [box])
         if isinstance(result, CutoutError):
             raise result
         return result
@@ -53,25 +56,30 @@ class Session:
         images = list(images)
         return self._run(images, [None] * len(images))
 
-    def _run(self, images: list, trimaps: list) -> list[CutoutResult | CutoutError]:
+    def _run(self, images: list, trimaps: list, boxes: list | None = None) -> list[CutoutResult | CutoutError]:
         """The pipeline's driver over the inputs that could be read; the others keep their
         error in their slot."""
         slots = [_prepare(image, trimap) for image, trimap in zip(images, trimaps)]
+        for slot, box in zip(slots, boxes or []):
+            if box is not None and isinstance(slot, PipelineInput):
+                slot.box = tuple(box)
         ready = [slot for slot in slots if isinstance(slot, PipelineInput)]
         outcomes = iter(self.pipeline.run(ready, encode=False, keep_result=True))
         return [slot if isinstance(slot, CutoutError) else _result(next(outcomes)) for slot in slots]
 
 
 def remove_background(image: ImageInput, *, device: str | None = None, trimap: np.ndarray | None = None,
-                      **pipeline_options: Any) -> CutoutResult:
+                      box: Sequence[float] | None = None, **pipeline_options: Any) -> CutoutResult:
     """One call, one image: ``cutout.remove_background("cat.jpg", background="blur:25")``.
 
     Keywords: every user-facing pipeline option (see the signature). The model stays loaded in
     the process cache, so calling it in a loop loads it once.
     ``trimap`` (gray, 0 bg / 128 unknown / 255 fg) replaces the one built from the mask.
+    ``box=(x, y, w, h)`` (pixels) cuts out the object in that box; ``crop=True`` returns just
+    the box with its margin.
     """
     options = _options(None, _chosen("remove_background", pipeline_options))
-    return Session(device=device, options=options).remove(image, trimap=trimap)
+    return Session(device=device, options=options).remove(image, trimap=trimap, box=box)
 
 
 def _chosen(function: str, keywords: dict[str, Any]) -> dict[str, Any]:

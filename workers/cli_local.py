@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cutout.jobs.boxes import add_box_arguments, annotation_classes
 from cutout.jobs.cli_options import add_pipeline_arguments, options_from_args
 from cutout.jobs.settings import settings
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="redo every input (default: skip inputs already done with the same settings)")
     add_pipeline_arguments(run)
+    add_box_arguments(run)
     run.set_defaults(func=run_command)
 
     evaluate = subparsers.add_parser(
@@ -40,6 +42,9 @@ def register(subparsers) -> None:
         "--data", help="a folder with image/ and alpha/ (soft mattes) or mask/ (0 bg, 255 fg, 128 left "
                        "out), matched by file stem; default: the benchmark sets in $CUTOUT_EVAL_DATA "
                        "or ../shared/testdata")
+    evaluate.add_argument(
+        "--boxes", help="score with box hints: a folder of box masks by file stem (GrabCut's rect/: "
+                        "the box around the pixels >= 128) or a .json {stem: [x, y, w, h]}; needs --data")
     evaluate.add_argument("--out", default="eval-output")
     evaluate.add_argument("--limit", type=int, help="only the first N photos of each set")
     evaluate.add_argument("--skip-matting-only", action="store_true")
@@ -60,11 +65,12 @@ def run_command(args: argparse.Namespace) -> int:
     from cutout.workers.models.base import check_device
 
     check_device(args.device)  # before anything is written
+    annotation_classes(args)  # with a COCO source --classes filters annotations (cutout.jobs.boxes)
     options = options_from_args(args)
     _check_trimaps_folder(args.trimaps)
     out_dir = _local_out_dir(args.out)
     listing_skips = ListingSkips()
-    items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips)
+    items = _run_items_plan(args.inputs, out_dir, options.extension, listing_skips, args)
     started = time.perf_counter()
     sink = FolderRecords(out_dir)
     todo = _not_done(items, sink, options.config_hash(), overwrite=args.overwrite)
@@ -136,17 +142,21 @@ def _check_trimaps_folder(folder: str | None) -> None:
                           "0 background, 128 unknown, 255 foreground)")
 
 
-def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips) -> list:
+def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips, args=None) -> list:
     """The inputs with collision-free output keys, as ``submit`` gives them (``jobs.sharding``).
 
     Inputs inside ``out_dir`` are left out (an output folder inside an input folder is never
-    read back), and a name that cannot be an output key gets ``_unnamed/<hash>``.
+    read back), and a name that cannot be an output key gets ``_unnamed/<hash>``. A list file's
+    box column (``--box-column``) and a COCO file give one input per box, as in ``submit``.
     """
+    from cutout.jobs.boxes import BoxExpander
     from cutout.jobs.sharding import iter_shards
     from cutout.jobs.sources import iter_source_items
 
     inside_out = out_dir.rstrip(os.sep) + os.sep
-    sources = (item for item in iter_source_items(inputs, skips=skips)
+    boxes = None if args is None else BoxExpander(
+        args.box_column, args.box_format, images=args.images, classes=annotation_classes(args))
+    sources = (item for item in iter_source_items(inputs, skips=skips, boxes=boxes)
                if not os.path.realpath(item.uri).startswith(inside_out))
     shards = iter_shards(sources, destination=out_dir, extension=extension, shard_size=10_000)
     return [item for shard in shards for item in shard.items]
@@ -154,9 +164,11 @@ def _run_items_plan(inputs: list[str], out_dir: str, extension: str, skips) -> l
 
 def _not_done(items: list, sink, config_hash: str, *, overwrite: bool) -> list:
     """Items to run: all with ``--overwrite``, else those not already done with these settings."""
+    from cutout.jobs.boxes import image_uri_of
+
     todo = []
     for item in items:
-        fingerprint = _fingerprint(item.uri)
+        fingerprint = _fingerprint(image_uri_of(item.uri, item.extra))
         sink.fingerprints[item.uri] = fingerprint
         if overwrite or not sink.already_done(item, fingerprint, config_hash):
             todo.append(item)
@@ -236,8 +248,17 @@ def eval_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     data = Path(args.data or settings().eval_data)
     _check_eval_data(data, is_user_folder(data), args.skip_segmentation)
+    if args.boxes and not is_user_folder(data):
+        from cutout.jobs.errors import ConfigError
+
+        raise ConfigError("--boxes needs --data DIR with image/ and mask/ (or alpha/)")
     if is_user_folder(data):
-        report = run_user_eval(options, data, Path(args.out), limit=args.limit)
+        boxes = None
+        if args.boxes:
+            from cutout.workers.boxes import load_eval_boxes
+
+            boxes = load_eval_boxes(args.boxes)
+        report = run_user_eval(options, data, Path(args.out), limit=args.limit, boxes=boxes)
         print(json.dumps(report["summary"], default=float))
         return 0
     report = run_eval(options, data, Path(args.out), limit=args.limit,

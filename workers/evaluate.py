@@ -138,11 +138,13 @@ def end_to_end(options: PipelineOptions, samples: list[MattingSample]) -> list[E
     return rows
 
 
-def run_one(pipeline, name: str, image: bytes | np.ndarray, *, encode: bool):
-    """One photo through the pipeline's driver (``Pipeline.run``); its failure is raised."""
+def run_one(pipeline, name: str, image: bytes | np.ndarray, *, encode: bool, box=None):
+    """One photo through the pipeline's driver (``Pipeline.run``); its failure is raised.
+    ``box`` ((x, y, w, h) px) takes the box path (``cutout.workers.boxes``)."""
     from cutout.workers.pipeline import PipelineInput
 
     item = PipelineInput(name, data=image) if isinstance(image, bytes) else PipelineInput(name, rgb=image)
+    item.box = box
     (outcome,) = pipeline.run([item], encode=encode, keep_result=True)
     if not outcome.ok:
         raise outcome.error
@@ -372,10 +374,11 @@ def load_user_folder(root: Path, limit: int | None = None) -> list[UserSample]:
     return samples
 
 
-def score_user_sample(pipeline, sample: UserSample) -> dict:
-    """Run one photo through the whole pipeline (decode to encode) and score its alpha."""
+def score_user_sample(pipeline, sample: UserSample, box=None) -> dict:
+    """Run one photo through the whole pipeline (decode to encode) and score its alpha; with
+    ``box`` ((x, y, w, h) px), the object in that box."""
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    result = run_one(pipeline, sample.name, sample.data, encode=True)
+    result = run_one(pipeline, sample.name, sample.data, encode=True, box=box)
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     if result.alpha.shape != sample.gt.shape:
         raise ValueError(f"{sample.name}: ground truth is {sample.gt.shape[::-1]} px, "
@@ -389,11 +392,16 @@ def score_user_sample(pipeline, sample: UserSample) -> dict:
 
 
 def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
-                  limit: int | None = None) -> dict:
-    """Score the pipeline on a user's folder; print per-image and summary figures."""
+                  limit: int | None = None, boxes: dict | None = None) -> dict:
+    """Score the pipeline on a user's folder; print per-image and summary figures. ``boxes``
+    (stem → (x, y, w, h)) scores the box path; a photo without a box is left out."""
     from cutout.workers.pipeline import Pipeline
 
     samples = load_user_folder(root, limit)
+    if boxes is not None:
+        samples = [s for s in samples if Path(s.name).stem in boxes]
+        if not samples:
+            raise FileNotFoundError(f"no photo under {root / 'image'} has a box")
     pipeline = Pipeline(options)
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     pipeline.load_models()
@@ -402,7 +410,8 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
           f"(loaded in {load['seconds']:.1f} s, {load['cpu_seconds']:.1f} CPU-s)")
     rows = []
     for sample in samples:
-        rows.append(score_user_sample(pipeline, sample))
+        rows.append(score_user_sample(pipeline, sample,
+                                      None if boxes is None else boxes[Path(sample.name).stem]))
         row = rows[-1]
         print(f"  {row['name']}: SAD {row['sad']:7.2f}  MSE {row['mse']:.4f}  IoU {row['iou']:.4f}  "
               f"{row['seconds']:.2f} s  {row['cpu_seconds']:.2f} CPU-s  {'; '.join(row['notes'])}",
@@ -411,7 +420,7 @@ def run_user_eval(options: PipelineOptions, root: Path, out_dir: Path, *,
                      "median": statistics.median(r[key] for r in rows)}
                for key in ("sad", "mse", "iou", "seconds", "cpu_seconds")}
     report = {"options": options.model_dump(mode="json"), "data_dir": str(root),
-              "images": len(rows), "model_load": load, "summary": summary,
+              "images": len(rows), "boxes": boxes is not None, "model_load": load, "summary": summary,
               "flags": flag_report(rows), "per_image": rows}
     _print_flag_report(report["flags"])
     print(f"  mean: SAD {summary['sad']['mean']:.2f} (median {summary['sad']['median']:.2f})  "

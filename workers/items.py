@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 from redis.exceptions import RedisError
 
 from cutout.jobs import sharding, storage
+from cutout.jobs.boxes import box_of, image_uri_of
 from cutout.jobs.errors import (
     CutoutError,
     OutputWriteError,
@@ -170,6 +171,7 @@ class _Loop:
         self.trimaps = trimaps
         self.emit_lock = threading.Lock()
         self.unreported: list[ItemRecord] = []  # emitted, not yet in the live counters
+        self.last_read: tuple[str, Future] | None = None  # boxes of one image share its read
 
     def emit(self, record: ItemRecord) -> None:
         with self.emit_lock:
@@ -215,7 +217,15 @@ class _Loop:
             self.report_counts()
 
     def start_reads(self, io_pool: ThreadPoolExecutor, batch: list[ShardItem]) -> list[Future]:
-        return [io_pool.submit(read_input, item.uri, self.source_policy) for item in batch]
+        return [self.read_once(io_pool, item) for item in batch]
+
+    def read_once(self, io_pool: ThreadPoolExecutor, item: ShardItem) -> Future:
+        """One read per image: the boxes of one image (consecutive items, cutout.jobs.boxes)
+        share the read of the first, and so one bytes object (decoded once by the pipeline)."""
+        uri = image_uri_of(item.uri, item.extra)
+        if self.last_read is None or self.last_read[0] != uri:
+            self.last_read = (uri, io_pool.submit(read_input, uri, self.source_policy))
+        return self.last_read[1]
 
     def run_batch(self, io_pool, batch: list[ShardItem], reads: list[Future]) -> list[Future]:
         from cutout.workers.pipeline import PipelineInput
@@ -225,7 +235,8 @@ class _Loop:
             record = self.new_record(item)
             try:
                 data, record.timings["read"] = read.result()
-                ready.append((item, record, PipelineInput(item.uri, data, trimap=self.hand_trimap(item))))
+                ready.append((item, record, PipelineInput(item.uri, data, trimap=self.hand_trimap(item),
+                                                          box=box_of(item.extra))))
             except CutoutError as exc:  # transient ones too: retried per item already
                 mark_failed(record, exc, default_stage="read")
                 self.emit(record)

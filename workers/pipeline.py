@@ -40,13 +40,16 @@ class CutoutResult:
 class PipelineInput:
     """One input of ``Pipeline.run``: encoded bytes (decoded by the pipeline) or a uint8 RGB
     array (with the alpha it carried); ``trimap`` (encoded gray bytes or a uint8 array, 0 bg /
-    128 unknown / 255 fg) replaces segmentation for this input."""
+    128 unknown / 255 fg) replaces segmentation for this input; ``box`` (a
+    ``cutout.jobs.boxes.BoxHint`` or ``(x, y, w, h)`` pixels) cuts out the object in that box
+    (``cutout.workers.boxes``). Inputs that share one ``data`` object are decoded once."""
 
     name: str
     data: bytes | None = None
     rgb: np.ndarray | None = None
     alpha: np.ndarray | None = None
     trimap: bytes | np.ndarray | None = None
+    box: object | None = None
 
 
 @dataclass
@@ -303,6 +306,10 @@ class Pipeline:
         """
         outcomes = [ItemOutcome(ok=False) for _ in inputs]
         images = self._decode(inputs, outcomes)
+        boxed = {i: images.pop(i) for i in list(images) if inputs[i].box is not None}
+        for index, image in boxed.items():
+            self._finish_box(outcomes[index], image, inputs[index].box, encode=encode,
+                             keep_result=keep_result)
         trimaps = self._hand_trimaps(inputs, images, outcomes)
         raw = self._segment_indexed({i: image for i, image in images.items() if i not in trimaps},
                                     outcomes)
@@ -319,18 +326,27 @@ class Pipeline:
         from cutout.workers.decode import decode_image
 
         images: dict[int, _Image] = {}
+        seen: dict[int, tuple] = {}  # id(data) → (image, notes) or (None, error): one decode per image
         for index, (item, outcome) in enumerate(zip(inputs, outcomes)):
             if item.data is None:
                 image = _Image(item.rgb, item.alpha)
+            elif id(item.data) in seen:  # another box of an image decoded for this batch
+                image, notes = seen[id(item.data)]
+                if image is None:
+                    outcome.error = notes
+                    continue
+                outcome.notes = list(notes)
             else:
                 try:
                     decoded = run_stage(outcome.timings, "decode", decode_image, item.data,
                                         max_pixels=self.options.max_pixels, name=item.name)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a record
                     outcome.error = _as_error(exc, "decode")
+                    seen[id(item.data)] = (None, outcome.error)
                     continue
                 image = _Image(decoded.rgb, decoded.alpha)
                 outcome.notes = list(decoded.notes)
+                seen[id(item.data)] = (image, tuple(decoded.notes))
             images[index] = image
             outcome.width, outcome.height = image.rgb.shape[1], image.rgb.shape[0]
         return images
@@ -362,9 +378,31 @@ class Pipeline:
             mask = trimap.astype(np.float32) / 255.0
             outcome.notes.append(HAND_TRIMAP_NOTE)
         result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
+        result.raw_mask = raw
+        self._complete(outcome, result, encode=encode, keep_result=keep_result)
+
+    def _finish_box(self, outcome: ItemOutcome, image: _Image, box, *, encode: bool,
+                    keep_result: bool) -> None:
+        """One boxed object of a decoded image (``cutout.workers.boxes``); a box that names no
+        pixels, or any other failure, is this object's error alone."""
+        from cutout.workers.boxes import box_region, cut_out_box
+
+        try:
+            height, width = image.rgb.shape[:2]
+            region = run_stage(outcome.timings, "box", box_region, box, width, height)
+            result = cut_out_box(self, image.rgb, region, input_alpha=image.alpha,
+                                 crop_output=self.options.crop)
+            self._complete(outcome, result, encode=encode, keep_result=keep_result)
+            outcome.height, outcome.width = result.alpha.shape
+        except Exception as exc:  # noqa: BLE001 - one object's failure never fails its neighbours
+            outcome.error = _as_error(exc, "box")
+
+    def _complete(self, outcome: ItemOutcome, result: CutoutResult, *, encode: bool,
+                  keep_result: bool) -> None:
+        """A finished result into its outcome: timings, notes, quality, encoded bytes."""
         for stage, seconds in result.timings.items():
             outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
-        result.timings, result.raw_mask = outcome.timings, raw
+        result.timings = outcome.timings
         result.notes = outcome.notes = outcome.notes + result.notes
         if encode:
             from cutout.workers.encode import encode_image

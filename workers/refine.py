@@ -19,15 +19,24 @@ SURE_FOREGROUND = 0.99  # calibrated mask values at or above: never relabelled
 SURE_BACKGROUND = 0.0  # at or below: never relabelled
 
 
-def refine_with_grabcut(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """Returns the refined mask and ``None``, or the unchanged mask and why it was kept."""
+def refine_with_grabcut(rgb: np.ndarray, mask: np.ndarray, *,
+                        sure_foreground: bool = True) -> tuple[np.ndarray, str | None]:
+    """Returns the refined mask and ``None``, or the unchanged mask and why it was kept.
+
+    ``sure_foreground=False`` lets GrabCut relabel even the mask's confident pixels: with a
+    box, what the network kept inside the box may be a neighbour that runs on out of the box
+    (a shirt under a boxed face), whose colours the background outside the box teaches.
+    """
     height, width = mask.shape
     scale = min(1.0, REFINE_SIDE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     small_mask = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
     labels = _seed_labels(small_mask)
-    if not (labels == cv2.GC_FGD).any() or not (labels == cv2.GC_BGD).any():
+    if not sure_foreground:
+        labels[labels == cv2.GC_FGD] = cv2.GC_PR_FGD
+    foreground = cv2.GC_FGD if sure_foreground else cv2.GC_PR_FGD
+    if not (labels == foreground).any() or not (labels == cv2.GC_BGD).any():
         return mask, "refine-skipped: no sure foreground or background to learn colours from"
     background_model = np.zeros((1, 65), np.float64)
     foreground_model = np.zeros((1, 65), np.float64)

@@ -137,18 +137,26 @@ def _fill_small_holes(foreground: np.ndarray, max_area: float) -> np.ndarray:
 
 
 # --- grabcut ----------------------------------------------------------------------------------
-def grabcut_mask(image: np.ndarray, work_size: int = 512) -> np.ndarray:
+def grabcut_mask(image: np.ndarray, work_size: int = 512,
+                 rect: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """GrabCut started from ``rect`` (x0, y0, x1, y1 in image pixels: a user's box), else from
+    the image minus a margin of ``GRABCUT_MARGIN``."""
     import cv2
 
     height, width = image.shape[:2]
     scale = min(1.0, work_size / max(height, width))
     small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     h, w = small.shape[:2]
-    mx, my = max(1, round(w * GRABCUT_MARGIN)), max(1, round(h * GRABCUT_MARGIN))
+    if rect is None:
+        mx, my = max(1, round(w * GRABCUT_MARGIN)), max(1, round(h * GRABCUT_MARGIN))
+        start = (mx, my, w - 2 * mx, h - 2 * my)
+    else:
+        x0, y0 = int(rect[0] * scale), int(rect[1] * scale)
+        start = (x0, y0, max(1, round(rect[2] * scale) - x0), max(1, round(rect[3] * scale) - y0))
     labels = np.zeros((h, w), dtype=np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
-    cv2.grabCut(bgr, labels, (mx, my, w - 2 * mx, h - 2 * my), bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
+    cv2.grabCut(bgr, labels, start, bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
     hard = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.float32)
     soft = cv2.GaussianBlur(hard, (0, 0), sigmaX=max(0.8, 0.003 * max(h, w)))
     return np.clip(cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0).astype(np.float32)
