@@ -1,6 +1,7 @@
 """The setup/test/CI scripts: they parse, they are executable, CI calls the README's command."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,32 @@ def test_gpu_benchmark_names_a_missing_gpu_in_one_line():
     assert result.stderr.strip().splitlines() == [
         "bench_gpu: error: device 'cuda:0' asked for, but torch sees no CUDA GPU here; "
         "use --device cpu (or leave it out)"]
+
+
+def test_scale_benchmark_runs_small_and_status_stays_off_storage(tmp_path):
+    """bench_scale.py cannot rot unseen: at 2000 inputs (local and on moto's S3) it prints every
+    row, the manifest it built holds every input once, and the request counts it measured meet
+    the bookkeeping bounds (status with Redis up at most 20 requests; Redis lost at most
+    10 + shards/1000; report at most 30 + shards/100)."""
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_scale.py"), "--sizes", "2000",
+                             "--s3", "--json", str(figures)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, *rows = _table_rows(result.stdout)
+    assert header[1:] == ["2e3 local", "2e3 s3 (moto)"]
+    names = [row[0] for row in rows]
+    for wanted in ("submit wall / CPU / peak RSS", "Redis after submit / broker messages",
+                   "last shard → queryable manifest", "status, Redis up: wall / requests",
+                   "status, Redis lost: wall / requests", "report (text): wall / requests"):
+        assert wanted in names, names
+    assert all(len(row) == 3 and all(row) for row in rows), rows
+    for measured in json.loads(figures.read_text()):
+        shards = measured["submit"]["shards"]
+        assert measured["finish"]["rows"] == measured["finish"]["distinct_inputs"] == 3000  # + 1000 incremental
+        assert measured["status_up"]["requests"] <= 20, measured["status_up"]
+        assert measured["status_lost"]["requests"] <= 10 + shards // 1000, measured["status_lost"]
+        assert measured["report"]["requests"] <= 30 + shards // 100, measured["report"]
+        assert "3000/3000 inputs" in measured["status_up"]["first_line"]
+    on_s3 = json.loads(figures.read_text())[1]
+    assert on_s3["status_lost"]["boto"], "moto's requests were not counted"
