@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,13 @@ REDIS_INSTALL_HINT = (
     "`sudo apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS), "
     "or point CUTOUT_REDIS_SERVER at the binary."
 )
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test sends Ctrl-C: SIGINT back to its default. A runner
+    started in the background (``cmd &`` in a script) ignores SIGINT, and an ignored signal
+    is inherited, so without this the child would never see the Ctrl-C being tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

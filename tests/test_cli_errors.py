@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import cutout
-from tests.services import free_port
+from tests.services import free_port, interruptible
 from tests.test_submit import run_all_shards, write_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,7 +176,8 @@ def test_status_and_report_exit_3_when_finished_with_failed_inputs(submitted, re
 def test_ctrl_c_on_status_watch_is_one_line_exit_130(submitted):
     process = subprocess.Popen(
         [sys.executable, "-m", "cutout.jobs.cli", "status", submitted["job"], "--watch", "--interval", "0.2",
-         "--redis", submitted["redis"]], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--redis", submitted["redis"]], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=interruptible)
     first = process.stderr.read(1)  # the progress bar is drawn: it is watching (no workers: forever)
     assert process.poll() is None, first + process.stderr.read()
     process.send_signal(signal.SIGINT)

@@ -17,6 +17,7 @@ from PIL import Image
 from cutout.jobs.records import QUALITY_FLAGS
 from cutout.workers import quality
 from tests import images
+from tests.services import interruptible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,7 +231,8 @@ def test_ctrl_c_keeps_the_records_so_far_and_a_rerun_finishes(tmp_path):
         (source / f"img_{index:03d}.png").write_bytes(_disk_png(index % 30))
     args = [sys.executable, "-m", "cutout.jobs.cli", "run", str(source), "--out", str(out), "--model",
             "threshold", "--no-progress", "--batch-size", "1", "--matting", "closed-form"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     records_file = out / "_cutout_run.jsonl"
     deadline = time.monotonic() + 120
     while not (records_file.exists() and records_file.read_text().count("\n") >= 3):
