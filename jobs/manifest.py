@@ -383,7 +383,7 @@ def summarise(job_prefix: str, *, top_errors_limit: int = TOP_ERRORS_LIMIT, buil
         _add(fields, _stats_fields(stats))
         messages.append(stats.top_errors)
     tally = Tally.from_fields(fields)
-    totals = load_totals_full(job_prefix) or {}
+    totals = state.totals
     layout = _layout(job_prefix)
     return JobSummary(
         job_prefix=job_prefix, destination=layout.destination, shards_done=len(state.done),

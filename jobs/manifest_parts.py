@@ -327,6 +327,7 @@ class GroupsState:
     shards_total: int
     done: set[str]
     rollups: dict[int, dict]
+    totals: dict = field(default_factory=dict)  # totals.json as read (empty before submit wrote it)
 
     def current(self, group: int) -> bool:
         """The roll-up covers exactly the group's shards (a retry or new shards make it stale)."""
@@ -349,9 +350,10 @@ class GroupsState:
 def groups_state(job_prefix: str) -> GroupsState:
     """The roll-ups, and the done shards: from the roll-ups alone when every group is current
     (a finished job), else from one listing of done-markers."""
-    totals = manifest.load_totals(job_prefix)
+    totals = manifest.load_totals_full(job_prefix)
     rollups = {rollup["group"]: rollup for rollup in load_rollups(job_prefix)}
-    state = GroupsState(group_shards(job_prefix), totals[1] if totals else 0, set(), rollups)
+    state = GroupsState(group_shards(job_prefix), totals["shards"] if totals else 0, set(), rollups,
+                        totals or {})
     groups = range(groups_total(state.shards_total, state.per_group))
     if totals is not None and all(state.current(group) for group in groups):
         state.done = {shard["id"] for rollup in rollups.values() for shard in rollup["shards"]}
