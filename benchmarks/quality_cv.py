@@ -51,8 +51,10 @@ RIDGE = 3.0  # L2 penalty on the standardised weights (77 photos: keep the model
 # ratios whose informative values are small.
 FEATURES = ("multiple_objects", "sqrt_joined_object", "sqrt_second_object", "border_contact", "sqrt_refine_change", "ramp_gain", "grey_share",
             "edge_alignment", "unknown_share", "confidence", "alpha_coverage")
+EXPLORE_BLURS = (1, 2, 4)
 SECOND_OPINION = "u2netp_disagreement"  # 1 - IoU with a u2netp 320 pass: costs a network run
 
+CLIP = [None]  # --clip N: standardised inputs clipped to ± N in a study (quality.score does not clip)
 TIE = 0.005  # criteria closer than this count as equal; the cheaper threshold wins
 BALANCED = {"preset": "balanced", "background": "mask", "escalate": None}
 BEST = {"preset": "best", "background": "mask", "escalate": None}
@@ -100,7 +102,63 @@ def collect(masks: Masks, data, rows: dict, names) -> None:
             if dataset == "am":
                 row["sad"] = metrics.sad(alpha, gt)
             rows[key] = row
+            save_arrays(masks.cache, key, result, pipeline.calibrate(masks.source(source, dataset, stem)))
         print(f"  {name}: done", flush=True)
+
+
+def arrays_path(cache: Path, key: str) -> Path:
+    return cache / "finished" / (key.replace("|", "/").replace("/", "__") + ".npz")
+
+
+def save_arrays(cache: Path, key: str, result, unrefined: np.ndarray) -> None:
+    """The arrays ``quality.measure`` reads, as 8-bit, so ``--remeasure`` can recompute the
+    measurements after a change to them without rerunning refinement and matting."""
+    path = arrays_path(cache, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    as8 = lambda a: np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)  # noqa: E731
+    np.savez_compressed(path, alpha=as8(result.alpha), mask=as8(result.mask), unrefined=as8(unrefined),
+                        trimap=result.trimap if result.trimap is not None else np.zeros(0, np.uint8),
+                        notes=np.array(result.notes, dtype=str))
+
+
+def metrics_iou(a, b) -> float:
+    from cutout.workers.metrics import iou
+
+    return iou(a, b, None)
+
+
+def remeasure(masks: Masks, data, rows: dict) -> None:
+    """Recompute every row's measurements from the saved arrays (8-bit: within about 1/255 of
+    a full rerun; final figures come from ``--refresh``)."""
+    from PIL import Image
+
+    from cutout.workers.quality import measure
+    from cutout.workers.pipeline import Pipeline
+    from cutout.jobs.spec import PipelineOptions
+
+    paths = {f"{d}/{s}": p for d, s, p, *_ in data}
+    for key, row in rows.items():
+        name, photo = key.split("|", 1)
+        path = arrays_path(masks.cache, key)
+        if not path.exists():
+            continue
+        saved = np.load(path)
+        pipeline = Pipeline(PipelineOptions(**VARIANTS[name][1]))
+        rgb = np.asarray(Image.open(paths[photo]).convert("RGB"))
+        trimap = saved["trimap"] if saved["trimap"].size else None
+        quality, _flags = measure(saved["alpha"] / 255.0, saved["mask"] / 255.0, trimap, list(saved["notes"]),
+                                  fg_threshold=pipeline.options.trimap_fg, bg_threshold=pipeline.options.trimap_bg,
+                                  rgb=rgb, unrefined=saved["unrefined"] / 255.0, ramp=pipeline.mask_ramp)
+        row.update({f"q_{k}": v for k, v in quality.items()})
+        stem_set, stem = photo.split("/", 1)
+        kept = saved["alpha"] >= 128
+        for member in ("isnet@512", "isnet@768", "u2netp@320"):
+            other = masks.member(member, stem_set, stem) >= 0.5
+            row[f"q_disagree_{member.replace('@', '')}"] = 1.0 - metrics_iou(other, kept)
+        for sigma in EXPLORE_BLURS:  # candidate measurements, compared by the same folds
+            from cutout.workers.quality import KEPT_ALPHA, _small, edge_alignment
+            row[f"q_edge_alignment_b{sigma}"] = edge_alignment(_small(saved["alpha"] / 255.0) >= KEPT_ALPHA,
+                                                               _small(rgb), blur=sigma)
 
 
 def table(rows: dict, name: str, data) -> list[dict]:
@@ -115,10 +173,16 @@ def feature_matrix(rows: list[dict], features) -> np.ndarray:
                       for f in features] for r in rows], np.float64)
 
 
+def standardised(x: np.ndarray, mean, scale) -> np.ndarray:
+    """(x - mean) / scale, clipped to ± CLIP[0] (None: not clipped) as ``quality.score`` does."""
+    z = (x - mean) / scale
+    return z if CLIP[0] is None else np.clip(z, -CLIP[0], CLIP[0])
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE):
     """Means, scales, weights, intercept of P(y = 1) = sigmoid(b + w · (x - mean) / scale)."""
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-9
-    z = np.hstack([np.ones((len(x), 1)), (x - mean) / scale])
+    z = np.hstack([np.ones((len(x), 1)), standardised(x, mean, scale)])
     w = np.zeros(z.shape[1])
     penalty = np.eye(z.shape[1]) * ridge
     penalty[0, 0] = 0.0
@@ -136,7 +200,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE):
 def predict_right(model, x: np.ndarray) -> np.ndarray:
     """The score: P(right) = 1 - P(bad)."""
     mean, scale, weights, intercept = model
-    return 1.0 - 1.0 / (1.0 + np.exp(-(intercept + ((x - mean) / scale) @ weights)))
+    return 1.0 - 1.0 / (1.0 + np.exp(-(intercept + standardised(x, mean, scale) @ weights)))
 
 
 def auc(score_bad: np.ndarray, bad: np.ndarray) -> float:
@@ -186,6 +250,50 @@ def score_study(rows: dict, data, variants, features, label: str) -> dict:
     out["pooled"] = {"auc": auc(1 - scores, bad), "caught": float((flagged & bad).sum() / bad.sum()),
                      "flagged": float(flagged.mean())}
     return out
+
+
+def explore(rows: dict, data) -> None:
+    """Candidate feature sets, each by both folds (held-out figures only)."""
+    fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
+    candidates = {"shipped": FEATURES}
+    for sigma in EXPLORE_BLURS:
+        candidates[f"edge blur {sigma}"] = tuple(f"edge_alignment_b{sigma}" if f == "edge_alignment" else f
+                                                 for f in FEATURES)
+    candidates["no edge"] = tuple(f for f in FEATURES if f != "edge_alignment")
+    for member in ("isnet512", "isnet768", "u2netp320"):
+        candidates[f"+ {member}"] = FEATURES + (f"disagree_{member}",)
+        candidates[f"+ sqrt {member}"] = FEATURES + (f"sqrt_disagree_{member}",)
+    for label, features in candidates.items():
+        score_study(rows, data, fitted_on, features, label)
+    pool = FEATURES[1:] + ("sqrt_" + SECOND_OPINION,)
+    for k in (2, 3, 4, 5, 6, 8):
+        for ridge in (1.0, 3.0, 10.0, 30.0):
+            selected_study(rows, data, pool, k, ridge, f"top {k} in fold, ridge {ridge}")
+
+
+def selected_study(rows: dict, data, pool, k: int, ridge: float, label: str) -> dict:
+    """Like ``score_study`` but the features are chosen inside each fold: the ``k`` signals of
+    ``pool`` with the best single AUC on the fitted half's ``balanced`` outputs."""
+    fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
+    held_scores, held_bad, held_flag = [], [], []
+    for fit_half, test_half in (("A", "B"), ("B", "A")):
+        fit_balanced = [r for r in table(rows, "balanced", data) if r["half"] == fit_half]
+        bad_fit = np.array([r["iou"] < BAD_IOU for r in fit_balanced])
+        strength = {f: abs(auc(feature_matrix(fit_balanced, (f,))[:, 0], bad_fit) - 0.5) for f in pool}
+        features = tuple(sorted(pool, key=lambda f: -strength[f])[:k])
+        fit_rows = [r for v in fitted_on for r in table(rows, v, data) if r["half"] == fit_half]
+        model = fit_logistic(feature_matrix(fit_rows, features),
+                             np.array([r["iou"] < BAD_IOU for r in fit_rows], float), ridge)
+        threshold = flag_threshold(predict_right(model, feature_matrix(fit_balanced, features)))
+        test_rows = [r for r in table(rows, "balanced", data) if r["half"] == test_half]
+        scores = predict_right(model, feature_matrix(test_rows, features))
+        held_scores.append(scores)
+        held_bad.append(np.array([r["iou"] < BAD_IOU for r in test_rows]))
+        held_flag.append(scores < threshold)
+        print(f"    fit {fit_half}: {', '.join(features)}; AUC on {test_half} {auc(1 - scores, held_bad[-1]):.3f}")
+    scores, bad, flagged = (np.concatenate(a) for a in (held_scores, held_bad, held_flag))
+    print(f"  {label}: pooled held-out AUC {auc(1 - scores, bad):.3f}  caught {(flagged & bad).sum()}/{bad.sum()}, "
+          f"flagged {flagged.mean():.0%}")
 
 
 def single_signal_aucs(rows: dict, data) -> None:
@@ -301,6 +409,84 @@ def harm_study(rows: dict, data, models: dict, features) -> dict:
     return picks
 
 
+def fit_on(rows: dict, keys, variants, features):
+    """The score model fitted on these photos' rows of ``variants``."""
+    fit_rows = [rows[f"{v}|{k}"] for v in variants for k in keys if f"{v}|{k}" in rows]
+    return fit_logistic(feature_matrix(fit_rows, features), np.array([r["iou"] < BAD_IOU for r in fit_rows], float))
+
+
+def score_keys(rows: dict, keys, model, features) -> None:
+    """Every variant's row of these photos scored by ``model``."""
+    values = [r for k in keys for name in VARIANTS if (r := rows.get(f"{name}|{k}")) is not None]
+    for row, value in zip(values, predict_right(model, feature_matrix(values, features))):
+        row["s"] = float(value)
+
+
+def out_of_fold_scores(rows: dict, keys, variants, features) -> None:
+    """Scores for ``keys`` that were not fitted on them: the photos split in two (alternating)
+    and each part scored by the model fitted on the other, so a threshold chosen on these
+    photos sees scores as unseen photos get them (in-sample scores are too kind to the bad)."""
+    inner = (keys[0::2], keys[1::2])
+    for part, other in (inner, inner[::-1]):
+        score_keys(rows, part, fit_on(rows, other, variants, features), features)
+
+
+def nested_policy_study(rows: dict, data, variants, features) -> None:
+    """The escalation S and the cascade T, each chosen on the tuning half from out-of-fold
+    scores (``out_of_fold_scores``), then judged on the other half scored by the model fitted
+    on the whole tuning half, as a user's unseen photos would be."""
+    keys = [f"{d}/{s}" for d, s, *_ in data]
+    halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
+    harm_grid = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
+    cascade_grid = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+    def cascade(test, threshold):
+        picked = [escalated(rows, k, "fast", "balanced", threshold) for k in test]
+        cpu = COST["fast"] + sum(c[1] for c in picked) / len(test) * (COST["balanced"] - FIXED_RUN_CPU)
+        return [c[0] for c in picked], cpu
+
+    print("\nnested: S and T chosen on out-of-fold scores of the tuning half")
+    picks = {}
+    for fit_half, test_half in (("A", "B"), ("B", "A"), (None, None)):
+        fit = [k for k in keys if fit_half is None or halves[k] == fit_half]
+        out_of_fold_scores(rows, fit, variants, features)
+        reference = [rows[f"balanced|{k}"] for k in fit]
+        affordable = [t for t in harm_grid if rerun_cpu(rows, fit, t) <= BALANCED_BUDGET]
+        below = cheapest_best(affordable, lambda t: criterion(
+            [escalated(rows, k, "balanced", "best", t)[0] for k in fit], reference))
+        best_rows = [rows[f"best|{k}"] for k in fit]
+        within = [(criterion(cascade(fit, t)[0], best_rows), t) for t in cascade_grid
+                  if cascade(fit, t)[1] <= COST["balanced"]]
+        threshold = min(within)[1] if within else cascade_grid[0]
+        label = "all photos (out-of-fold scores)" if fit_half is None else f"fit {fit_half}, report {test_half}"
+        print(f"  {label}: S {below}, T {threshold}")
+        picks[fit_half] = (below, threshold)
+        if fit_half is None:
+            continue
+        test = [k for k in keys if halves[k] == test_half]
+        score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+        chosen = [escalated(rows, k, "balanced", "best", below) for k in test]
+        picked, cpu = cascade(test, threshold)
+        for name in ("fast", "balanced", "best"):
+            print(f"    {name:16} {figures([rows[f'{name}|{k}'] for k in test])}")
+        print(f"    balanced + S     {figures([c[0] for c in chosen])}  rerun {sum(c[1] for c in chosen)}/{len(test)}"
+              f"  J vs balanced {criterion([c[0] for c in chosen], [rows[f'balanced|{k}'] for k in test]):.3f}")
+        print(f"    cascade T        {figures(picked)}  est. CPU-s {cpu:.2f}  J vs best "
+              f"{criterion(picked, [rows[f'best|{k}'] for k in test]):.3f}")
+    print("  when the folds disagree, each fold's pick on both held-out halves (the better worse half ships):")
+    for name, index, reference in (("S", 0, "balanced"), ("T", 1, "best")):
+        for value in sorted({picks["A"][index], picks["B"][index]}):
+            judged = []
+            for fit_half, test_half in (("A", "B"), ("B", "A")):
+                fit = [k for k in keys if halves[k] == fit_half]
+                test = [k for k in keys if halves[k] == test_half]
+                score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+                chosen = ([escalated(rows, k, "balanced", "best", value)[0] for k in test] if name == "S"
+                          else cascade(test, value)[0])
+                judged.append(f"{test_half} {criterion(chosen, [rows[f'{reference}|{k}'] for k in test]):.3f}")
+            print(f"    {name} {value}: J vs {reference} on held-out {', '.join(judged)}")
+
+
 # --- step 5: cascade --------------------------------------------------------------------------
 # Whole-process CPU-s per photo from benchmarks/bench_cost.py (docs/results.md): fast 2.71,
 # balanced 4.47, best 6.84; a rerun costs best's per-photo work without its model loads and
@@ -351,18 +537,31 @@ def main() -> None:
     parser.add_argument("--cache", default=".cache/masks")
     parser.add_argument("--refresh", action="store_true", help="recompute every row")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--clip", type=float, default=None, help="study another clip (0: none)")
+    parser.add_argument("--explore", action="store_true", help="compare candidate measurements only")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="recompute the measurements from the saved 8-bit arrays (fast)")
     args = parser.parse_args()
     masks, data = Masks(Path(args.cache)), samples()
     path = Path(args.cache) / "quality_rows.json"
     rows = {} if args.refresh or not path.exists() else json.loads(path.read_text())
     collect(masks, data, rows, args.variants)
+    if args.remeasure:
+        remeasure(masks, data, rows)
     path.write_text(json.dumps(rows))
+    if args.clip is not None:
+        CLIP[0] = args.clip or None
     single_signal_aucs(rows, data)
+    if args.explore:
+        explore(rows, data)
+        return
     fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
     score_study(rows, data, ["balanced"], FEATURES, "score, fitted on balanced outputs")
     folds = score_study(rows, data, fitted_on, FEATURES, "score, fitted on every preset's outputs")
     score_study(rows, data, fitted_on, FEATURES + (SECOND_OPINION,), "score with the u2netp second opinion")
     models = {"A": folds["A"], "B": folds["B"], None: final_model(rows, data, fitted_on, FEATURES)}
+    if all(table(rows, v, data) for v in ("fast", "balanced/raw", "best")):
+        nested_policy_study(rows, data, fitted_on, FEATURES)
     if all(table(rows, v, data) for v in ("balanced/raw", "best")):
         harm_study(rows, data, models, FEATURES)
     if all(table(rows, v, data) for v in ("fast", "best")):

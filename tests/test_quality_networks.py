@@ -30,15 +30,16 @@ def _photo(name: str) -> bytes:
 def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     """GrabCut's 24077 (BSDS): two objects of similar size apart from each other; IS-Net keeps
     both, where the hand-made mask has one (IoU 0.45 at the defaults). Its score is far below
-    the default's escalation threshold, so it runs again with `best`; teddy does not."""
+    the escalation threshold, so it runs again with `best`; teddy does not."""
     from cutout.workers.pipeline import Pipeline, PipelineInput
 
-    pipeline = Pipeline(PipelineOptions(background="mask"))
+    options = PipelineOptions(background="mask", escalate="best", escalate_below=0.3)
+    pipeline = Pipeline(options)
     two, one = pipeline.run([PipelineInput("24077.jpg", _photo("24077")),
                              PipelineInput("teddy.jpg", _photo("teddy"))])
     assert two.ok and "multiple_objects" in two.flags and two.quality["joined_object"] >= 0.2
     assert one.ok and "multiple_objects" not in one.flags and one.quality["joined_object"] < 0.05
     assert 0.0 <= two.quality["score"] < one.quality["score"] <= 1.0
-    assert two.quality["score"] < PipelineOptions().escalate_below < one.quality["score"]
+    assert two.quality["score"] < options.escalate_below < one.quality["score"]
     assert any(note.startswith("escalated to best: score ") for note in two.notes), two.notes
     assert not any(note.startswith("escalated") for note in one.notes)
