@@ -192,3 +192,23 @@ def test_a_bad_select_by_is_a_one_line_error_through_the_cli(tmp_path, flags, me
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out" / "_cutout_run.jsonl").exists()
+
+
+def test_the_cascade_second_run_selects_too(class_models, monkeypatch):
+    """An escalated output is cut out by the costlier preset with the same class model."""
+    import cutout.workers.select as select
+    from cutout.workers.models.registry import get_model_spec
+
+    for name in ("isnet-general", "u2netp"):  # the fast preset's models, beside the class models
+        source = Path.home() / ".cache" / "cutout" / "models" / get_model_spec(name).weights.filename
+        target = class_models / source.name
+        if not target.exists():
+            target.symlink_to(source)
+    calls = []
+    real = select.select_by_class
+    monkeypatch.setattr(select, "select_by_class", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    outcome = run(PipelineOptions(model="threshold", matting="none", select_by="lraspp-mobilenet-v3",
+                                  classes="person", escalate="fast", escalate_below=1.0))
+    assert any(note.startswith("escalated to fast") for note in outcome.notes), outcome.notes
+    assert calls == [(96, 128), (96, 128)]  # the first run and the escalated one
+    assert not outcome.result.alpha.any()  # random LR-ASPP: no person in either run
