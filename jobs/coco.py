@@ -41,18 +41,22 @@ def iter_coco_items(source: str, images: str | None, classes: tuple[str, ...] = 
                           f"(it has {len(categories)}, e.g. {', '.join(list(categories.values())[:5])})")
     by_image = defaultdict(list)
     for annotation in data["annotations"]:
-        name = categories.get(annotation.get("category_id"), "")
-        if annotation.get("iscrowd") or (wanted and name.lower() not in wanted):
-            continue
-        by_image[annotation["image_id"]].append((annotation, name))
+        if not annotation.get("iscrowd"):
+            by_image[annotation["image_id"]].append(
+                (annotation, categories.get(annotation.get("category_id"), "")))
     for image in data["images"]:
-        yield from _image_items(source, images, image, by_image.get(image["id"], []))
+        yield from _image_items(source, images, image, by_image.get(image["id"], []), wanted)
 
 
-def _image_items(source: str, images: str, image: dict, annotations: list) -> Iterator[tuple]:
+def _image_items(source: str, images: str, image: dict, annotations: list,
+                 wanted: set[str]) -> Iterator[tuple]:
+    """The image's kept annotations; ``box_index`` counts all its (non-crowd) annotations, so
+    an object keeps its index whatever ``--classes`` picks."""
     file_name = str(image["file_name"])
     uri = storage.join_uri(images, file_name)
     for index, (annotation, category) in enumerate(annotations):
+        if wanted and category.lower() not in wanted:
+            continue
         try:
             box = parse_box(annotation["bbox"], "xywh")
         except (ConfigError, KeyError) as exc:

@@ -127,6 +127,11 @@ class PipelineOptions(BaseModel):
     classes: ClassNames = Field(
         (), json_schema_extra=USER,
         description="comma-separated class names for semantic/instance models (PASCAL VOC / COCO)")
+    select_by: str | None = Field(
+        None, json_schema_extra=USER,
+        description="a class model (deeplabv3-mobilenet-v3, deeplabv3-resnet101, "
+                    "lraspp-mobilenet-v3, maskrcnn) whose mask of the classes (default: all of "
+                    "its classes) picks which of the salient model's objects are kept")
     weights: str | None = Field(
         None, json_schema_extra=USER, description="weights file: local path, file:// or s3:// URI")
     score_threshold: float = Field(
@@ -228,6 +233,8 @@ class PipelineOptions(BaseModel):
             raise ConfigError(f"model_sizes names {', '.join(unknown)}, not part of model {self.model!r}")
         if len(components) > 1 and self.weights:
             raise ConfigError("weights overrides one model's file; a fused model has several (use CUTOUT_MODELS_DIR)")
+        if self.select_by is not None:
+            _check_select_by(self.select_by, self.model, self.classes)
         if self.mask_ramp is not None and not 0.0 <= self.mask_ramp[0] < self.mask_ramp[1] <= 1.0:
             raise ConfigError(f"mask_ramp {self.mask_ramp}: need 0 <= low < high <= 1")
         if self.trimap_bg >= self.trimap_fg:
@@ -268,6 +275,22 @@ class PipelineOptions(BaseModel):
         from cutout.jobs.records import QUALITY_MODEL
 
         return stable_hash({**self.model_dump(mode="json"), "quality_model": QUALITY_MODEL})
+
+
+def _check_select_by(class_model: str, model: str, classes: tuple[str, ...]) -> None:
+    """``select_by`` names a class model, the classes are its own, and ``model`` is a salient
+    one (a model that takes classes already picks them)."""
+    from cutout.workers.models.registry import get_model_spec, list_models, resolve_classes
+
+    class_models = [name for name in list_models()
+                    if get_model_spec(name).takes_classes and not get_model_spec(name).components]
+    if class_model not in class_models:
+        raise ConfigError(f"select_by {class_model!r} is not a class model; use one of: "
+                          f"{', '.join(class_models)}")
+    if get_model_spec(model).takes_classes:
+        raise ConfigError(f"select_by picks among a salient model's objects; model {model!r} "
+                          "takes classes itself (use --classes with it alone)")
+    resolve_classes(get_model_spec(class_model), classes)
 
 
 def user_option_fields() -> dict[str, FieldInfo]:

@@ -132,3 +132,73 @@ def test_a_box_picks_the_object_the_whole_photo_misses(isnet_weights, name):
     far = np.ones(truth.shape, bool)  # beyond the crop (the box and its 10 % margin)
     far[max(0, y - h // 10):y + h + h // 10, max(0, x - w // 10):x + w + w // 10] = False
     assert result.alpha.shape == truth.shape and result.alpha[far].max() == 0.0
+
+
+def _two_object_photo(path: Path) -> None:
+    rgb = np.full((120, 200, 3), 235, np.uint8)
+    rgb[20:80, 15:75] = (200, 30, 30)
+    rgb[40:100, 120:180] = (30, 30, 200)
+    Image.fromarray(rgb).save(path)
+
+
+def _run(args: list, cwd=REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cutout.jobs.cli", "run", *map(str, args), "--model",
+                           "threshold", "--matting", "none", "--no-progress"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _records(out: Path) -> dict[str, dict]:
+    lines = (out / "_cutout_run.jsonl").read_text().splitlines()
+    return {record["input_uri"]: record for record in map(json.loads, lines)}
+
+
+def test_run_records_carry_each_box_and_label_and_resume_per_box(tmp_path):
+    """Each box's record says which object it is (the manifest row's columns), and a rerun
+    skips each box done with the same settings but redoes a box whose row changed."""
+    photo = tmp_path / "shelf.png"
+    _two_object_photo(photo)
+    listing = tmp_path / "objects.csv"
+    listing.write_text(f'uri,bbox,label\n{photo},"15,20,60,60",red\n{photo},"120,40,60,60",blue\n')
+    out = tmp_path / "out"
+    _run([listing, "--out", out, "--box-column", "bbox"])
+    records = _records(out)
+    red, blue = records[f"{photo}#box-0"], records[f"{photo}#box-1"]
+    assert (red["box"], red["box_index"], red["label"], red["box_format"]) == ([15, 20, 60, 60], 0, "red", "xywh")
+    assert (blue["box"], blue["box_index"], blue["label"]) == ([120, 40, 60, 60], 1, "blue")
+    assert red["image_uri"] == blue["image_uri"] == str(photo)
+    assert red["status"] == blue["status"] == "done"
+    assert red["output_uris"] != blue["output_uris"]
+
+    again = _run([listing, "--out", out, "--box-column", "bbox"])
+    assert "already done with these settings (skipped; --overwrite redoes them): 2" in again.stdout
+    assert "processed 0, failed 0 of 2" in again.stdout
+
+    listing.write_text(f'uri,bbox,label\n{photo},"15,20,60,60",red\n{photo},"110,30,80,80",blue\n')
+    edited = _run([listing, "--out", out, "--box-column", "bbox"])
+    assert "processed 1, failed 0 of 2" in edited.stdout and ": 1" in edited.stdout
+    records = _records(out)
+    assert len(records) == 2  # one line per box after the rerun
+    assert records[f"{photo}#box-1"]["box"] == [110, 30, 80, 80]
+    assert records[f"{photo}#box-0"]["timings"] == red["timings"]  # left as it was
+
+
+def test_run_records_of_a_coco_source_carry_the_category(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    _two_object_photo(images / "shelf.png")
+    coco = {"images": [{"id": 7, "file_name": "shelf.png", "width": 200, "height": 120}],
+            "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "spoon"}],
+            "annotations": [{"id": 31, "image_id": 7, "category_id": 1, "bbox": [15, 20, 60, 60]},
+                            {"id": 32, "image_id": 7, "category_id": 2, "bbox": [120, 40, 60, 60]}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    _run([tmp_path / "instances.json", "--images", images, "--out", out])
+    records = _records(out)
+    assert sorted(records) == [f"{images}/shelf.png#31", f"{images}/shelf.png#32"]
+    spoon = records[f"{images}/shelf.png#32"]
+    assert (spoon["label"], spoon["category_id"], spoon["annotation_id"], spoon["image_id"]) == ("spoon", 2, 32, 7)
+    assert spoon["box"] == [120, 40, 60, 60] and spoon["box_index"] == 1
+    again = _run([tmp_path / "instances.json", "--images", images, "--out", out, "--classes", "spoon"])
+    assert "processed 0, failed 0 of 1" in again.stdout

@@ -29,6 +29,7 @@ SAMPLES = {
     "preset": ("best", "best"),
     "model": (FUSED, FUSED),
     "classes": ("person,dog", ("person", "dog")),
+    "select_by": ("maskrcnn", "maskrcnn"),
     "weights": ("/models/own-u2netp.onnx", "/models/own-u2netp.onnx"),
     "score_threshold": ("0.25", 0.25),
     "seg_size": ("320", 320),

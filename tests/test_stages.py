@@ -69,11 +69,12 @@ def _inject(monkeypatch, stage: str) -> None:
 
 
 def test_every_stage_has_an_injection_point():
-    # "box" runs only for inputs with a box hint: tests/test_boxes.py injects it there
-    assert set(STAGE_FUNCTIONS) | {"box"} == set(STAGES)
+    # "box" runs only for inputs with a box hint: tests/test_boxes.py injects it there;
+    # "select" only with select_by: tests/test_select.py does
+    assert set(STAGE_FUNCTIONS) | {"box", "select"} == set(STAGES)
 
 
-@pytest.mark.parametrize("stage", [stage for stage in STAGES if stage != "box"])
+@pytest.mark.parametrize("stage", [stage for stage in STAGES if stage not in ("box", "select")])
 def test_a_failing_stage_is_named_and_spares_its_neighbours(monkeypatch, stage):
     _inject(monkeypatch, stage)
     options = PipelineOptions(model="threshold", refine="grabcut", matting="closed-form",

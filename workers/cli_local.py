@@ -169,7 +169,7 @@ def _not_done(items: list, sink, config_hash: str, *, overwrite: bool) -> list:
     todo = []
     for item in items:
         fingerprint = _fingerprint(image_uri_of(item.uri, item.extra))
-        sink.fingerprints[item.uri] = fingerprint
+        sink.expect(item, fingerprint)
         if overwrite or not sink.already_done(item, fingerprint, config_hash):
             todo.append(item)
     return todo

@@ -21,6 +21,7 @@ taking its neighbours down on every redelivery.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -71,8 +72,11 @@ class FolderRecords:
     """The local-folder sink of ``cutout run``: ``OUT/_cutout_run.jsonl``.
 
     Each record is appended and flushed as its item finishes, so a stopped run keeps what it
-    did; ``close`` rewrites the file with one line per input (the latest). The records of an
-    earlier run tell a rerun which inputs are already done with this configuration.
+    did; ``close`` rewrites the file with one line per input (the latest). A line carries the
+    input's list-file columns as its manifest row would (a box item's ``box``, ``box_index``,
+    ``label`` ...; ``extra_<name>`` where a record field has the name), so each output can be
+    told apart. The records of an earlier run tell a rerun which inputs are already done with
+    this configuration: the same input file, settings and row (an edited box is redone).
     """
 
     FILE_NAME = "_cutout_run.jsonl"
@@ -80,8 +84,10 @@ class FolderRecords:
     def __init__(self, out_dir: str, on_record: Callable[[ItemRecord], None] | None = None):
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, self.FILE_NAME)
+        self.columns: dict[str, dict] = {}  # list-file columns of each input, as written
         self.latest = self._load()
-        self.fingerprints: dict[str, str] = {}
+        self.fingerprints: dict[str, str | None] = {}
+        self.expected_columns: dict[str, dict] = {}  # this run's items' columns
         self.on_record = on_record
         self.handle = None  # opened with the first record: a run that stops early writes nothing
 
@@ -93,43 +99,68 @@ class FolderRecords:
         with open(self.path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 try:
-                    record = ItemRecord.model_validate_json(line)
+                    row = json.loads(line)
+                    record = ItemRecord.model_validate(row)
                 except ValueError:
                     continue  # the last line of a killed run may be half written
                 latest.pop(record.input_uri, None)
                 latest[record.input_uri] = record
+                self.columns[record.input_uri] = {
+                    k: v for k, v in row.items() if k not in ItemRecord.model_fields}
         return latest
 
+    def expect(self, item: ShardItem, fingerprint: str | None) -> None:
+        """Note what an item of this run is (its input's size and mtime, its row's columns)."""
+        self.fingerprints[item.uri] = fingerprint
+        self.expected_columns[item.uri] = record_columns(item.extra)
+
     def already_done(self, item: ShardItem, fingerprint: str | None, config_hash: str) -> bool:
-        """Done earlier from the same input (size and mtime) with the same settings, and the
-        output is still there."""
+        """Done earlier from the same input (size and mtime), the same row (a box item's box)
+        and the same settings, and the output is still there."""
         record = self.latest.get(item.uri)
         return bool(
             record is not None and record.status == "done" and record.output_uris
             and fingerprint is not None and record.input_fingerprint == fingerprint
             and record.config_hash == config_hash
+            and self.columns.get(item.uri, {}) == record_columns(item.extra)
             and all(storage.exists(uri) for uri in record.output_uris)
         )
 
     def emit(self, record: ItemRecord) -> None:
         record.input_fingerprint = self.fingerprints.get(record.input_uri)
+        self.columns[record.input_uri] = self.expected_columns.get(record.input_uri, {})
         if self.handle is None:
             os.makedirs(self.out_dir, exist_ok=True)
             self.handle = open(self.path, "a", encoding="utf-8")
-        self.handle.write(record.model_dump_json() + "\n")
+        self.handle.write(self._line(record))
         self.handle.flush()
         self.latest.pop(record.input_uri, None)
         self.latest[record.input_uri] = record
         if self.on_record is not None:
             self.on_record(record)
 
+    def _line(self, record: ItemRecord) -> str:
+        row = {**record.model_dump(mode="json"), **self.columns.get(record.input_uri, {})}
+        return json.dumps(row, ensure_ascii=False) + "\n"
+
     def close(self) -> None:
         """One line per input from now on (reruns appended newer lines for the same inputs)."""
         if self.handle is None:
             return  # nothing new: the file (if any) is as an earlier run left it
         self.handle.close()
-        body = "".join(record.model_dump_json() + "\n" for record in self.latest.values())
+        body = "".join(self._line(record) for record in self.latest.values())
         storage.write_bytes(self.path, body.encode())
+
+
+def record_columns(extra: dict | None) -> dict:
+    """An item's list-file columns as its record and manifest row carry them (JSON values,
+    ``extra_<name>`` for a name a record field has: ``jobs.manifest.extra_column_name``)."""
+    from cutout.jobs.manifest import extra_column_name
+
+    if not extra:
+        return {}
+    return json.loads(json.dumps({extra_column_name(k): v for k, v in extra.items()},
+                                 ensure_ascii=False, default=str))
 
 
 def run_items(

@@ -1,5 +1,5 @@
-"""The whole image pipeline as plain code: decode → segment → calibrate → refine → trimap →
-matte → foreground → composite → encode.
+"""The whole image pipeline as plain code: decode → segment → calibrate → select → refine →
+trimap → matte → foreground → composite → encode (``select`` only with ``select_by``).
 
 ``Pipeline`` holds the options and gets its segmenters from the process cache
 (``workers/models/cache.py``). ``Pipeline.run`` is the one batch driver: the item loop
@@ -152,7 +152,32 @@ class Pipeline:
         start = time.perf_counter()
         for size in self.seg_sizes:
             get_segmenter(self.options.model_copy(update={"seg_size": size}), device=self.device)
+        if self.options.select_by:
+            self._class_segmenter()
         return time.perf_counter() - start
+
+    def select(self, rgb: np.ndarray, mask: np.ndarray, notes: list[str]) -> np.ndarray:
+        """With ``select_by``: only the salient mask's objects that the class model's mask claims
+        (``cutout.workers.select``); a note says what was kept. Without: the mask as it is."""
+        if not self.options.select_by:
+            return mask
+        from cutout.workers.select import select_by_class
+
+        class_mask = self._class_segmenter().predict([rgb])[0]
+        selected, note = select_by_class(mask, class_mask)
+        classes = ",".join(self.options.classes) or "its default classes"
+        notes.append(f"select-by {self.options.select_by} ({classes}): {note}")
+        return selected
+
+    def _class_segmenter(self):
+        """The ``select_by`` class model at its own input size, loaded beside the salient model
+        (the same job's models in ``MODEL_CACHE``: nothing is dropped for it)."""
+        from cutout.workers.models.cache import MODEL_CACHE
+
+        class_options = self.options.model_copy(update={
+            "model": self.options.select_by, "select_by": None, "seg_size": None, "seg_sizes": None,
+            "weights": None, "fusion": None, "model_sizes": ()})
+        return MODEL_CACHE.component(class_options, self.device)
 
     def segment_raw(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """The model's soft masks over ``seg_sizes``, combined by ``options.size_rule``."""
@@ -252,11 +277,18 @@ class Pipeline:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
                     "max_pixels": opts.max_pixels}
+            if opts.select_by:  # the second run cuts out the same classes
+                keep.update(select_by=opts.select_by, classes=opts.classes,
+                            score_threshold=opts.score_threshold)
             self._escalation = Pipeline(PipelineOptions(preset=opts.escalate, escalate=None, **keep),
                                         device=self.device, read_uri=self._read_uri, nested=True)
         timings = dict(first.timings)  # both runs' seconds, stage by stage
         mask = run_stage(timings, "segment", self._escalation.segment, [rgb])[0]
+        selection: list[str] = []
+        if self.options.select_by:
+            mask = run_stage(timings, "select", self._escalation.select, rgb, mask, selection)
         second = self._escalation.finish(rgb, mask, input_alpha=input_alpha)
+        second.notes[:0] = selection
         for stage, seconds in second.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         kept = second if second.quality["score"] > first.quality["score"] else first
@@ -374,6 +406,8 @@ class Pipeline:
         into its outcome."""
         if trimap is None:
             mask = run_stage(outcome.timings, "calibrate", self.calibrate, raw)
+            if self.options.select_by:
+                mask = run_stage(outcome.timings, "select", self.select, image.rgb, mask, outcome.notes)
         else:  # no model ran: the trimap is the mask (unknown = 0.5) for matting and quality
             mask = trimap.astype(np.float32) / 255.0
             outcome.notes.append(HAND_TRIMAP_NOTE)

@@ -13,7 +13,7 @@ from cutout.jobs.errors import CutoutError
 T = TypeVar("T")
 
 # In pipeline order; every name a record's ``stage`` or ``timings`` can carry from the pipeline.
-STAGES = ("decode", "box", "segment", "calibrate", "refine", "trimap", "matte", "foreground",
+STAGES = ("decode", "box", "segment", "calibrate", "select", "refine", "trimap", "matte", "foreground",
           "composite", "encode")
 
 
