@@ -473,7 +473,11 @@ def nested_policy_study(rows: dict, data, variants, features) -> None:
               f"  J vs balanced {criterion([c[0] for c in chosen], [rows[f'balanced|{k}'] for k in test]):.3f}")
         print(f"    cascade T        {figures(picked)}  est. CPU-s {cpu:.2f}  J vs best "
               f"{criterion(picked, [rows[f'best|{k}'] for k in test]):.3f}")
-    print("  when the folds disagree, each fold's pick on both held-out halves (the better worse half ships):")
+    print("  when the folds disagree, each fold's pick on both held-out halves (the better worse half "
+          "among those within the CPU budget on all photos ships):")
+    out_of_fold_scores(rows, keys, variants, features)
+    for value in sorted({picks["A"][1], picks["B"][1]}):
+        print(f"    T {value}: est. CPU-s on all photos {cascade(keys, value)[1]:.2f} (budget {COST['balanced']:.2f})")
     for name, index, reference in (("S", 0, "balanced"), ("T", 1, "best")):
         for value in sorted({picks["A"][index], picks["B"][index]}):
             judged = []
