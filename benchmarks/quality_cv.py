@@ -50,9 +50,9 @@ RIDGE = 3.0  # L2 penalty on the standardised weights (77 photos: keep the model
 # The model's inputs, all of the measurements (no subset picked on the data); sqrt_ spreads
 # ratios whose informative values are small.
 FEATURES = ("multiple_objects", "sqrt_joined_object", "sqrt_second_object", "border_contact", "sqrt_refine_change", "ramp_gain", "grey_share",
-            "edge_alignment", "unknown_share", "confidence", "alpha_coverage")
+            "edge_alignment", "unknown_share", "confidence", "alpha_coverage", "border_kinship")
 EXPLORE_BLURS = (1, 2, 4)
-CANDIDATES = ("outline_contrast", "border_kinship", "solidity", "holes", "sqrt_hesitant_outside",
+CANDIDATES = ("outline_contrast", "solidity", "holes", "sqrt_hesitant_outside",
               "sqrt_dropped_share")
 SECOND_OPINION = "u2netp_disagreement"  # 1 - IoU with a u2netp 320 pass: costs a network run
 
@@ -208,19 +208,6 @@ def outline_contrast(kept: np.ndarray, lab: np.ndarray) -> float:
     return float((distance > CONTRAST_DE).mean())
 
 
-def border_kinship(kept: np.ndarray, lab: np.ndarray, sample: int = 400) -> float:
-    """Share of the frame edge that is kept and coloured like some unkept edge pixel."""
-    edge_kept = np.concatenate([kept[0], kept[-1], kept[:, 0], kept[:, -1]])
-    edge_lab = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
-    inside, outside = edge_lab[edge_kept], edge_lab[~edge_kept]
-    if not len(inside) or not len(outside):
-        return 0.0
-    inside = inside[:: max(1, len(inside) // sample)]
-    outside = outside[:: max(1, len(outside) // sample)]
-    nearest = np.sqrt(((inside[:, None, :] - outside[None, :, :]) ** 2).sum(-1)).min(axis=1)
-    return float((nearest <= CONTRAST_DE).mean() * edge_kept.mean())
-
-
 def solidity(kept: np.ndarray) -> float:
     import cv2
 
@@ -252,7 +239,6 @@ def candidate_signals(alpha: np.ndarray, unrefined: np.ndarray, rgb: np.ndarray,
     n_kept = max(1, np.count_nonzero(kept))
     return {
         "outline_contrast": outline_contrast(kept, lab),
-        "border_kinship": border_kinship(kept, lab),
         "solidity": solidity(kept),
         "holes": holes(kept),
         "hesitant_outside": min(1.0, np.count_nonzero(~kept & (raw >= 0.2) & (raw < 0.5)) / n_kept),
