@@ -50,8 +50,10 @@ RIDGE = 3.0  # L2 penalty on the standardised weights (77 photos: keep the model
 # The model's inputs, all of the measurements (no subset picked on the data); sqrt_ spreads
 # ratios whose informative values are small.
 FEATURES = ("multiple_objects", "sqrt_joined_object", "sqrt_second_object", "border_contact", "sqrt_refine_change", "ramp_gain", "grey_share",
-            "edge_alignment", "unknown_share", "confidence", "alpha_coverage")
+            "edge_alignment", "unknown_share", "confidence", "alpha_coverage", "border_kinship")
 EXPLORE_BLURS = (1, 2, 4)
+CANDIDATES = ("outline_contrast", "solidity", "holes", "sqrt_hesitant_outside",
+              "sqrt_dropped_share")
 SECOND_OPINION = "u2netp_disagreement"  # 1 - IoU with a u2netp 320 pass: costs a network run
 
 CLIP = [None]  # --clip N: standardised inputs clipped to ± N in a study (quality.score does not clip)
@@ -159,6 +161,89 @@ def remeasure(masks: Masks, data, rows: dict) -> None:
             from cutout.workers.quality import KEPT_ALPHA, _small, edge_alignment
             row[f"q_edge_alignment_b{sigma}"] = edge_alignment(_small(saved["alpha"] / 255.0) >= KEPT_ALPHA,
                                                                _small(rgb), blur=sigma)
+        for cname, value in candidate_signals(saved["alpha"] / 255.0, saved["unrefined"] / 255.0, rgb,
+                                              pipeline.mask_ramp).items():
+            row[f"q_{cname}"] = float(value)
+
+
+# --- candidate measurements (issue 15), compared by the same folds before one is shipped --------
+CONTRAST_DE = 10.0  # Lab ΔE76 above which two colours count as different
+BAND_GAP = 2  # px on the small copy: the bands compared across an outline start this far from it
+BAND_WINDOW = 9  # px: the local mean colour on each side is taken over this window
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+
+def _disk(radius: int) -> np.ndarray:
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
+
+
+def outline_contrast(kept: np.ndarray, lab: np.ndarray) -> float:
+    """Share of the outline whose local inside and outside colours differ by > CONTRAST_DE."""
+    import cv2
+
+    binary = kept.astype(np.uint8)
+    outline = (binary - cv2.erode(binary, np.ones((3, 3), np.uint8))).astype(bool)
+    if not outline.any():
+        return 0.5
+    inner = cv2.erode(binary, _disk(BAND_GAP)).astype(np.float32)
+    outer = cv2.erode(1 - binary, _disk(BAND_GAP)).astype(np.float32)
+    window = (BAND_WINDOW, BAND_WINDOW)
+    means = []
+    for band in (inner, outer):
+        total = cv2.boxFilter(lab * band[..., None], -1, window, normalize=False)
+        count = cv2.boxFilter(band, -1, window, normalize=False)
+        means.append((total[outline], count[outline]))
+    (sum_in, n_in), (sum_out, n_out) = means
+    valid = (n_in > 0) & (n_out > 0)
+    if not valid.any():
+        return 0.5
+    distance = np.linalg.norm(sum_in[valid] / n_in[valid, None] - sum_out[valid] / n_out[valid, None], axis=1)
+    return float((distance > CONTRAST_DE).mean())
+
+
+def solidity(kept: np.ndarray) -> float:
+    import cv2
+
+    points = cv2.findNonZero(kept.astype(np.uint8))
+    if points is None:
+        return 1.0
+    hull = cv2.contourArea(cv2.convexHull(points))
+    return float(min(1.0, np.count_nonzero(kept) / hull)) if hull > 0 else 1.0
+
+
+def holes(kept: np.ndarray) -> float:
+    import cv2
+
+    count, labels = cv2.connectedComponents((~kept).astype(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    enclosed = np.count_nonzero(~np.isin(labels, border) & ~kept)
+    return enclosed / max(1, np.count_nonzero(kept) + enclosed)
+
+
+def candidate_signals(alpha: np.ndarray, unrefined: np.ndarray, rgb: np.ndarray, ramp) -> dict:
+    from cutout.workers.quality import KEPT_ALPHA, _small
+
+    alpha, unrefined = _small(alpha.astype(np.float32)), _small(unrefined.astype(np.float32))
+    kept = alpha >= KEPT_ALPHA
+    lab = _lab(_small(rgb))
+    low, high = ramp
+    raw = low + unrefined * (high - low)
+    before = unrefined >= KEPT_ALPHA
+    n_kept = max(1, np.count_nonzero(kept))
+    return {
+        "outline_contrast": outline_contrast(kept, lab),
+        "solidity": solidity(kept),
+        "holes": holes(kept),
+        "hesitant_outside": min(1.0, np.count_nonzero(~kept & (raw >= 0.2) & (raw < 0.5)) / n_kept),
+        "dropped_share": np.count_nonzero(before & ~kept) / max(1, np.count_nonzero(before)),
+    }
 
 
 def table(rows: dict, name: str, data) -> list[dict]:
@@ -252,7 +337,7 @@ def score_study(rows: dict, data, variants, features, label: str) -> dict:
     return out
 
 
-def explore(rows: dict, data) -> None:
+def explore(rows: dict, data, only_candidates: bool = False) -> None:
     """Candidate feature sets, each by both folds (held-out figures only)."""
     fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
     candidates = {"shipped": FEATURES}
@@ -263,8 +348,16 @@ def explore(rows: dict, data) -> None:
     for member in ("isnet512", "isnet768", "u2netp320"):
         candidates[f"+ {member}"] = FEATURES + (f"disagree_{member}",)
         candidates[f"+ sqrt {member}"] = FEATURES + (f"sqrt_disagree_{member}",)
+    for name in CANDIDATES:
+        candidates[f"+ {name}"] = FEATURES + (name,)
+    candidates["edge -> outline_contrast"] = tuple("outline_contrast" if f == "edge_alignment" else f for f in FEATURES)
+    if only_candidates:
+        candidates = {k: v for k, v in candidates.items()
+                      if k == "shipped" or k[2:] in CANDIDATES or k.startswith("edge ->")}
     for label, features in candidates.items():
         score_study(rows, data, fitted_on, features, label)
+    if only_candidates:
+        return
     pool = FEATURES[1:] + ("sqrt_" + SECOND_OPINION,)
     for k in (2, 3, 4, 5, 6, 8):
         for ridge in (1.0, 3.0, 10.0, 30.0):
@@ -543,6 +636,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--clip", type=float, default=None, help="study another clip (0: none)")
     parser.add_argument("--explore", action="store_true", help="compare candidate measurements only")
+    parser.add_argument("--candidates", action="store_true", help="with --explore: the new candidates only")
     parser.add_argument("--remeasure", action="store_true",
                         help="recompute the measurements from the saved 8-bit arrays (fast)")
     args = parser.parse_args()
@@ -557,7 +651,7 @@ def main() -> None:
         CLIP[0] = args.clip or None
     single_signal_aucs(rows, data)
     if args.explore:
-        explore(rows, data)
+        explore(rows, data, args.candidates)
         return
     fitted_on = [v for v in ("balanced", "fast", "best") if table(rows, v, data)]
     score_study(rows, data, ["balanced"], FEATURES, "score, fitted on balanced outputs")

@@ -91,6 +91,23 @@ def test_the_score_ranks_a_doubtful_cutout_below_a_clean_one():
     assert "likely_wrong" in raised and "multiple_objects" in raised
 
 
+def test_border_kinship_tells_background_kept_from_a_subject_cut_by_the_frame():
+    """A red subject standing on the bottom edge of a grey room: kept alone, its edge pixels are
+    red and the unkept edge grey (no kinship); kept with the grey floor along the whole bottom
+    edge, the kept edge is coloured like the edge left out (background kept)."""
+    rgb = np.full((H, W, 3), 120, np.uint8)
+    rgb[20:, 30:50] = (220, 30, 30)
+    subject = np.zeros((H, W), np.float32)
+    subject[20:, 30:50] = 1.0
+    with_floor = subject.copy()
+    with_floor[45:, :] = 1.0
+    cut, _ = quality.measure(subject, subject, None, [], rgb=rgb)
+    kept, _ = quality.measure(with_floor, with_floor, None, [], rgb=rgb)
+    assert cut["border_contact"] > 0.0 and cut["border_kinship"] == 0.0
+    assert kept["border_kinship"] == pytest.approx(kept["border_contact"] - 20 / (2 * (H + W)), abs=0.01)
+    assert kept["score"] < cut["score"]
+
+
 def test_the_score_model_version_is_part_of_the_config_hash(monkeypatch):
     from cutout.jobs import records
 
@@ -122,7 +139,7 @@ def test_run_flags_a_blank_or_whole_frame_output(monkeypatch, model_says, flag):
     assert outcome.ok and flag in outcome.flags
     assert set(outcome.quality) == {"alpha_coverage", "unknown_share", "confidence", "second_object", "joined_object",
                                     "border_contact", "refine_change", "ramp_gain", "grey_share",
-                                    "edge_alignment", "score"}
+                                    "edge_alignment", "border_kinship", "score"}
     assert 0.0 <= outcome.quality["score"] <= 1.0
 
 

@@ -22,6 +22,11 @@ Measurements (all 0..1), computed on a copy at most ``SIGNAL_SIDE`` px long so t
     ``grey_share``      share of the cutout's pixels (alpha > 0.05) left between 0.05 and 0.95.
     ``edge_alignment``  share of the cutout's outline lying on a strong image edge (top quarter
                         of the photo's gradient): low when the outline crosses flat regions.
+    ``border_kinship``  share of the frame's edge that the cutout keeps where the kept colour
+                        matches (within ``COLOUR_MATCH_DE`` in Lab) some edge pixel it leaves out:
+                        background kept along the frame (a desk, a wall) is coloured like the
+                        background it dropped, while a subject cut by the frame is not. 0 when
+                        the cutout does not touch the frame's edge or keeps all of it.
     ``score``           the chance that the cutout is right (IoU ≥ 0.9 against a person's mask),
                         from a logistic regression on the measurements above (``SCORE_MODEL``).
 """
@@ -43,6 +48,8 @@ KEPT_ALPHA = 0.5  # a pixel counts as kept from this alpha up
 SIGNAL_SIDE = 512  # px: the measurements run on a copy this long at most
 NECK = 0.03  # parts joined by a strip narrower than 2 × 3 % of the long side count as separate
 STRONG_EDGE_QUANTILE = 0.75  # an outline pixel is "on an edge" above this quantile of the gradient
+COLOUR_MATCH_DE = 10.0  # Lab ΔE76: two colours closer than this look alike (about 4 just-noticeable steps)
+KINSHIP_SAMPLE = 400  # at most this many kept and unkept edge pixels are compared (evenly spaced)
 
 # The score: P(right) = sigmoid(intercept + sum(weight * (value - mean) / scale)), a logistic
 # regression (L2 penalty 3 on the standardised weights) fitted on the outputs of the fast,
@@ -52,24 +59,25 @@ STRONG_EDGE_QUANTILE = 0.75  # an outline pixel is "on an edge" above this quant
 # which also reports it cross-validated (fitted on one half, judged on the other; both folds in
 # docs/results.md). Version: cutout.jobs.records.QUALITY_MODEL, part of every config hash.
 SCORE_MODEL = {
-    "intercept": 0.9022,
+    "intercept": 0.955,
     "features": {  # name: (mean, scale, weight)
-        "multiple_objects": (0.0866, 0.2812, -0.7324),
-        "sqrt_joined_object": (0.0885, 0.2353, -0.2656),
-        "sqrt_second_object": (0.0451, 0.1617, -0.7534),
-        "border_contact": (0.0996, 0.1211, -0.4704),
-        "sqrt_refine_change": (0.1218, 0.1218, -0.12),
-        "ramp_gain": (0.0613, 0.0938, -0.5473),
-        "grey_share": (0.1511, 0.1244, -0.2513),
-        "edge_alignment": (0.9289, 0.0749, 0.5171),
-        "unknown_share": (0.0802, 0.0761, 0.1829),
-        "confidence": (0.9904, 0.0187, 0.1895),
-        "alpha_coverage": (0.3146, 0.1826, 0.6467),
+        "multiple_objects": (0.0866, 0.2812, -0.6996),
+        "sqrt_joined_object": (0.0884, 0.235, -0.231),
+        "sqrt_second_object": (0.0451, 0.1618, -0.7668),
+        "border_contact": (0.0996, 0.1199, -0.0202),
+        "sqrt_refine_change": (0.1219, 0.122, -0.1938),
+        "ramp_gain": (0.0613, 0.0938, -0.3982),
+        "grey_share": (0.151, 0.1244, -0.4091),
+        "edge_alignment": (0.9288, 0.0752, 0.5762),
+        "unknown_share": (0.0803, 0.0761, 0.1899),
+        "confidence": (0.9904, 0.0187, 0.0749),
+        "alpha_coverage": (0.3145, 0.1821, 0.5492),
+        "border_kinship": (0.0386, 0.058, -0.7382),
     },
 }
 # likely_wrong below this score: the score under which 17 % of the default preset's outputs on
 # the fitted photos fall (chosen by the same command).
-LIKELY_WRONG_BELOW = 0.543
+LIKELY_WRONG_BELOW = 0.499
 # Two parts of similar size (after cutting narrow necks): on the 77 visible photos, 7 outputs
 # reach 0.25 or more and all 7 are bad; the largest value of a good output is 0.12.
 MULTIPLE_OBJECTS_MIN = 0.2
@@ -108,6 +116,7 @@ def shape_signals(alpha: np.ndarray, mask: np.ndarray, unrefined: np.ndarray,
     raw_half = min(1.0, max(0.0, (0.5 - low) / (high - low)))  # raw 0.5 in calibrated units
     before = unrefined >= KEPT_ALPHA
     visible = alpha > 0.05
+    small_rgb = _small(rgb) if rgb is not None else None
     return {
         "second_object": second_object(kept),
         "joined_object": second_object(kept, NECK),
@@ -115,7 +124,8 @@ def shape_signals(alpha: np.ndarray, mask: np.ndarray, unrefined: np.ndarray,
         "refine_change": 1.0 - _iou(before, mask >= KEPT_ALPHA),
         "ramp_gain": float(np.count_nonzero(before & (unrefined < raw_half))) / max(1, np.count_nonzero(before)),
         "grey_share": float(np.count_nonzero(visible & (alpha < 0.95))) / max(1, np.count_nonzero(visible)),
-        "edge_alignment": edge_alignment(kept, _small(rgb)) if rgb is not None else 0.5,
+        "edge_alignment": edge_alignment(kept, small_rgb) if rgb is not None else 0.5,
+        "border_kinship": border_kinship(kept, small_rgb) if rgb is not None else 0.0,
     }
 
 
@@ -147,6 +157,21 @@ def edge_alignment(kept: np.ndarray, rgb: np.ndarray, blur: float = 0.0) -> floa
         return 0.5
     strong = float(np.quantile(gradient, STRONG_EDGE_QUANTILE))
     return float((near[outline] > strong).mean())
+
+
+def border_kinship(kept: np.ndarray, rgb: np.ndarray) -> float:
+    """Share of the frame's edge that is kept and coloured like some unkept edge pixel (within
+    ``COLOUR_MATCH_DE`` in Lab; up to ``KINSHIP_SAMPLE`` pixels of each side compared)."""
+    on_edge = np.concatenate([kept[0], kept[-1], kept[:, 0], kept[:, -1]])
+    colours = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    lab = cv2.cvtColor(colours[None].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)[0]
+    inside, outside = lab[on_edge], lab[~on_edge]
+    if not len(inside) or not len(outside):
+        return 0.0
+    inside = inside[:: max(1, len(inside) // KINSHIP_SAMPLE)]
+    outside = outside[:: max(1, len(outside) // KINSHIP_SAMPLE)]
+    squared = (inside ** 2).sum(axis=1)[:, None] + (outside ** 2).sum(axis=1)[None, :] - 2.0 * inside @ outside.T
+    return float((squared.min(axis=1) <= COLOUR_MATCH_DE ** 2).mean() * on_edge.mean())
 
 
 def score(quality: dict[str, float]) -> float:
