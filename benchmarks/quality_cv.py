@@ -306,6 +306,15 @@ def catch(scores: np.ndarray, bad: np.ndarray, threshold: float) -> tuple[float,
             int((flagged & bad).sum()), int(bad.sum()))
 
 
+def out_of_fold_threshold(rows: dict, keys, variants, features) -> float:
+    """The ``likely_wrong`` threshold for a model fitted on ``keys``: the score under which
+    ``FLAG_SHARE`` of their ``balanced`` outputs fall, each scored by a model fitted on the other
+    part of ``keys`` (alternating), as unseen photos are scored. In-sample scores sit too far
+    from the threshold on both sides, so a threshold set on them flags too few unseen photos."""
+    out_of_fold_scores(rows, keys, variants, features)
+    return flag_threshold(np.array([rows[f"balanced|{k}"]["s"] for k in keys]))
+
+
 def score_study(rows: dict, data, variants, features, label: str) -> dict:
     """Both folds and the pooled held-out figures for one feature set, fitted on ``variants``'
     rows, reported on the ``balanced`` rows of the held-out half."""
@@ -315,8 +324,8 @@ def score_study(rows: dict, data, variants, features, label: str) -> dict:
         fit_rows = [r for v in variants for r in table(rows, v, data) if r["half"] == fit_half]
         test_rows = [r for r in table(rows, "balanced", data) if r["half"] == test_half]
         model = fit_logistic(feature_matrix(fit_rows, features), np.array([r["iou"] < BAD_IOU for r in fit_rows], float))
-        fit_balanced = [r for r in table(rows, "balanced", data) if r["half"] == fit_half]
-        threshold = flag_threshold(predict_right(model, feature_matrix(fit_balanced, features)))
+        fit_keys = [f"{d}/{s}" for d, s, *_r, h in data if h == fit_half]
+        threshold = out_of_fold_threshold(rows, fit_keys, variants, features)
         scores = predict_right(model, feature_matrix(test_rows, features))
         bad = np.array([r["iou"] < BAD_IOU for r in test_rows])
         caught, flagged, n_caught, n_bad = catch(scores, bad, threshold)
@@ -414,8 +423,7 @@ def final_model(rows: dict, data, variants, features):
     model = {"intercept": round(float(-intercept), 4),
              "features": {f: (round(float(m), 4), round(float(s), 4), round(float(-w), 4))
                           for f, m, s, w in zip(features, mean, scale, weights)}}
-    balanced = table(rows, "balanced", data)
-    threshold = flag_threshold(predict_right((mean, scale, weights, intercept), feature_matrix(balanced, features)))
+    threshold = out_of_fold_threshold(rows, [f"{d}/{s}" for d, s, *_ in data], variants, features)
     print("\nfitted on all photos (paste into cutout/workers/quality.py):")
     print(f'SCORE_MODEL = {{\n    "intercept": {model["intercept"]},\n    "features": {{  # name: (mean, scale, weight)')
     for name, values in model["features"].items():
