@@ -21,6 +21,7 @@ Tuning (environment, read at call time):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -90,6 +91,43 @@ def read_json_object(uri: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {uri}: expected a JSON object")
     return data
+
+
+@contextlib.contextmanager
+def open_stream(uri: str) -> Iterator["StreamReader"]:
+    """The object as a file-like read front to back (``read(n)``), never held whole: for a
+    document too big to load (a COCO file of 10^8 objects). Opening retries as ``read_bytes``
+    does; a failure mid-stream is a typed error (transient for a reset), not resumed."""
+    kind = _kind(uri)
+    if kind == "local":
+        body, errors = _local_open(_local_path(uri)), _local_read_error
+    elif kind == "s3":
+        bucket, key = _split_s3(uri)
+        response = _with_retries(f"read {uri}", lambda: _s3_call(uri, "get_object", Bucket=bucket, Key=key))
+        body, errors = response["Body"], _s3_read_error
+    else:
+        body, errors = _with_retries(f"read {uri}", lambda: _http_open(uri)), _http_read_error
+    try:
+        yield StreamReader(body, uri, errors)
+    finally:
+        body.close()
+
+
+class StreamReader:
+    """``read(n)`` over a local file, boto3's StreamingBody or an HTTP response, with the
+    transport's exceptions turned into this module's typed errors."""
+
+    def __init__(self, body, uri: str, errors: Callable[[str, Exception], StorageError]):
+        self.body, self.uri, self.errors = body, uri, errors
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.body.read(size) if size is not None and size >= 0 else self.body.read()
+        except Exception as exc:  # noqa: BLE001 — mapped to a typed error, never swallowed
+            error = self.errors(self.uri, exc)
+            if error is None:
+                raise
+            raise error from exc
 
 
 def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> None:
@@ -271,6 +309,22 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 # --- local files --------------------------------------------------------------------------------
 def _local_read(path: str, max_bytes: int | None) -> bytes:
+    try:
+        with _local_open(path) as handle:
+            if max_bytes is not None:
+                status = os.fstat(handle.fileno())
+                if status.st_size > max_bytes:
+                    raise InputTooLargeError(f"{path} is {status.st_size} bytes, over the cap of {max_bytes}")
+                data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise InputTooLargeError(f"{path} grew past the cap of {max_bytes} bytes")
+                return data
+            return handle.read()
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _local_open(path: str):
     """Only regular files: a FIFO would block the reader forever and a device never ends, so the
     type is checked before opening and again on the open descriptor (opened non-blocking)."""
     try:
@@ -282,20 +336,19 @@ def _local_read(path: str, max_bytes: int | None) -> bytes:
         raise StorageError(f"permission denied reading {path}") from exc
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    handle = os.fdopen(fd, "rb")
     try:
-        with os.fdopen(fd, "rb") as handle:
-            status = os.fstat(handle.fileno())
-            _refuse_odd_file(path, status.st_mode)
-            if max_bytes is not None:
-                if status.st_size > max_bytes:
-                    raise InputTooLargeError(f"{path} is {status.st_size} bytes, over the cap of {max_bytes}")
-                data = handle.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise InputTooLargeError(f"{path} grew past the cap of {max_bytes} bytes")
-                return data
-            return handle.read()
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        _refuse_odd_file(path, os.fstat(handle.fileno()).st_mode)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _local_read_error(path: str, exc: Exception) -> StorageError | None:
+    if isinstance(exc, OSError):
+        return StorageError(f"cannot read {path}: {exc.strerror or exc}")
+    return None
 
 
 def _refuse_odd_file(path: str, mode: int) -> None:
@@ -554,6 +607,16 @@ def _s3_read(bucket: str, key: str, uri: str, max_bytes: int | None) -> bytes:
         raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     finally:
         body.close()
+
+
+def _s3_read_error(uri: str, exc: Exception) -> StorageError | None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, (ClientError, BotoCoreError)):
+        return _s3_error(uri, exc)
+    if isinstance(exc, (OSError, http.client.HTTPException)):  # reset mid-body
+        return TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}")
+    return None
 
 
 def multipart_threshold() -> int:
@@ -861,6 +924,12 @@ def _http_read(uri: str, max_bytes: int | None, policy: SourcePolicy | None = No
         except (OSError, http.client.HTTPException) as exc:
             raise TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     return b"".join(chunks)
+
+
+def _http_read_error(uri: str, exc: Exception) -> StorageError | None:
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}")
+    return None
 
 
 def _http_exists(uri: str) -> bool:

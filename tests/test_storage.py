@@ -41,6 +41,26 @@ def test_missing_object_is_not_found(root):
     assert not storage.exists(uri)
 
 
+def test_open_stream_reads_front_to_back_in_pieces(root):
+    uri = storage.join_uri(root, "big/doc.json")
+    data = bytes(range(256)) * 4099
+    storage.write_bytes(uri, data)
+    with storage.open_stream(uri) as stream:
+        pieces = list(iter(lambda: stream.read(65536), b""))
+    assert b"".join(pieces) == data and max(map(len, pieces)) <= 65536 and len(pieces) > 10
+    with pytest.raises(NotFoundError):
+        with storage.open_stream(storage.join_uri(root, "nope.json")):
+            pass
+
+
+def test_open_stream_over_http(http_base):
+    with storage.open_stream(http_base + "/ok.jpg") as stream:
+        assert stream.read(5) + stream.read() == b"image bytes"
+    with pytest.raises(NotFoundError):
+        with storage.open_stream(http_base + "/missing.jpg"):
+            pass
+
+
 def test_delete_is_idempotent(root):
     uri = storage.join_uri(root, "x.bin")
     storage.write_bytes(uri, b"x")
