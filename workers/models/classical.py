@@ -143,6 +143,8 @@ def grabcut_mask(image: np.ndarray, work_size: int = 512,
     the image minus a margin of ``GRABCUT_MARGIN``."""
     import cv2
 
+    from cutout.workers.refine import seeded_grabcut
+
     height, width = image.shape[:2]
     scale = min(1.0, work_size / max(height, width))
     small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
@@ -156,7 +158,7 @@ def grabcut_mask(image: np.ndarray, work_size: int = 512,
     labels = np.zeros((h, w), dtype=np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
-    cv2.grabCut(bgr, labels, start, bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
+    seeded_grabcut(bgr, labels, start, bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
     hard = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.float32)
     soft = cv2.GaussianBlur(hard, (0, 0), sigmaX=max(0.8, 0.003 * max(h, w)))
     return np.clip(cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0).astype(np.float32)
