@@ -51,13 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # The cascade (benchmarks/quality_cv.py, docs/results.md): `fast` on every photo, and the photos
-# whose quality score is below 0.3 (about a sixth) run again with `balanced`; the higher score is
+# whose quality score is below 0.4 (about a sixth) run again with `balanced`; the higher score is
 # kept. Each half chose its threshold on out-of-fold scores (the lowest criterion against `best`
-# within `balanced`'s CPU): 0.8 and 0.3. 0.8 reruns half the photos and costs more than
-# `balanced` on all photos (estimated 4.52 against 4.47; measured 6-18 % more), so 0.3 ships.
+# within `balanced`'s CPU): 0.8 and 0.4. 0.8 reruns half the photos and costs more than
+# `balanced` itself (estimated 4.47-4.52 against 4.47; measured 6-18 % more), so 0.4 ships.
 PRESETS["auto"] = {
     **PRESETS["fast"],
-    "model_settings": {**PRESETS["fast"]["model_settings"], "escalate": "balanced", "escalate_below": 0.3},
+    "model_settings": {**PRESETS["fast"]["model_settings"], "escalate": "balanced", "escalate_below": 0.4},
 }
 
 
