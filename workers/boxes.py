@@ -5,13 +5,17 @@ beside the spoon, the whole desk around the laptop). A box says which object is 
 1. the network runs on the box's crop grown by a margin (``crop_region``): the crop is resized
    to the network's own input size, so a small object gets the full resolution and the margin
    gives the network enough context to see the object's outline;
-2. of the soft mask, only the connected components that overlap the box are kept
-   (``keep_box_components``), clipped to the box grown by a small spill: the neighbour that
-   intrudes into the margin goes, the object's parts that leave the box a little stay;
-3. calibration, refinement, trimap and matting run on the crop as usual (cheaper than on the
-   whole photo), and the alpha is placed back at the input's size (alpha zero outside).
-The margin, spill and overlap rule were chosen by 2-fold cross-validation on the GrabCut
-photos with their boxes (docs/results.md, "Box hints").
+2. calibration, refinement, trimap and matting run on the crop as usual (cheaper than on the
+   whole photo), and the alpha is kept inside the box only: what the network kept of a
+   neighbour in the margin goes (so only the parts of components that overlap the box stay);
+3. except when the mask runs out of the box across more than ``CROSSING`` of a box side: then
+   what the network kept inside the box is partly a neighbour joined to the object (a shirt
+   under a boxed face), so the components overlapping the box are clipped to it first and
+   GrabCut may relabel all of them (``select_and_refine``) before matting;
+4. the alpha is placed back at the input's size (alpha zero outside the box).
+The margin and the two paths were chosen by 2-fold cross-validation with tight boxes over both
+visible sets (benchmarks/box_tight_cv.py), the crossing rule and spill on GrabCut's own boxes
+(benchmarks/box_cv.py); docs/results.md, "Box hints".
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Chosen by 2-fold CV on GrabCut 50 with the dataset's boxes (docs/results.md, "Box hints").
-BOX_MARGIN = 0.05  # crop = box grown by this fraction of its width/height on each side
+# Chosen by 2-fold CV (docs/results.md, "Box hints"): the margin with tight boxes over both
+# visible sets, the others on GrabCut 50 with the dataset's boxes.
+BOX_MARGIN = 0.1  # crop = box grown by this fraction of its width/height on each side
 BOX_SPILL = 0.0  # kept alpha may leave the box by this fraction of its width/height
 MIN_INSIDE = 0.0  # a component is kept when at least this share of it lies inside the box
 # When the mask runs out across this share of a box side, what the network kept inside the box
@@ -148,9 +153,9 @@ def box_mask(pipeline, crop_rgb: np.ndarray, inner: Region) -> np.ndarray:
 
 def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarray | None = None,
                 crop_output: bool = False, margin: float = BOX_MARGIN):
-    """The object in ``box``: segmented on the box's crop, its components selected, matted on
-    the crop; a ``CutoutResult`` at the input's size (alpha zero outside the object), or of the
-    crop alone with ``crop_output`` (object banks)."""
+    """The object in ``box``: segmented, refined and matted on the box's crop, kept inside the
+    box (the module docstring's steps); a ``CutoutResult`` at the input's size (alpha zero
+    outside the box), or of the crop alone with ``crop_output`` (object banks)."""
     from cutout.workers.stages import run_stage
 
     height, width = rgb.shape[:2]
@@ -159,10 +164,20 @@ def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarr
     crop_rgb = np.ascontiguousarray(rgb[crop.slices()])
     timings: dict[str, float] = {}
     mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner)
-    mask, notes = run_stage(timings, "refine", select_and_refine, crop_rgb, mask, inner,
-                            refine=pipeline.refine_method == "grabcut")
     crop_alpha = None if input_alpha is None else input_alpha[crop.slices()]
-    result = _finisher(pipeline, transparent=not crop_output).finish(crop_rgb, mask, input_alpha=crop_alpha)
+    refine = pipeline.refine_method == "grabcut"
+    if refine and crossing_share(mask, inner) > CROSSING:
+        mask, notes = run_stage(timings, "refine", select_and_refine, crop_rgb, mask, inner, refine=True)
+        refine = False  # done, knowing the box
+    else:
+        notes = []
+    inside = np.zeros(mask.shape, np.uint8)
+    inside[inner.slices()] = 255  # alpha zero outside the box, applied before compositing
+    limit = inside if crop_alpha is None else (inside.astype(np.uint16) * crop_alpha // 255).astype(np.uint8)
+    result = _finisher(pipeline, transparent=not crop_output, refine=refine).finish(
+        crop_rgb, mask, input_alpha=limit)
+    if crop_alpha is None:  # the box's limit is not the input's own alpha
+        result.notes = [note for note in result.notes if note != "input-alpha-applied"]
     result.timings = {**timings, **result.timings}
     result.notes = notes + result.notes
     if crop_output:
@@ -202,17 +217,19 @@ def _place(pipeline, rgb: np.ndarray, crop: Region, result):
 _TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _finisher(pipeline, *, transparent: bool):
-    """The pipeline's twin that finishes a box's crop: no refinement (``select_and_refine``
-    did it, knowing the box) and, for a full-size output, a transparent background, so its
-    RGBA carries the crop's estimated foreground colours for ``_place`` to composite."""
+def _finisher(pipeline, *, transparent: bool, refine: bool):
+    """The pipeline's twin that finishes a box's crop: refinement as the pipeline's, or none
+    where ``select_and_refine`` did it knowing the box, and, for a full-size output, a
+    transparent background, so its RGBA carries the crop's estimated foreground colours for
+    ``_place`` to composite."""
     twins = _TWINS.setdefault(pipeline, {})
-    if transparent not in twins:
+    if (transparent, refine) not in twins:
         from cutout.workers.pipeline import Pipeline
 
-        update = {"refine": "none", **({"background": "transparent"} if transparent else {})}
-        twins[transparent] = Pipeline(pipeline.options.model_copy(update=update), device=pipeline.device)
-    return twins[transparent]
+        update = {**({} if refine else {"refine": "none"}),
+                  **({"background": "transparent"} if transparent else {})}
+        twins[transparent, refine] = Pipeline(pipeline.options.model_copy(update=update), device=pipeline.device)
+    return twins[transparent, refine]
 
 
 def load_eval_boxes(path) -> dict[str, tuple[float, float, float, float]]:
