@@ -22,6 +22,15 @@ GROUP_WIDTH = 8  # part and roll-up names: a zero-padded group index (sorts as n
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
+def temp_folder(destination: str) -> str | None:
+    """The local folder ``DEST/_cutout/tmp`` where workers write outputs before renaming them
+    into place (so a killed writer's temp file is never left among the outputs), or None for
+    an object store (its writes are atomic)."""
+    if storage.scheme_of(destination) != "local":
+        return None
+    return storage._local_path(storage.join_uri(destination, CONTROL_PREFIX, "tmp"))
+
+
 def check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
         raise InvalidIdError(f"not a job id: {job_id!r} (expected 16 hex digits)")

@@ -130,11 +130,14 @@ class StreamReader:
             raise error from exc
 
 
-def write_bytes(uri: str, data: bytes, *, content_type: str | None = None) -> None:
-    """Atomically replace the object at ``uri``; readers never see a partial write."""
+def write_bytes(uri: str, data: bytes, *, content_type: str | None = None,
+                temp_dir: str | None = None) -> None:
+    """Atomically replace the object at ``uri``; readers never see a partial write.
+    ``temp_dir`` (local files): where the temp file is written before its rename, so a writer
+    killed mid-write leaves it there, not beside the outputs (``sweep_temp_folder``)."""
     kind = _kind(uri)
     if kind == "local":
-        _local_write(_local_path(uri), data)
+        _local_write(_local_path(uri), data, temp_dir)
     elif kind == "s3":
         bucket, key = _split_s3(uri)
         _with_retries(f"write {uri}", lambda: _s3_write(bucket, key, data, content_type))
@@ -365,11 +368,11 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
-def _local_write(path: str, data: bytes) -> None:
+def _local_write(path: str, data: bytes, temp_dir: str | None = None) -> None:
     def fill(handle) -> None:
         handle.write(data)
 
-    _local_atomic(path, fill)
+    _local_atomic(path, fill, temp_dir)
 
 
 def _local_copy(source: str, path: str) -> None:
@@ -381,8 +384,9 @@ def _local_copy(source: str, path: str) -> None:
     _local_atomic(path, fill)
 
 
-def _local_atomic(path: str, fill: Callable) -> None:
-    """Write into a hidden temp file beside ``path``, fsync, then rename over it.
+def _local_atomic(path: str, fill: Callable, temp_dir: str | None = None) -> None:
+    """Write into a hidden temp file beside ``path`` (or in ``temp_dir``), fsync, then rename
+    over it. A ``temp_dir`` on another file system than ``path`` falls back to beside it.
 
     The temp name is short and fixed in length (``.cutout-<12 hex>.tmp``), so any name the
     file system accepts can be written (a ``.<name>.<random>`` temp name overflowed 255 bytes
@@ -392,7 +396,9 @@ def _local_atomic(path: str, fill: Callable) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, temp = _create_temp(folder)
+        if temp_dir:
+            os.makedirs(temp_dir, exist_ok=True)
+        fd, temp = _create_temp(temp_dir or folder)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc}") from exc
     try:
@@ -401,11 +407,37 @@ def _local_atomic(path: str, fill: Callable) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException as exc:
+    except OSError as exc:
         _remove_quietly(temp)
-        if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {path}: {exc}") from exc
+        if temp_dir and exc.errno == errno.EXDEV:
+            return _local_atomic(path, fill)
+        raise StorageError(f"cannot write {path}: {exc}") from exc
+    except BaseException:
+        _remove_quietly(temp)
         raise
+
+
+TEMP_STALE_S = 3600.0  # a temp file this old has no live writer (a write takes seconds at most)
+
+
+def sweep_temp_folder(folder: str, older_than: float = TEMP_STALE_S) -> int:
+    """Remove the temp files that writers killed mid-write left in ``folder`` (a job's
+    ``_cutout/tmp``, which holds only temps); the number removed. Files younger than
+    ``older_than`` seconds may belong to a live writer and stay."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.name.startswith(".cutout-") and entry.stat().st_mtime < cutoff:
+                os.remove(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def _create_temp(folder: str) -> tuple[int, str]:

@@ -43,3 +43,35 @@ def test_an_overwrite_replaces_the_file_atomically(tmp_path):
     storage.write_bytes(str(target), b"new")
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["a.png"]
+
+
+def test_a_temp_folder_keeps_temp_files_away_from_the_outputs(tmp_path):
+    outputs, temps = tmp_path / "out", tmp_path / "out" / "_cutout" / "tmp"
+    storage.write_bytes(str(outputs / "sub" / "a.png"), b"data", temp_dir=str(temps))
+    assert (outputs / "sub" / "a.png").read_bytes() == b"data"
+    assert os.listdir(outputs / "sub") == ["a.png"] and os.listdir(temps) == []
+
+
+def test_a_writer_killed_mid_write_leaves_its_temp_in_the_temp_folder_where_a_sweep_removes_it(tmp_path):
+    """A real process killed (SIGKILL) between creating its temp file and renaming it."""
+    import subprocess
+    import sys
+    import time
+
+    outputs, temps = tmp_path / "out", tmp_path / "tmp"
+    child = (
+        "import os, signal, sys\n"
+        "from cutout.jobs import storage\n"
+        "def fill(handle):\n"
+        "    handle.write(b'partial'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "storage._local_atomic(sys.argv[1], fill, sys.argv[2])\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", child, str(outputs / "a.png"), str(temps)])
+    assert killed.returncode == -9
+    assert os.listdir(outputs) == []  # nothing among the outputs
+    (left,) = os.listdir(temps)
+    assert left.startswith(".cutout-")
+    assert storage.sweep_temp_folder(str(temps)) == 0  # young: may be a live writer's
+    old = time.time() - storage.TEMP_STALE_S - 60
+    os.utime(temps / left, (old, old))
+    assert storage.sweep_temp_folder(str(temps)) == 1 and os.listdir(temps) == []

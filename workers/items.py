@@ -61,8 +61,9 @@ class RecordSink(Protocol):
 class JobRecords:
     """The job-records sink: a shard keeps its records until it writes them in one piece."""
 
-    def __init__(self) -> None:
+    def __init__(self, temp_dir: str | None = None) -> None:
         self.records: dict[str, ItemRecord] = {}
+        self.temp_dir = temp_dir  # where outputs are written before their rename (layout.temp_folder)
 
     def emit(self, record: ItemRecord) -> None:
         self.records[record.input_uri] = record
@@ -296,7 +297,7 @@ class _Loop:
             raise StorageError(f"cannot read the hand trimap of {item.uri}: {exc.strerror or exc}") from exc
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
-        apply_outcome(item, record, outcome)
+        apply_outcome(item, record, outcome, temp_dir=getattr(self.sink, "temp_dir", None))
         self.emit(record)
 
 
@@ -310,7 +311,7 @@ def read_input(uri: str, policy=None) -> tuple[bytes, float]:
     return data, time.perf_counter() - t0
 
 
-def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
+def apply_outcome(item: ShardItem, record: ItemRecord, outcome, *, temp_dir: str | None = None) -> None:
     """Copy the pipeline's outcome into the record and write the output (one item's fate)."""
     record.timings.update(outcome.timings)
     record.width, record.height = outcome.width, outcome.height
@@ -325,7 +326,7 @@ def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
         target = sharding.with_extension(target, outcome.extension)  # keeps collision renames
     t0 = time.perf_counter()
     try:
-        write_output(target, outcome.data)
+        write_output(target, outcome.data, temp_dir)
     except CutoutError as exc:
         mark_failed(record, exc, default_stage="write")
         return
@@ -334,11 +335,11 @@ def apply_outcome(item: ShardItem, record: ItemRecord, outcome) -> None:
     record.status = "done"
 
 
-def write_output(target: str, data: bytes) -> None:
+def write_output(target: str, data: bytes, temp_dir: str | None = None) -> None:
     """Write with per-item retries; any failure becomes a typed error for this item's record."""
     try:
-        with_item_retries(f"write {target}",
-                          lambda: storage.write_bytes(target, data, content_type=_content_type(target)))
+        with_item_retries(f"write {target}", lambda: storage.write_bytes(
+            target, data, content_type=_content_type(target), temp_dir=temp_dir))
     except TransientStorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - one unwritable output must never fail its neighbours

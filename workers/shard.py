@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from cutout.jobs import manifest, sharding
+from cutout.jobs import manifest, sharding, storage
+from cutout.jobs.layout import temp_folder
 from cutout.jobs.allowlist import SourcePolicy
 from cutout.jobs.records import CappedCounter, ItemRecord, ShardStats
 from cutout.jobs.settings import settings
@@ -110,7 +111,10 @@ def _wants_redo(record: ItemRecord, error_class: str | None, inputs: list[str] |
 def _process_items(spec: JobSpec, shard_id: str, items, worker_name: str,
                    guard: CrashGuard | None = None) -> dict[str, ItemRecord]:
     """The shard's records by input URI, from the one item loop (``workers/items.py``)."""
-    sink = JobRecords()  # the shard writes them in one piece, then its done-marker
+    temp_dir = temp_folder(spec.destination)
+    if temp_dir:  # temp files of writers killed mid-write, left by earlier attempts
+        storage.sweep_temp_folder(temp_dir)
+    sink = JobRecords(temp_dir)  # the shard writes them in one piece, then its done-marker
     run_items(
         items,
         pipeline=lambda: get_pipeline(spec),
