@@ -255,3 +255,19 @@ def test_ctrl_c_keeps_the_records_so_far_and_a_rerun_finishes(tmp_path):
     nothing_left = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert nothing_left.returncode == 0 and "skipped; --overwrite redoes them): 60" in nothing_left.stdout
     assert "loaded" not in nothing_left.stderr  # nothing for the model to do: it is never loaded
+
+
+def test_a_run_leaves_only_outputs_and_sweeps_what_a_killed_run_left(tmp_path):
+    """Outputs are written in ``OUT/_cutout_run.tmp`` and renamed into place; the folder is
+    gone after a run, and a temp file a killed run left there an hour ago is swept."""
+    source, out = tmp_path / "photos", tmp_path / "out"
+    source.mkdir()
+    (source / "one.png").write_bytes(_disk_png())
+    left = out / "_cutout_run.tmp" / ".cutout-0123456789ab.tmp"  # what kill -9 mid-write leaves
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(left, (old, old))
+    result = _run(str(source), "--out", str(out), "--model", "threshold", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["_cutout_run.jsonl", "one.png"]

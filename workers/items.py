@@ -21,6 +21,7 @@ taking its neighbours down on every redelivery.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,10 +82,13 @@ class FolderRecords:
     """
 
     FILE_NAME = "_cutout_run.jsonl"
+    TEMP_NAME = "_cutout_run.tmp"  # outputs are written here, then renamed into place
 
     def __init__(self, out_dir: str, on_record: Callable[[ItemRecord], None] | None = None):
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, self.FILE_NAME)
+        self.temp_dir = os.path.join(out_dir, self.TEMP_NAME)  # a killed run's temps stay here
+        storage.sweep_temp_folder(self.temp_dir)
         self.columns: dict[str, dict] = {}  # list-file columns of each input, as written
         self.latest = self._load()
         self.fingerprints: dict[str, str | None] = {}
@@ -146,6 +150,8 @@ class FolderRecords:
 
     def close(self) -> None:
         """One line per input from now on (reruns appended newer lines for the same inputs)."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.temp_dir)  # gone once empty; a killed writer's temp keeps it
         if self.handle is None:
             return  # nothing new: the file (if any) is as an earlier run left it
         self.handle.close()
