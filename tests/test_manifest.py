@@ -228,11 +228,17 @@ def test_crash_history_counts_each_dead_attempt_once(redis_client):
     assert progress.crash_history("s000001") == {"c.png": 1}
 
 
-def test_rate_and_eta(redis_client, monkeypatch):
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The progress module's clock, moved by the test (``clock[0] += seconds``)."""
     import cutout.jobs.progress as progress_module
 
-    clock = [1000.0]
-    monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])
+    now = [1000.0]
+    monkeypatch.setattr(progress_module.time, "time", lambda: now[0])
+    return now
+
+
+def test_rate_and_eta(redis_client, clock):
     progress = LiveProgress(redis_client, "job44")
     progress.set_total(n_items=100, n_shards=10)
     for index in range(5):
@@ -284,11 +290,7 @@ def test_items_move_the_counters_before_the_shard_ends_and_fold_once(redis_clien
     assert progress.done_in_range(0, 1) == 1 and progress.done_in_range(1, 1) == 0
 
 
-def test_an_ended_job_keeps_its_own_rate_and_a_cancelled_one_has_no_eta(redis_client, monkeypatch):
-    import cutout.jobs.progress as progress_module
-
-    clock = [1000.0]
-    monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])
+def test_an_ended_job_keeps_its_own_rate_and_a_cancelled_one_has_no_eta(redis_client, clock):
     progress = LiveProgress(redis_client, "job47")
     progress.set_total(n_items=40, n_shards=4)
     for index in range(4):

@@ -54,7 +54,10 @@ TrimapSource = Callable[[ShardItem], "bytes | None"]
 
 
 class RecordSink(Protocol):
-    """Where finished records go; ``emit`` is called once per input, never concurrently."""
+    """Where finished records go; ``emit`` is called once per input, never concurrently.
+    ``temp_dir``: where outputs are written before their rename (None: beside them)."""
+
+    temp_dir: str | None
 
     def emit(self, record: ItemRecord) -> None: ...
 
@@ -303,7 +306,7 @@ class _Loop:
             raise StorageError(f"cannot read the hand trimap of {item.uri}: {exc.strerror or exc}") from exc
 
     def finish(self, item: ShardItem, record: ItemRecord, outcome) -> None:
-        apply_outcome(item, record, outcome, temp_dir=getattr(self.sink, "temp_dir", None))
+        apply_outcome(item, record, outcome, temp_dir=self.sink.temp_dir)
         self.emit(record)
 
 

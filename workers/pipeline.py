@@ -157,10 +157,8 @@ class Pipeline:
         return time.perf_counter() - start
 
     def select(self, rgb: np.ndarray, mask: np.ndarray, notes: list[str]) -> np.ndarray:
-        """With ``select_by``: only the salient mask's objects that the class model's mask claims
-        (``cutout.workers.select``); a note says what was kept. Without: the mask as it is."""
-        if not self.options.select_by:
-            return mask
+        """With ``select_by`` (callers check it): only the salient mask's objects that the class
+        model's mask claims (``cutout.workers.select``); a note says what was kept."""
         from cutout.workers.select import select_by_class
 
         class_mask = self._class_segmenter().predict([rgb])[0]

@@ -32,7 +32,7 @@ def job_key(options) -> tuple:
         options.model,
         options.weights,
         options.classes,
-        getattr(options, "select_by", None),  # the class model loaded beside (workers/select.py)
+        options.select_by,  # the class model loaded beside (workers/select.py)
         options.score_threshold,
         options.fusion,
         options.model_sizes,

@@ -179,7 +179,7 @@ def build_segmenter(options: "PipelineOptions", device: str | None = None) -> "S
     from cutout.workers.models.base import default_device
 
     spec = get_model_spec(options.model)
-    if getattr(options, "select_by", None):  # the classes are the class model's (workers/select.py)
+    if options.select_by:  # the classes are the class model's (workers/select.py)
         options = options.model_copy(update={"classes": ()})
     resolve_classes(spec, options.classes)
     return spec.builder(spec, options, device or default_device())
