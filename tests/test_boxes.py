@@ -156,6 +156,19 @@ def test_a_box_cuts_out_its_object_only_at_the_input_size():
     assert (result.image[5, 5] == (0, 255, 0)).all()  # background colour outside the object
 
 
+def test_grabcut_from_a_box_that_fills_the_photo_still_finds_the_object():
+    """GrabCut learns the background outside the box: a whole-photo box leaves it the frame's edge."""
+    from cutout.workers.boxes import box_region, cut_out_box
+    from cutout.workers.pipeline import Pipeline
+
+    rgb = np.full((160, 240, 3), 20, np.uint8)
+    rgb[40:120, 60:180] = (220, 40, 40)
+    pipeline = Pipeline(PipelineOptions(model="grabcut", matting="none"))
+    result = cut_out_box(pipeline, rgb, box_region((0, 0, 240, 160), 240, 160))
+    assert result.alpha[50:110, 70:170].min() > 0.9
+    assert result.alpha[:20].max() < 0.1 and result.alpha[:, :40].max() < 0.1
+
+
 def test_crop_writes_the_box_with_its_margin():
     from cutout.workers.boxes import BOX_MARGIN, box_region, cut_out_box
     from cutout.workers.pipeline import Pipeline

@@ -137,6 +137,17 @@ def _fill_small_holes(foreground: np.ndarray, max_area: float) -> np.ndarray:
 
 
 # --- grabcut ----------------------------------------------------------------------------------
+def _start_rect(rect: tuple[int, int, int, int], scale: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """A user's box (x0, y0, x1, y1) as GrabCut's start (x, y, w, h) at the working scale,
+    kept one pixel inside the frame: GrabCut learns the background from outside the box, so a
+    box that fills the whole photo (common: "the object is the photo") would leave it none."""
+    x0 = min(max(1, int(rect[0] * scale)), width - 2)
+    y0 = min(max(1, int(rect[1] * scale)), height - 2)
+    x1 = max(x0 + 1, min(width - 1, round(rect[2] * scale)))
+    y1 = max(y0 + 1, min(height - 1, round(rect[3] * scale)))
+    return x0, y0, x1 - x0, y1 - y0
+
+
 def grabcut_mask(image: np.ndarray, work_size: int = 512,
                  rect: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """GrabCut started from ``rect`` (x0, y0, x1, y1 in image pixels: a user's box), else from
@@ -153,8 +164,7 @@ def grabcut_mask(image: np.ndarray, work_size: int = 512,
         mx, my = max(1, round(w * GRABCUT_MARGIN)), max(1, round(h * GRABCUT_MARGIN))
         start = (mx, my, w - 2 * mx, h - 2 * my)
     else:
-        x0, y0 = int(rect[0] * scale), int(rect[1] * scale)
-        start = (x0, y0, max(1, round(rect[2] * scale) - x0), max(1, round(rect[3] * scale) - y0))
+        start = _start_rect(rect, scale, w, h)
     labels = np.zeros((h, w), dtype=np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
