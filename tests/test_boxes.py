@@ -169,6 +169,25 @@ def test_grabcut_from_a_box_that_fills_the_photo_still_finds_the_object():
     assert result.alpha[:20].max() < 0.1 and result.alpha[:, :40].max() < 0.1
 
 
+def test_a_network_that_misses_the_boxed_object_falls_back_to_grabcut_from_the_box(monkeypatch):
+    """The network kept a speck of the box (a pot under a bush): GrabCut from the box is used."""
+    from cutout.workers.boxes import MIN_FILL, box_region, cut_out_box
+    from cutout.workers.pipeline import Pipeline
+
+    def speck(image):  # 10 x 10 pixels at the crop's centre, inside the red square
+        mask = np.zeros(image.shape[:2], np.float32)
+        mask[image.shape[0] // 2 - 5:image.shape[0] // 2 + 5, image.shape[1] // 2 - 5:image.shape[1] // 2 + 5] = 1.0
+        return mask
+
+    rgb = _two_objects()
+    monkeypatch.setattr(Pipeline, "segment_raw", lambda self, images: [speck(image) for image in images])
+    pipeline = Pipeline(PipelineOptions(model="u2netp", matting="none"))
+    result = cut_out_box(pipeline, rgb, box_region((140, 40, 80, 80), 240, 160))
+    assert result.notes[0].startswith("box-underfilled")
+    assert (result.alpha[40:120, 140:220] >= 0.5).mean() > MIN_FILL
+    assert result.alpha[60:100, 160:200].mean() > 0.9 and result.alpha[:, :120].max() == 0.0
+
+
 def test_crop_writes_the_box_with_its_margin():
     from cutout.workers.boxes import BOX_MARGIN, box_region, cut_out_box
     from cutout.workers.pipeline import Pipeline

@@ -12,10 +12,14 @@ beside the spoon, the whole desk around the laptop). A box says which object is 
    what the network kept inside the box is partly a neighbour joined to the object (a shirt
    under a boxed face), so the components overlapping the box are clipped to it first and
    GrabCut may relabel all of them (``select_and_refine``) before matting;
-4. the alpha is placed back at the input's size (alpha zero outside the box).
+4. when the cutout covers less than ``MIN_FILL`` of its box, the network kept the wrong thing
+   (the pot under a bush, a speck of the subject): GrabCut started from the box is cut out
+   instead, with the same refinement and matting;
+5. the alpha is placed back at the input's size (alpha zero outside the box).
 The margin and the two paths were chosen by 2-fold cross-validation with tight boxes over both
 visible sets (benchmarks/box_tight_cv.py), the crossing rule and spill on GrabCut's own boxes
-(benchmarks/box_cv.py); docs/results.md, "Box hints".
+(benchmarks/box_cv.py), the fallback over both (benchmarks/box_fill_cv.py); docs/results.md,
+"Box hints".
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ MIN_INSIDE = 0.0  # a component is kept when at least this share of it lies insi
 # is partly a neighbour (a shirt under a boxed face): GrabCut may then relabel all of it.
 CROSSING = 0.15
 EDGE_PX = 3  # soft edge kept around the kept components, px (the matting band lives there)
+# A network cutout covering less of its box than this missed the object: GrabCut from the box
+# is used instead (2-fold CV over tight and GrabCut's own boxes, benchmarks/box_fill_cv.py).
+MIN_FILL = 0.2
 
 
 @dataclass(frozen=True)
@@ -141,30 +148,67 @@ def box_region(hint, width: int, height: int) -> Region:
     return Region(*hint.to_pixels(width, height))
 
 
-def box_mask(pipeline, crop_rgb: np.ndarray, inner: Region) -> np.ndarray:
-    """The calibrated soft mask of a crop; the classical ``grabcut`` model starts from the box
-    itself (its usual start, the image minus a margin, would ignore the hint)."""
-    if pipeline.options.model == "grabcut":
+def box_mask(pipeline, crop_rgb: np.ndarray, inner: Region, *, from_box: bool = False) -> np.ndarray:
+    """The calibrated soft mask of a crop; GrabCut started from the box itself for the classical
+    ``grabcut`` model (its usual start, the image minus a margin, would ignore the hint) or
+    when asked (``from_box``: the network missed the boxed object)."""
+    if from_box or pipeline.options.model == "grabcut":
         from cutout.workers.models.classical import grabcut_mask
 
         return grabcut_mask(crop_rgb, rect=(inner.x0, inner.y0, inner.x1, inner.y1))
     return pipeline.calibrate(pipeline.segment_raw([crop_rgb])[0])
 
 
+def box_fill(alpha: np.ndarray, inner: Region) -> float:
+    """The share of the box the cutout covers (alpha >= 0.5)."""
+    return float((alpha[inner.slices()] >= 0.5).mean()) if inner.width and inner.height else 0.0
+
+
 def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarray | None = None,
                 crop_output: bool = False, margin: float = BOX_MARGIN):
     """The object in ``box``: segmented, refined and matted on the box's crop, kept inside the
     box (the module docstring's steps); a ``CutoutResult`` at the input's size (alpha zero
-    outside the box), or of the crop alone with ``crop_output`` (object banks)."""
+    outside the box), or of the crop alone with ``crop_output`` (object banks). When the
+    network's cutout covers less than ``MIN_FILL`` of the box, it missed the object (kept the
+    pot and dropped the bush): GrabCut from the box is cut out instead."""
     from cutout.workers.stages import run_stage
 
     height, width = rgb.shape[:2]
     crop = box.grown(margin, width, height)
     inner = box.shifted(crop)
     crop_rgb = np.ascontiguousarray(rgb[crop.slices()])
-    timings: dict[str, float] = {}
-    mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner)
     crop_alpha = None if input_alpha is None else input_alpha[crop.slices()]
+    result = _cut_out_crop(pipeline, crop_rgb, inner, crop_alpha, crop_output=crop_output)
+    fill = box_fill(result.alpha, inner)
+    if fill < MIN_FILL and _runs_a_network(pipeline):
+        first_timings = result.timings
+        result = _cut_out_crop(pipeline, crop_rgb, inner, crop_alpha, crop_output=crop_output, from_box=True)
+        result.timings = {name: first_timings.get(name, 0.0) + result.timings.get(name, 0.0)
+                          for name in {**first_timings, **result.timings}}
+        result.notes.insert(0, f"box-underfilled: the network's cutout covered {fill:.0%} of the box; "
+                               f"GrabCut from the box used instead")
+    if crop_output:
+        return result
+    return run_stage(result.timings, "composite", _place, pipeline, rgb, crop, result)
+
+
+def _runs_a_network(pipeline) -> bool:
+    """Whether the pipeline's mask comes from a network (a classical model has no GrabCut
+    fallback to take: ``grabcut`` already starts from the box, ``threshold`` was asked for)."""
+    from cutout.workers.models.registry import get_model_spec
+
+    return get_model_spec(pipeline.options.model).family != "classical"
+
+
+def _cut_out_crop(pipeline, crop_rgb: np.ndarray, inner: Region, crop_alpha: np.ndarray | None, *,
+                  crop_output: bool, from_box: bool = False):
+    """The crop's ``CutoutResult``: its mask (network or ``from_box`` GrabCut), refinement
+    (knowing the box where the mask runs out of it), trimap and matting, alpha zero outside the
+    box."""
+    from cutout.workers.stages import run_stage
+
+    timings: dict[str, float] = {}
+    mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner, from_box=from_box)
     refine = pipeline.refine_method == "grabcut"
     if refine and crossing_share(mask, inner) > CROSSING:
         mask, notes = run_stage(timings, "refine", select_and_refine, crop_rgb, mask, inner, refine=True)
@@ -180,10 +224,7 @@ def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarr
         result.notes = [note for note in result.notes if note != "input-alpha-applied"]
     result.timings = {**timings, **result.timings}
     result.notes = notes + result.notes
-    if crop_output:
-        return result
-    placed = run_stage(result.timings, "composite", _place, pipeline, rgb, crop, result)
-    return placed
+    return result
 
 
 def _place(pipeline, rgb: np.ndarray, crop: Region, result):
