@@ -5,16 +5,16 @@ beside the spoon, the whole desk around the laptop). A box says which object is 
 1. the network runs on the box's crop grown by a margin (``crop_region``): the crop is resized
    to the network's own input size, so a small object gets the full resolution and the margin
    gives the network enough context to see the object's outline;
-2. calibration, refinement, trimap and matting run on the crop as usual (cheaper than on the
+2. when the network's mask covers less than ``MIN_FILL`` of the box, it kept the wrong thing
+   (the pot under a bush, a speck of the subject): GrabCut started from the box gives the mask
+   instead;
+3. calibration, refinement, trimap and matting run on the crop as usual (cheaper than on the
    whole photo), and the alpha is kept inside the box only: what the network kept of a
    neighbour in the margin goes (so only the parts of components that overlap the box stay);
-3. except when the mask runs out of the box across more than ``CROSSING`` of a box side: then
+4. except when the mask runs out of the box across more than ``CROSSING`` of a box side: then
    what the network kept inside the box is partly a neighbour joined to the object (a shirt
    under a boxed face), so the components overlapping the box are clipped to it first and
    GrabCut may relabel all of them (``select_and_refine``) before matting;
-4. when the cutout covers less than ``MIN_FILL`` of its box, the network kept the wrong thing
-   (the pot under a bush, a speck of the subject): GrabCut started from the box is cut out
-   instead, with the same refinement and matting;
 5. the alpha is placed back at the input's size (alpha zero outside the box).
 The margin and the two paths were chosen by 2-fold cross-validation with tight boxes over both
 visible sets (benchmarks/box_tight_cv.py), the crossing rule and spill on GrabCut's own boxes
@@ -37,7 +37,7 @@ MIN_INSIDE = 0.0  # a component is kept when at least this share of it lies insi
 # is partly a neighbour (a shirt under a boxed face): GrabCut may then relabel all of it.
 CROSSING = 0.15
 EDGE_PX = 3  # soft edge kept around the kept components, px (the matting band lives there)
-# A network cutout covering less of its box than this missed the object: GrabCut from the box
+# A network mask covering less of its box than this missed the object: GrabCut from the box
 # is used instead (2-fold CV over tight and GrabCut's own boxes, benchmarks/box_fill_cv.py).
 MIN_FILL = 0.2
 
@@ -159,9 +159,9 @@ def box_mask(pipeline, crop_rgb: np.ndarray, inner: Region, *, from_box: bool = 
     return pipeline.calibrate(pipeline.segment_raw([crop_rgb])[0])
 
 
-def box_fill(alpha: np.ndarray, inner: Region) -> float:
-    """The share of the box the cutout covers (alpha >= 0.5)."""
-    return float((alpha[inner.slices()] >= 0.5).mean()) if inner.width and inner.height else 0.0
+def box_fill(mask: np.ndarray, inner: Region) -> float:
+    """The share of the box a soft mask covers (>= 0.5)."""
+    return float((mask[inner.slices()] >= 0.5).mean()) if inner.width and inner.height else 0.0
 
 
 def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarray | None = None,
@@ -169,7 +169,7 @@ def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarr
     """The object in ``box``: segmented, refined and matted on the box's crop, kept inside the
     box (the module docstring's steps); a ``CutoutResult`` at the input's size (alpha zero
     outside the box), or of the crop alone with ``crop_output`` (object banks). When the
-    network's cutout covers less than ``MIN_FILL`` of the box, it missed the object (kept the
+    network's mask covers less than ``MIN_FILL`` of the box, it missed the object (kept the
     pot and dropped the bush): GrabCut from the box is cut out instead."""
     from cutout.workers.stages import run_stage
 
@@ -177,16 +177,18 @@ def cut_out_box(pipeline, rgb: np.ndarray, box: Region, *, input_alpha: np.ndarr
     crop = box.grown(margin, width, height)
     inner = box.shifted(crop)
     crop_rgb = np.ascontiguousarray(rgb[crop.slices()])
-    crop_alpha = None if input_alpha is None else input_alpha[crop.slices()]
-    result = _cut_out_crop(pipeline, crop_rgb, inner, crop_alpha, crop_output=crop_output)
-    fill = box_fill(result.alpha, inner)
+    timings: dict[str, float] = {}
+    mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner)
+    notes = []
+    fill = box_fill(mask, inner)
     if fill < MIN_FILL and _runs_a_network(pipeline):
-        first_timings = result.timings
-        result = _cut_out_crop(pipeline, crop_rgb, inner, crop_alpha, crop_output=crop_output, from_box=True)
-        result.timings = {name: first_timings.get(name, 0.0) + result.timings.get(name, 0.0)
-                          for name in {**first_timings, **result.timings}}
-        result.notes.insert(0, f"box-underfilled: the network's cutout covered {fill:.0%} of the box; "
-                               f"GrabCut from the box used instead")
+        mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner, from_box=True)
+        notes.append(f"box-underfilled: the network's mask covered {fill:.0%} of the box; "
+                     f"GrabCut from the box used instead")
+    crop_alpha = None if input_alpha is None else input_alpha[crop.slices()]
+    result = finish_box(pipeline, crop_rgb, inner, mask, crop_alpha, crop_output=crop_output)
+    result.timings = {**timings, **result.timings}
+    result.notes = notes + result.notes
     if crop_output:
         return result
     return run_stage(result.timings, "composite", _place, pipeline, rgb, crop, result)
@@ -200,15 +202,13 @@ def _runs_a_network(pipeline) -> bool:
     return get_model_spec(pipeline.options.model).family != "classical"
 
 
-def _cut_out_crop(pipeline, crop_rgb: np.ndarray, inner: Region, crop_alpha: np.ndarray | None, *,
-                  crop_output: bool, from_box: bool = False):
-    """The crop's ``CutoutResult``: its mask (network or ``from_box`` GrabCut), refinement
-    (knowing the box where the mask runs out of it), trimap and matting, alpha zero outside the
-    box."""
+def finish_box(pipeline, crop_rgb: np.ndarray, inner: Region, mask: np.ndarray,
+               crop_alpha: np.ndarray | None, *, crop_output: bool):
+    """The crop's ``CutoutResult`` from its calibrated mask: refinement (knowing the box where
+    the mask runs out of it), trimap and matting, alpha zero outside the box."""
     from cutout.workers.stages import run_stage
 
     timings: dict[str, float] = {}
-    mask = run_stage(timings, "segment", box_mask, pipeline, crop_rgb, inner, from_box=from_box)
     refine = pipeline.refine_method == "grabcut"
     if refine and crossing_share(mask, inner) > CROSSING:
         mask, notes = run_stage(timings, "refine", select_and_refine, crop_rgb, mask, inner, refine=True)
