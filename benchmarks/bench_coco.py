@@ -23,6 +23,8 @@ import time
 from array import array
 from collections import defaultdict
 
+from peak_rss import peak_rss_mb  # this process's own peak: see that module
+
 
 def write_file(path: str, count: int, seed: int = 0) -> None:
     rng = random.Random(seed)
@@ -70,23 +72,13 @@ def loaded(path: str) -> int:
     return count
 
 
-def peak_rss_mb() -> int:
-    """This process's own peak RSS (VmHWM): exec starts it afresh, whereas ru_maxrss carries over
-    the peak of the parent a vfork-started child came from (ru_maxrss where /proc is absent)."""
-    try:
-        with open("/proc/self/status") as status:
-            return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
-    except (OSError, StopIteration):
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
 def measure(reader: str, path: str) -> None:
     wall, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     count = {"stream": streamed, "load": loaded}[reader](path)
     end = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"reader": reader, "items": count, "wall_s": round(time.perf_counter() - wall, 1),
                       "cpu_s": round(end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime, 1),
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": round(peak_rss_mb())}))
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ in place of the Celery task). 1 % of inputs fail, 2 % carry a quality flag; timi
 values differ per input (so parts compress as real ones would, not better). Before any shard
 runs, the list grows by 1 % and an incremental submit adds those inputs.
 
-Every phase runs in its own process, so its peak RSS is its own. Storage requests are counted
-by a layer around ``cutout.jobs.storage`` (a listing counts one request per 1000 names, as an
-S3 ListObjectsV2 page does) and, with ``--s3``, by boto3 ``before-call`` events on the real
-client (what moto's server answered). Redis is a private redis-server on a free port.
+Every phase runs in its own process, so its peak RSS (VmHWM: ``peak_rss.py``) is its own.
+Storage requests are counted by a layer around ``cutout.jobs.storage`` (a listing counts one
+request per 1000 names, as an S3 ListObjectsV2 page does) and, with ``--s3``, by boto3
+``before-call`` events on the real client (what moto's server answered). Redis is a private redis-server on a free port.
 
     python benchmarks/bench_scale.py [--sizes 1e5,1e6,1e7] [--s3] [--keep DIR] [--workers 2]
 
@@ -39,6 +39,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from peak_rss import peak_rss_mb  # noqa: E402  (benchmarks/, the script's own folder)
 
 FAILED_EVERY = 100  # 1 % of inputs fail
 FLAGGED_EVERY = 50  # 2 % of done outputs carry a quality flag
@@ -253,8 +255,7 @@ PHASES = {"submit": phase_submit, "incremental": phase_submit, "finish": phase_f
 
 def child(args) -> None:
     result = PHASES[args.phase](args)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()  # its own, not the peak of the script that started it
     print(json.dumps(result))
 
 

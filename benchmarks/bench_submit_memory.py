@@ -1,11 +1,11 @@
 """Submit and incremental submit of N URIs from a list file: peak RSS, wall, CPU, Redis memory.
 
-Each submit runs in its own process (``--child``), so its peak RSS is its own, not this
-script's, with a temp folder of its own whose size is sampled to give the temp disk the digest
-runs took at peak (``--ram-run-entries`` lowers the size above which a run goes to disk).
-Starts a private redis-server; the destination is a temp folder (file://). Prints one line per
-step; no asserts (the target: 10^7 URIs in at most 5 minutes and 1 GB RSS, and
-at most ``CUTOUT_QUEUE_WINDOW`` shard messages in the broker).
+Each submit runs in its own process (``--child``), so its peak RSS (VmHWM: ``peak_rss.py``) is
+its own, not this script's, with a temp folder of its own whose size is sampled to give the temp
+disk the digest runs took at peak (``--ram-run-entries`` lowers the size above which a run goes
+to disk). Starts a private redis-server; the destination is a temp folder (file://). Prints one
+line per step; no asserts (the target: 10^7 URIs in at most 5 minutes and 1 GB RSS, and at most
+``CUTOUT_QUEUE_WINDOW`` shard messages in the broker).
 
     python benchmarks/bench_submit_memory.py [--count 1000000] [--new 10000] [--window 10000]
         [--ram-run-entries N]
@@ -27,6 +27,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from peak_rss import peak_rss_mb  # noqa: E402  (benchmarks/, the script's own folder)
+
 
 def write_list(path: Path, start: int, stop: int, mode: str = "w") -> None:
     with open(path, mode) as handle:
@@ -46,9 +48,8 @@ def child(args) -> None:
         digests.RAM_RUN_ENTRIES = args.ram_run_entries
     submit = submit_incremental if args.incremental else submit_job
     result = submit(spec, broker_url=args.redis, redis_url=args.redis)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"items": result.items_total, "shards": result.shards_total, "sent": result.shards_enqueued,
-                      "new": result.items_new, "peak_rss_mb": usage.ru_maxrss / 1024}))
+                      "new": result.items_new, "peak_rss_mb": peak_rss_mb()}))
 
 
 def folder_bytes(folder: Path) -> int:
