@@ -162,6 +162,11 @@ class PipelineOptions(BaseModel):
     refine: Literal["auto", "none", "grabcut"] = Field(
         "auto", json_schema_extra=USER,
         description="GrabCut refinement of the mask (auto: the model's measured default)")
+    objects: Literal["main", "all"] = Field(
+        "main", json_schema_extra=USER,
+        description="when the kept area falls apart into parts of similar size: main keeps the "
+                    "one nearest the centre (weighted by size), all keeps every part (a pair of "
+                    "shoes, a shelf)")
     escalate: PresetName | None = Field(
         None, json_schema_extra=USER,
         description="rerun outputs whose quality score is below escalate_below with this preset, "

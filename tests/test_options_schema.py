@@ -36,6 +36,7 @@ SAMPLES = {
     "fusion": ("mean", "mean"),
     "model_sizes": ("isnet-general=768,u2netp=320", (("isnet-general", 768), ("u2netp", 320))),
     "refine": ("none", "none"),
+    "objects": ("all", "all"),
     "escalate": ("fast", "fast"),
     "escalate_below": ("0.7", 0.7),
     "trimap_band": ("0.02", 0.02),

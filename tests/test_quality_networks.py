@@ -29,11 +29,11 @@ def _photo(name: str) -> bytes:
 
 def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     """GrabCut's 24077 (BSDS): two objects of similar size apart from each other; IS-Net keeps
-    both, where the hand-made mask has one (IoU 0.45 at the defaults). Its score is far below
-    the escalation threshold, so it runs again with `best`; teddy does not."""
+    both, where the hand-made mask has one (IoU 0.45 with every object kept). Its score is far
+    below the escalation threshold, so it runs again with `best`; teddy does not."""
     from cutout.workers.pipeline import Pipeline, PipelineInput
 
-    options = PipelineOptions(background="mask", escalate="best", escalate_below=0.3)
+    options = PipelineOptions(background="mask", escalate="best", escalate_below=0.3, objects="all")
     pipeline = Pipeline(options)
     two, one = pipeline.run([PipelineInput("24077.jpg", _photo("24077")),
                              PipelineInput("teddy.jpg", _photo("teddy"))])
@@ -43,3 +43,27 @@ def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     assert two.quality["score"] < options.escalate_below < one.quality["score"]
     assert any(note.startswith("escalated to best: score ") for note in two.notes), two.notes
     assert not any(note.startswith("escalated") for note in one.notes)
+
+
+def test_by_default_the_main_object_of_two_is_kept():
+    """The same photo at the defaults: of the two objects the one nearest the centre is kept,
+    which is the one the hand-made mask holds; `--objects all` keeps both."""
+    import numpy as np
+    from PIL import Image
+
+    from cutout.workers import metrics
+    from cutout.workers.pipeline import Pipeline, PipelineInput
+
+    truth = np.asarray(Image.open(GRABCUT / "mask" / "24077.png").convert("L"))
+    ignore = (truth > 64) & (truth < 192)
+    ious, outcomes = {}, {}
+    for objects in ("main", "all"):
+        (outcome,) = Pipeline(PipelineOptions(background="mask", objects=objects)).run(
+            [PipelineInput("24077.jpg", _photo("24077"))], encode=False, keep_result=True)
+        assert outcome.ok, outcome.error
+        outcomes[objects] = outcome
+        ious[objects] = metrics.iou(outcome.result.alpha >= 0.5, truth > 192, ignore)
+    assert any(note.startswith("main-object: kept the main one of ") for note in outcomes["main"].notes)
+    assert not any(note.startswith("main-object") for note in outcomes["all"].notes)
+    assert "multiple_objects" in outcomes["all"].flags and "multiple_objects" not in outcomes["main"].flags
+    assert ious["all"] < 0.6 < 0.7 < ious["main"], ious

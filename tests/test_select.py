@@ -125,7 +125,7 @@ def run(options: PipelineOptions):
 
 @pytest.mark.parametrize("class_model", [*SEMANTIC, "maskrcnn"])
 def test_the_pipeline_selects_with_each_registered_class_model(class_models, class_model):
-    plain = run(PipelineOptions(model="threshold", matting="none", refine="none"))
+    plain = run(PipelineOptions(model="threshold", matting="none", refine="none", objects="all"))
     chosen = run(PipelineOptions(model="threshold", matting="none", refine="none", select_by=class_model))
     (note,) = [n for n in chosen.notes if n.startswith("select-by")]
     assert note.startswith(f"select-by {class_model} (its default classes): kept ")

@@ -55,6 +55,7 @@ STAGE_FUNCTIONS = {
     "refine": ("cutout.workers.refine", "refine_with_grabcut"),
     "trimap": ("cutout.workers.trimap", "make_trimap"),
     "matte": ("cutout.workers.matte", "estimate_alpha"),
+    "objects": ("cutout.workers.objects", "keep_main_object"),
     "foreground": ("cutout.workers.foreground", "estimate_foreground"),
     "composite": ("cutout.workers.composite", "composite"),
     "encode": ("cutout.workers.encode", "encode_image"),

@@ -267,7 +267,8 @@ def _finisher(pipeline, *, transparent: bool, refine: bool):
     if (transparent, refine) not in twins:
         from cutout.workers.pipeline import Pipeline
 
-        update = {**({} if refine else {"refine": "none"}),
+        update = {"objects": "all",  # the box names the object: its components were chosen
+                  **({} if refine else {"refine": "none"}),
                   **({"background": "transparent"} if transparent else {})}
         twins[transparent, refine] = Pipeline(pipeline.options.model_copy(update=update), device=pipeline.device)
     return twins[transparent, refine]

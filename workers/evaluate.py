@@ -30,7 +30,8 @@ import numpy as np
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers import metrics
 
-STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "foreground", "composite", "encode")
+STAGES = ("decode", "segment", "calibrate", "refine", "trimap", "matte", "objects", "foreground", "composite",
+          "encode")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The whole image pipeline as plain code: decode → segment → calibrate → select → refine →
-trimap → matte → foreground → composite → encode (``select`` only with ``select_by``).
+trimap → matte → objects → foreground → composite → encode (``select`` only with
+``select_by``; ``objects``: the main object kept when several were, ``cutout.workers.objects``).
 
 ``Pipeline`` holds the options and gets its segmenters from the process cache
 (``workers/models/cache.py``). ``Pipeline.run`` is the one batch driver: the item loop
@@ -167,6 +168,17 @@ class Pipeline:
         notes.append(f"select-by {self.options.select_by} ({classes}): {note}")
         return selected
 
+    @staticmethod
+    def _keep_main_object(alpha: np.ndarray, notes: list[str]) -> np.ndarray:
+        """Only the main object where the kept area falls apart into parts of similar size
+        (``cutout.workers.objects``); a note says so."""
+        from cutout.workers.objects import keep_main_object
+
+        alpha, note = keep_main_object(alpha)
+        if note:
+            notes.append(note)
+        return alpha
+
     def _class_segmenter(self):
         """The ``select_by`` class model at its own input size, loaded beside the salient model
         (the same job's models in ``MODEL_CACHE``: nothing is dropped for it)."""
@@ -253,6 +265,8 @@ class Pipeline:
                 )
             alpha = run_stage(timings, "matte", self._matte, rgb, trimap, mask, notes,
                               user_trimap=user_trimap)
+        if opts.objects == "main" and not user_trimap and not opts.select_by:
+            alpha = run_stage(timings, "objects", self._keep_main_object, alpha, notes)
         foreground = None
         if self.background.kind != "mask":
             foreground = run_stage(timings, "foreground", estimate_foreground, rgb, alpha)
@@ -274,7 +288,7 @@ class Pipeline:
         if self._escalation is None:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
-                    "max_pixels": opts.max_pixels}
+                    "max_pixels": opts.max_pixels, "objects": opts.objects}
             if opts.select_by:  # the second run cuts out the same classes
                 keep.update(select_by=opts.select_by, classes=opts.classes,
                             score_threshold=opts.score_threshold)

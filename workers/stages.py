@@ -13,8 +13,8 @@ from cutout.jobs.errors import CutoutError
 T = TypeVar("T")
 
 # In pipeline order; every name a record's ``stage`` or ``timings`` can carry from the pipeline.
-STAGES = ("decode", "box", "segment", "calibrate", "select", "refine", "trimap", "matte", "foreground",
-          "composite", "encode")
+STAGES = ("decode", "box", "segment", "calibrate", "select", "refine", "trimap", "matte", "objects",
+          "foreground", "composite", "encode")
 
 
 def run_stage(timings: dict[str, float], stage: str, func: Callable[..., T], *args, **kwargs) -> T:
