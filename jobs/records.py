@@ -53,7 +53,7 @@ QUALITY_FLAGS = (
 # Version of the quality score's model (cutout.workers.quality.SCORE_MODEL and the flag
 # thresholds): part of every job's config hash, so outputs scored by another model are not
 # taken for done with the same settings. Change it whenever the coefficients change.
-QUALITY_MODEL = "score-4"
+QUALITY_MODEL = "score-5"
 
 
 class ShardStats(BaseModel):
