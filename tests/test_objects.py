@@ -40,12 +40,24 @@ def test_one_object_with_thin_limbs_and_a_small_speck_is_left_alone():
     assert note is None and alpha is body
 
 
+def test_a_collection_of_similar_objects_is_left_whole():
+    """Coins on a table: no part is the subject, so every one stays (flagged multiple_objects)."""
+    shape = (200, 300)
+    coins = np.zeros(shape, np.float32)
+    for row in (50, 150):
+        for col in (50, 150, 250):
+            coins = np.maximum(coins, disc(shape, (row, col), 35))
+    alpha, note = keep_main_object(coins)
+    assert alpha is coins and note is None
+
+
 def test_a_part_below_the_size_rule_is_kept():
     shape = (200, 300)
     first = disc(shape, (100, 100), 50)
     second = disc(shape, (100, 230), 50 * (MAIN_OBJECT_MIN * 0.8) ** 0.5)
     both = np.maximum(first, second)
-    assert keep_main_object(both) == (both, None)
+    alpha, note = keep_main_object(both)
+    assert alpha is both and note is None
 
 
 def test_two_objects_joined_by_a_neck_are_cut_midway_and_the_soft_edge_stays():
