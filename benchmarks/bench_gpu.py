@@ -152,7 +152,7 @@ class Row:
             return [self.preset, self.runtime, str(self.batch), self.note]
         rate = self.images / self.wall_s if self.wall_s else float("nan")
         return [self.preset, self.runtime, str(self.batch), str(self.images), str(self.failed),
-                f"{self.wall_s:.2f}", f"{self.cpu_s:.2f}", f"{rate:.2f}", self.busy, self.peak]
+                f"{self.wall_s:.3f}", f"{self.cpu_s:.3f}", f"{rate:.2f}", self.busy, self.peak]
 
 
 HEADER = ["preset", "runtime", "batch", "images", "failed", "wall s", "cpu s (user+sys)", "img/s",
