@@ -399,6 +399,19 @@ def hold_shard(redis_client, worker: str, job_id: str, task: dict) -> None:
     redis_client.hset(HELD_KEY, worker, json.dumps(entry))
 
 
+def held_deliveries(redis_client) -> set[str]:
+    """The broker's delivery tags of the messages workers note they hold."""
+    tags = set()
+    for raw in redis_client.hvals(HELD_KEY):
+        try:
+            tag = json.loads(raw)["task"].get("tag")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if tag:
+            tags.add(str(tag))
+    return tags
+
+
 def release_shard(redis_client, worker: str) -> None:
     redis_client.hdel(HELD_KEY, worker)
 

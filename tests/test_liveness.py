@@ -139,6 +139,61 @@ def test_holds_of_silent_workers_are_claimed_once(redis_client):
     assert claim_stale_holds(redis_client, stale_s=60, now=time.time() + 30) == []
 
 
+def _deliver_and_die(redis_url: str, queue_name: str) -> str:
+    """Take one message from ``queue_name`` as a worker does (kombu, acks late), then vanish
+    without acking or giving it back (a SIGKILL before the task noted its hold); its tag."""
+    from kombu import Connection, Exchange, Queue
+
+    taken = []
+    with Connection(redis_url) as connection:
+        channel = connection.default_channel
+        channel.qos.restore_at_shutdown = False  # a killed process restores nothing
+        queue = Queue(queue_name, Exchange(queue_name), queue_name)
+        with connection.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
+                                 accept=["json"]):
+            connection.drain_events(timeout=10)
+    return taken[0].delivery_tag
+
+
+def test_a_shard_delivered_to_a_worker_that_died_before_holding_it_is_sent_again(redis_client, redis_url):
+    from celery import Celery
+
+    from cutout.jobs.progress import hold_shard
+    from cutout.workers.liveness import claim_orphaned_deliveries
+
+    app = Celery(broker=redis_url)
+    kwargs = {"job_prefix": "file:///d/_cutout/jobs/j1", "shard_id": "s000008"}
+    app.send_task("cutout.process_shard", kwargs=kwargs, queue="q-orphan")
+    app.send_task("cutout.process_shard", kwargs={**kwargs, "shard_id": "s000009"}, queue="q-orphan")
+    dead = _deliver_and_die(redis_url, "q-orphan")
+    alive = _deliver_and_die(redis_url, "q-orphan")
+    hold_shard(redis_client, "alive:1", "j1", {"kwargs": {**kwargs, "shard_id": "s000009"}, "queue": "q-orphan",
+                                               "tag": alive})
+    assert redis_client.llen("q-orphan") == 0  # both messages are out, unacked
+    assert claim_orphaned_deliveries(redis_client, stale_s=60) == []  # delivered just now
+    later = time.time() + 61
+    assert claim_orphaned_deliveries(redis_client, stale_s=60, now=later) == [(kwargs, "q-orphan")]
+    assert claim_orphaned_deliveries(redis_client, stale_s=60, now=later) == []  # sent once
+    assert dead != alive
+
+
+def test_the_reaper_sends_an_orphaned_shard_back_to_its_queue(redis_client, redis_url, monkeypatch):
+    from celery import Celery
+
+    from cutout.workers.liveness import reap_once
+
+    monkeypatch.setenv("CUTOUT_WORKER_STALE_S", "1")
+    app = Celery(broker=redis_url)
+    kwargs = {"job_prefix": "file:///d/_cutout/jobs/j2", "shard_id": "s000003"}
+    app.send_task("cutout.process_shard", kwargs=kwargs, queue="q-reap")
+    _deliver_and_die(redis_url, "q-reap")
+    time.sleep(1.5)
+    assert reap_once(redis_client, app, "reaper:1") == 1
+    message = json.loads(redis_client.lpop("q-reap"))
+    assert message["headers"]["task"] == "cutout.process_shard"
+    assert "s000003" in message["headers"]["kwargsrepr"]
+
+
 def test_a_new_run_of_a_shard_supersedes_older_holds_of_it(redis_client):
     from cutout.jobs.progress import claim_stale_holds, hold_shard, release_shard
 

@@ -143,10 +143,12 @@ def _next_shards(app, job_prefix: str, shard_id: str) -> None:
 
 
 def _hold(worker_name: str, job_id: str, request) -> None:
-    """Note the shard this process holds (best effort: without it only liveness is lost)."""
+    """Note the shard this process holds and its message's delivery tag (best effort: without
+    it only liveness is lost)."""
     queue = (request.delivery_info or {}).get("routing_key")
     try:
-        hold_shard(_redis_client(), worker_name, job_id, {"kwargs": dict(request.kwargs or {}), "queue": queue})
+        hold_shard(_redis_client(), worker_name, job_id, {"kwargs": dict(request.kwargs or {}), "queue": queue,
+                                                          "tag": (request.properties or {}).get("delivery_tag")})
     except RedisError as exc:
         log.warning("could not note the shard this worker holds: %s", exc)
 
