@@ -177,6 +177,20 @@ def test_a_shard_delivered_to_a_worker_that_died_before_holding_it_is_sent_again
     assert dead != alive
 
 
+def test_a_retry_waiting_for_its_countdown_is_no_orphan(redis_client, redis_url):
+    """A retry's message sits unacked in a live worker until its eta: not an orphan till then."""
+    from celery import Celery
+
+    from cutout.workers.liveness import claim_orphaned_deliveries
+
+    app = Celery(broker=redis_url)
+    kwargs = {"job_prefix": "file:///d/_cutout/jobs/j3", "shard_id": "s000001"}
+    app.send_task("cutout.process_shard", kwargs=kwargs, queue="q-eta", countdown=300)
+    _deliver_and_die(redis_url, "q-eta")
+    assert claim_orphaned_deliveries(redis_client, stale_s=60, now=time.time() + 200) == []
+    assert claim_orphaned_deliveries(redis_client, stale_s=60, now=time.time() + 400) == [(kwargs, "q-eta")]
+
+
 def test_the_reaper_sends_an_orphaned_shard_back_to_its_queue(redis_client, redis_url, monkeypatch):
     from celery import Celery
 

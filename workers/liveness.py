@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from datetime import datetime
 
 import redis
 from redis.exceptions import RedisError
@@ -75,7 +76,7 @@ def claim_orphaned_deliveries(client, *, stale_s: float, now: float | None = Non
     held = None
     for raw_tag in client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", now - stale_s):
         tag = _text(raw_tag)
-        shard = _shard_message(client.hget(UNACKED_KEY, tag))
+        shard = _shard_message(client.hget(UNACKED_KEY, tag), after=now - stale_s)
         if shard is None:
             continue
         held = progress.held_deliveries(client) if held is None else held
@@ -86,13 +87,17 @@ def claim_orphaned_deliveries(client, *, stale_s: float, now: float | None = Non
     return orphans
 
 
-def _shard_message(raw) -> tuple[dict, str] | None:
+def _shard_message(raw, *, after: float) -> tuple[dict, str] | None:
     """(kwargs, queue) of a shard task in kombu's stored form ``[message, exchange, routing
     key]`` (a Celery protocol-2 message: base64 JSON ``[args, kwargs, embed]``); None for any
-    other message or anything unreadable."""
+    other message, anything unreadable, and a retry whose countdown (its ``eta``) ends after
+    ``after``: a worker keeps such a message unacked, on purpose, until then."""
     try:
         message, _exchange, routing_key = json.loads(raw)
-        if message["headers"]["task"] != TASK_PROCESS_SHARD:
+        headers = message["headers"]
+        if headers["task"] != TASK_PROCESS_SHARD:
+            return None
+        if headers.get("eta") and datetime.fromisoformat(headers["eta"]).timestamp() > after:
             return None
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
