@@ -7,7 +7,9 @@ Real redis-server, real ``cutout worker`` processes (solo pool), local ``file://
   completes;
 - a worker SIGKILLed with its whole process group (a dead machine: Celery cannot requeue, the
   message stays unacked for the 3-hour visibility timeout) has its shard finished by the other
-  worker within about a minute and a half, with default liveness settings.
+  worker within about a minute and a half, with default liveness settings;
+- a worker SIGKILLed after taking its message but before noting its hold (stalled there on
+  purpose) has its shard sent again from the broker's unacked messages.
 """
 from __future__ import annotations
 
@@ -346,3 +348,45 @@ def test_shard_of_a_dead_machine_is_finished_by_another_worker_within_two_minute
         stop([victim, survivor])
     final = records(job.job_prefix)
     assert len(final) == 16 and all(r["status"] == "done" for r in final)
+
+
+# The victim takes its message, then stalls before noting its hold: killed there, it leaves an
+# unacked message that no hold names (a few milliseconds in real life, made long here).
+_STALL_BEFORE_HOLD = textwrap.dedent("""
+    import time
+    import cutout.workers.tasks as tasks
+    _hold = tasks._hold
+    def stalled(*args, **kwargs):
+        print("STALLED BEFORE THE HOLD", flush=True)
+        time.sleep(600)
+        return _hold(*args, **kwargs)
+    tasks._hold = stalled
+""")
+
+
+def test_a_worker_killed_before_noting_its_hold_loses_no_shard(redis_client, redis_url, tmp_path):
+    from cutout.jobs import manifest
+
+    source = tmp_path / "in"
+    noise_folder(source, 4, side=200)  # one shard
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    env = worker_env(redis_url, CUTOUT_WORKER_STALE_S="6", CUTOUT_REAP_INTERVAL="1", CUTOUT_HEARTBEAT_INTERVAL="1")
+    victim = start_worker(env, logs[0], prelude=_STALL_BEFORE_HOLD)
+    survivor = None
+    try:
+        wait_ready(victim, logs[0])
+        job = submit_folder(source, tmp_path / "out", redis_url, shard_size=4)
+        deadline = time.monotonic() + 60
+        while "STALLED BEFORE THE HOLD" not in logs[0].read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "STALLED BEFORE THE HOLD" in logs[0].read_text(errors="replace"), logs[0].read_text()
+        assert redis_client.hlen("cutout:held") == 0 and redis_client.hlen("unacked") == 1
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+        survivor = start_worker(env, logs[1])
+        wait_ready(survivor, logs[1])
+        wait_done(job.job_prefix, 1, 60, logs)  # the visibility timeout (3 h) would be far later
+        assert "delivered to a worker that stopped before taking it up" in logs[1].read_text()
+        assert len(records(job.job_prefix)) == 4
+    finally:
+        stop([victim] + ([survivor] if survivor else []))
