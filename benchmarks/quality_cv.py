@@ -158,9 +158,9 @@ def remeasure(masks: Masks, data, rows: dict) -> None:
             other = masks.member(member, stem_set, stem) >= 0.5
             row[f"q_disagree_{member.replace('@', '')}"] = 1.0 - metrics_iou(other, kept)
         for sigma in EXPLORE_BLURS:  # candidate measurements, compared by the same folds
-            from cutout.workers.quality import KEPT_ALPHA, _small, edge_alignment
-            row[f"q_edge_alignment_b{sigma}"] = edge_alignment(_small(saved["alpha"] / 255.0) >= KEPT_ALPHA,
-                                                               _small(rgb), blur=sigma)
+            from cutout.workers.quality import KEPT_ALPHA, edge_alignment, small_copy
+            row[f"q_edge_alignment_b{sigma}"] = edge_alignment(small_copy(saved["alpha"] / 255.0) >= KEPT_ALPHA,
+                                                               small_copy(rgb), blur=sigma)
         for cname, value in candidate_signals(saved["alpha"] / 255.0, saved["unrefined"] / 255.0, rgb,
                                               pipeline.mask_ramp).items():
             row[f"q_{cname}"] = float(value)
@@ -228,11 +228,11 @@ def holes(kept: np.ndarray) -> float:
 
 
 def candidate_signals(alpha: np.ndarray, unrefined: np.ndarray, rgb: np.ndarray, ramp) -> dict:
-    from cutout.workers.quality import KEPT_ALPHA, _small
+    from cutout.workers.quality import KEPT_ALPHA, small_copy
 
-    alpha, unrefined = _small(alpha.astype(np.float32)), _small(unrefined.astype(np.float32))
+    alpha, unrefined = small_copy(alpha.astype(np.float32)), small_copy(unrefined.astype(np.float32))
     kept = alpha >= KEPT_ALPHA
-    lab = _lab(_small(rgb))
+    lab = _lab(small_copy(rgb))
     low, high = ramp
     raw = low + unrefined * (high - low)
     before = unrefined >= KEPT_ALPHA

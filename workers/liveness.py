@@ -47,18 +47,20 @@ def reap_once(client, app, worker: str) -> int:
             client.set(f"{ORPHAN_KEY}:{task['tag']}", "1", ex=visibility_timeout_s())
         log.warning("worker %s holding shard %s of job %s stopped beating; sending the shard again",
                     entry["worker"], task["kwargs"].get("shard_id"), entry["job_id"])
-        app.send_task(TASK_PROCESS_SHARD, kwargs=task["kwargs"], queue=task.get("queue"))
-        telemetry.SHARDS.labels("resent").inc()
-        sent += 1
+        sent += _send_again(app, task["kwargs"], task.get("queue"))
     for kwargs, queue in claim_orphaned_deliveries(client, stale_s=settings().worker_stale_s):
         log.warning("shard %s of %s was delivered to a worker that stopped before taking it up; "
                     "sending the shard again", kwargs.get("shard_id"), kwargs.get("job_prefix"))
-        app.send_task(TASK_PROCESS_SHARD, kwargs=kwargs, queue=queue)
-        telemetry.SHARDS.labels("resent").inc()
-        sent += 1
+        sent += _send_again(app, kwargs, queue)
     # windowed jobs: shards a dead sender took, then whatever fits (a job with idle workers moves)
     sent += window.reap_windows(client, app, stale_s=settings().worker_stale_s)
     return sent
+
+
+def _send_again(app, kwargs: dict, queue: str | None) -> int:
+    app.send_task(TASK_PROCESS_SHARD, kwargs=kwargs, queue=queue)
+    telemetry.SHARDS.labels("resent").inc()
+    return 1
 
 
 def claim_orphaned_deliveries(client, *, stale_s: float, now: float | None = None) -> list[tuple[dict, str]]:
@@ -75,7 +77,7 @@ def claim_orphaned_deliveries(client, *, stale_s: float, now: float | None = Non
     orphans = []
     held = None
     for raw_tag in client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", now - stale_s):
-        tag = _text(raw_tag)
+        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else raw_tag
         shard = _shard_message(client.hget(UNACKED_KEY, tag), after=now - stale_s)
         if shard is None:
             continue
@@ -106,10 +108,6 @@ def _shard_message(raw, *, after: float) -> tuple[dict, str] | None:
         return kwargs, routing_key
     except (TypeError, ValueError, KeyError):
         return None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def start_reaper(app, worker: str) -> threading.Event:

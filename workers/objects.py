@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cutout.workers.quality import KEPT_ALPHA, NECK, SIGNAL_SIDE
+from cutout.workers.quality import KEPT_ALPHA, NECK, kept_parts, small_copy
 
 # A second part at least this large against the largest (after cutting necks) means several
 # objects. Both CV halves tie from 0.3 to 0.5 (no visible output lies between); the middle is
@@ -35,10 +35,8 @@ def keep_main_object(alpha: np.ndarray, *, min_second: float = MAIN_OBJECT_MIN,
     ``MAX_SIMILAR_PARTS`` parts of similar size). ``by_centre=False`` keeps the largest part
     (the rule the cross-validation compared against)."""
     height, width = alpha.shape
-    scale = min(1.0, SIGNAL_SIDE / max(height, width))
-    small = alpha if scale == 1.0 else cv2.resize(
-        alpha, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
-    parts, count = _parts(small >= KEPT_ALPHA)
+    small = small_copy(alpha)
+    parts, count = kept_parts(small >= KEPT_ALPHA, NECK)
     if count < 2:
         return alpha, None
     areas = np.bincount(parts.ravel(), minlength=count + 1)[1:].astype(np.float64)
@@ -48,19 +46,10 @@ def keep_main_object(alpha: np.ndarray, *, min_second: float = MAIN_OBJECT_MIN,
     weights = areas * _closeness_to_centre(parts, count) if by_centre else areas
     main = 1 + int(np.argmax(weights))
     owned = _nearest_part(parts) == main
-    if scale != 1.0:
+    if small.shape != alpha.shape:
         owned = cv2.resize(owned.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     note = f"main-object: kept the main one of {count} parts (--objects all keeps every part)"
     return np.where(owned, alpha, 0.0).astype(alpha.dtype, copy=False), note
-
-
-def _parts(kept: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels (1..count) of the kept area's parts once necks narrower than 2 × ``NECK`` of the
-    long side are cut (an erosion), and their count."""
-    radius = round(NECK * max(kept.shape))
-    core = cv2.erode(kept.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
-    count, labels = cv2.connectedComponents(core, connectivity=8)
-    return labels, count - 1
 
 
 def _closeness_to_centre(parts: np.ndarray, count: int) -> np.ndarray:

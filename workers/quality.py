@@ -113,13 +113,13 @@ def measure(
 def shape_signals(alpha: np.ndarray, mask: np.ndarray, unrefined: np.ndarray,
                   rgb: np.ndarray | None, ramp: tuple[float, float]) -> dict[str, float]:
     """The measurements beyond coverage, unknown band and confidence, on a small copy."""
-    alpha, mask, unrefined = (_small(a.astype(np.float32, copy=False)) for a in (alpha, mask, unrefined))
+    alpha, mask, unrefined = (small_copy(a.astype(np.float32, copy=False)) for a in (alpha, mask, unrefined))
     kept = alpha >= KEPT_ALPHA
     low, high = ramp
     raw_half = min(1.0, max(0.0, (0.5 - low) / (high - low)))  # raw 0.5 in calibrated units
     before = unrefined >= KEPT_ALPHA
     visible = alpha > 0.05
-    small_rgb = _small(rgb) if rgb is not None else None
+    small_rgb = small_copy(rgb) if rgb is not None else None
     return {
         "second_object": second_object(kept),
         "joined_object": second_object(kept, NECK),
@@ -136,13 +136,20 @@ def second_object(kept: np.ndarray, neck: float = 0.0) -> float:
     """Area of the second-largest 8-connected kept part over the largest's (0: one part). With
     ``neck`` (a fraction of the long side), parts joined by a strip narrower than that count as
     separate (two people standing shoulder to shoulder)."""
+    labels, count = kept_parts(kept, neck)
+    areas = np.sort(np.bincount(labels.ravel(), minlength=count + 1)[1:])[::-1]
+    return float(areas[1] / areas[0]) if len(areas) > 1 else 0.0
+
+
+def kept_parts(kept: np.ndarray, neck: float = 0.0) -> tuple[np.ndarray, int]:
+    """Labels (1..count) of the kept area's 8-connected parts, and their count; with ``neck``
+    (a fraction of the long side), strips narrower than twice that are cut first (an erosion)."""
     binary = kept.astype(np.uint8)
     radius = round(neck * max(kept.shape))
     if radius:
         binary = cv2.erode(binary, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
-    count, _labels, stats, _centroids = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    areas = np.sort(stats[1:count, cv2.CC_STAT_AREA])[::-1]
-    return float(areas[1] / areas[0]) if len(areas) > 1 else 0.0
+    count, labels = cv2.connectedComponents(binary, connectivity=8)
+    return labels, count - 1
 
 
 def edge_alignment(kept: np.ndarray, rgb: np.ndarray, blur: float = 0.0) -> float:
@@ -220,7 +227,8 @@ def flags_for(quality: dict[str, float], notes: list[str]) -> list[str]:
     return flags
 
 
-def _small(array: np.ndarray) -> np.ndarray:
+def small_copy(array: np.ndarray) -> np.ndarray:
+    """A copy at most ``SIGNAL_SIDE`` long (the array itself when it is smaller)."""
     height, width = array.shape[:2]
     scale = SIGNAL_SIDE / max(height, width)
     if scale >= 1.0:
