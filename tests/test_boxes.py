@@ -261,3 +261,50 @@ def test_a_failing_box_stage_is_named_and_spares_the_other_boxes(monkeypatch):
         [PipelineInput("p.png", data, box=box) for box in ((20, 40, 80, 80), (1, 1, 50, 50))])
     assert outcomes[0].ok and not outcomes[1].ok
     assert outcomes[1].error.stage == "box" and "injected failure" in str(outcomes[1].error)
+
+
+def _object_and_neighbour() -> np.ndarray:
+    """A mask of a boxed object (rows 20-100, columns 20-100 of a 120 x 160 crop) joined by a
+    4-px strip (a hand) to a neighbour that stands mostly outside the box, right of column 110."""
+    mask = np.zeros((120, 160), np.float32)
+    mask[20:100, 20:100] = 1.0  # the object, inside the box
+    mask[60:64, 100:125] = 1.0  # the strip joining them
+    mask[10:110, 118:160] = 1.0  # the neighbour: columns 118-159, of which 118-129 lie inside
+    return mask
+
+
+def test_a_neighbour_reaching_into_the_box_is_dropped_and_the_object_stays():
+    from cutout.workers.boxes import Region, neighbour_parts
+
+    box = Region(10, 10, 130, 110)
+    owned = neighbour_parts(_object_and_neighbour(), box)
+    assert owned is not None
+    assert owned[20:110, 125:160].all()  # the neighbour (its part inside the box included)
+    assert not owned[20:100, 20:100].any()  # the object
+    assert neighbour_parts(_object_and_neighbour(), box, min_inside=0.1) is None  # about a fifth lies inside
+
+
+def test_parts_inside_the_box_all_stay_and_the_most_inside_part_always_stays():
+    from cutout.workers.boxes import Region, neighbour_parts
+
+    mask = np.zeros((120, 160), np.float32)
+    mask[20:60, 20:60] = 1.0
+    mask[70:100, 90:120] = 1.0  # a second part, inside the box too (a pair of shoes)
+    assert neighbour_parts(mask, Region(10, 10, 130, 110)) is None
+    alone = np.zeros((120, 160), np.float32)
+    alone[10:110, 100:160] = 1.0  # one part, mostly outside: it is the boxed object all the same
+    assert neighbour_parts(alone, Region(10, 10, 130, 110)) is None
+
+
+def test_the_box_path_leaves_out_a_neighbour_joined_to_the_object(monkeypatch):
+    from cutout.workers.boxes import box_region, cut_out_box
+    from cutout.workers.pipeline import Pipeline
+
+    rgb = np.full((120, 160, 3), 200, np.uint8)
+    monkeypatch.setattr(Pipeline, "segment_raw", lambda self, images: [_object_and_neighbour() for _ in images])
+    pipeline = Pipeline(PipelineOptions(model="u2netp", matting="none", refine="none"))
+    # the box (10, 10)-(130, 110) with a margin that makes the crop the whole mask
+    result = cut_out_box(pipeline, rgb, box_region((10, 10, 120, 100), 160, 120), margin=0.25)
+    assert any(note.startswith("box-neighbour") for note in result.notes)
+    assert result.alpha[30:90, 30:90].min() > 0.9
+    assert result.alpha[:, 118:].max() == 0.0

@@ -15,10 +15,13 @@ beside the spoon, the whole desk around the laptop). A box says which object is 
    what the network kept inside the box is partly a neighbour joined to the object (a shirt
    under a boxed face), so the components overlapping the box are clipped to it first and
    GrabCut may relabel all of them (``select_and_refine``) before matting;
-5. the alpha is placed back at the input's size (alpha zero outside the box).
+5. a part of the refined mask that lies mostly outside the box is a neighbour reaching in (the
+   boy beside the boxed one, joined to him by a hand): its pixels go (``neighbour_parts``);
+6. the alpha is placed back at the input's size (alpha zero outside the box).
 The margin and the two paths were chosen by 2-fold cross-validation with tight boxes over both
 visible sets (benchmarks/box_tight_cv.py), the crossing rule and spill on GrabCut's own boxes
-(benchmarks/box_cv.py), the fallback over both (benchmarks/box_fill_cv.py); docs/results.md,
+(benchmarks/box_cv.py), the fallback and the neighbour rule over both
+(benchmarks/box_fill_cv.py, benchmarks/box_parts_cv.py); docs/results.md,
 "Box hints".
 """
 from __future__ import annotations
@@ -40,6 +43,14 @@ EDGE_PX = 3  # soft edge kept around the kept components, px (the matting band l
 # A network mask covering less of its box than this missed the object: GrabCut from the box
 # is used instead (2-fold CV over tight and GrabCut's own boxes, benchmarks/box_fill_cv.py).
 MIN_FILL = 0.2
+# GrabCut for that fallback runs on a copy this long (the classical model's 512 costs 1.8x as
+# much and lost nothing at 400 on any of the boxes that fall back; 320 and less lost some:
+# docs/results.md, "Box hints").
+FALLBACK_SIDE = 400
+# A part of the refined mask (cut at necks as --objects main cuts them) with less than this share
+# of its area inside the box is a neighbour reaching into it, and goes. 2-fold CV over the same
+# boxes (benchmarks/box_parts_cv.py): every threshold from 0.3 to 0.6 does the same; the middle.
+MIN_PART_INSIDE = 0.5
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,36 @@ def select_and_refine(crop_rgb: np.ndarray, mask: np.ndarray, box: Region, *, re
     return refined, notes
 
 
+def neighbour_parts(mask: np.ndarray, inner: Region, *, min_inside: float = MIN_PART_INSIDE) -> np.ndarray | None:
+    """The pixels (bool, the crop's shape) nearest to a part of the mask (>= 0.5, parts joined
+    by a neck narrower than ``quality.NECK`` counted apart) that has less than ``min_inside`` of
+    its area inside the box; None when no part does. The part with the most area inside the box
+    always stays. Measured on a copy at most ``quality.SIGNAL_SIDE`` long, as the other part rules."""
+    import cv2
+
+    from cutout.workers.objects import _nearest_part
+    from cutout.workers.quality import KEPT_ALPHA, NECK, kept_parts, small_copy
+
+    height, width = mask.shape
+    small = small_copy(mask)
+    parts, count = kept_parts(small >= KEPT_ALPHA, NECK)
+    if count < 2:
+        return None
+    sy, sx = small.shape[0] / height, small.shape[1] / width
+    rows = slice(int(inner.y0 * sy), max(int(inner.y0 * sy) + 1, round(inner.y1 * sy)))
+    cols = slice(int(inner.x0 * sx), max(int(inner.x0 * sx) + 1, round(inner.x1 * sx)))
+    areas = np.bincount(parts.ravel(), minlength=count + 1)[1:].astype(np.float64)
+    inside = np.bincount(parts[rows, cols].ravel(), minlength=count + 1)[1:].astype(np.float64)
+    dropped = inside < min_inside * np.maximum(areas, 1.0)
+    dropped[int(np.argmax(inside))] = False
+    if not dropped.any():
+        return None
+    owned = np.concatenate([[False], dropped])[_nearest_part(parts)]
+    if owned.shape != mask.shape:
+        owned = cv2.resize(owned.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return owned
+
+
 def box_region(hint, width: int, height: int) -> Region:
     """A ``cutout.jobs.boxes.BoxHint`` (or an ``(x, y, w, h)`` tuple) in pixels of this image;
     ``InvalidBoxError`` when it names none of them."""
@@ -155,7 +196,8 @@ def box_mask(pipeline, crop_rgb: np.ndarray, inner: Region, *, from_box: bool = 
     if from_box or pipeline.options.model == "grabcut":
         from cutout.workers.models.classical import grabcut_mask
 
-        return grabcut_mask(crop_rgb, rect=(inner.x0, inner.y0, inner.x1, inner.y1))
+        size = {"work_size": FALLBACK_SIDE} if from_box else {}  # the fallback, not the model
+        return grabcut_mask(crop_rgb, rect=(inner.x0, inner.y0, inner.x1, inner.y1), **size)
     return pipeline.calibrate(pipeline.segment_raw([crop_rgb])[0])
 
 
@@ -205,7 +247,8 @@ def _runs_a_network(pipeline) -> bool:
 def finish_box(pipeline, crop_rgb: np.ndarray, inner: Region, mask: np.ndarray,
                crop_alpha: np.ndarray | None, *, crop_output: bool):
     """The crop's ``CutoutResult`` from its calibrated mask: refinement (knowing the box where
-    the mask runs out of it), trimap and matting, alpha zero outside the box."""
+    the mask runs out of it), trimap and matting, alpha zero outside the box and on the parts
+    of a neighbour reaching into it."""
     from cutout.workers.stages import run_stage
 
     timings: dict[str, float] = {}
@@ -218,8 +261,15 @@ def finish_box(pipeline, crop_rgb: np.ndarray, inner: Region, mask: np.ndarray,
     inside = np.zeros(mask.shape, np.uint8)
     inside[inner.slices()] = 255  # alpha zero outside the box, applied before compositing
     limit = inside if crop_alpha is None else (inside.astype(np.uint16) * crop_alpha // 255).astype(np.uint8)
-    result = _finisher(pipeline, transparent=not crop_output, refine=refine).finish(
-        crop_rgb, mask, input_alpha=limit)
+    finisher = _finisher(pipeline, transparent=not crop_output, refine=refine)
+    result = finisher.finish(crop_rgb, mask, input_alpha=limit)
+    neighbours = run_stage(timings, "objects", neighbour_parts, result.mask, inner)
+    if neighbours is not None:  # rare: finished again (the same refinement) with the part left out
+        limit = np.where(neighbours, 0, limit).astype(np.uint8)
+        first = result.timings
+        result = finisher.finish(crop_rgb, mask, input_alpha=limit)
+        result.timings = {stage: first.get(stage, 0.0) + seconds for stage, seconds in result.timings.items()}
+        notes.append("box-neighbour: dropped a part of the cutout lying mostly outside the box")
     if crop_alpha is None:  # the box's limit is not the input's own alpha
         result.notes = [note for note in result.notes if note != "input-alpha-applied"]
     result.timings = {**timings, **result.timings}
