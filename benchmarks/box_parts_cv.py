@@ -32,6 +32,7 @@ from box_tight import photos, tight_box  # noqa: E402  (benchmarks/ is the scrip
 
 INSIDE = (0.2, 0.3, 0.4, 0.5, 0.6)
 SMALL = (0.01, 0.02, 0.05, 0.1)
+SQUARE = [False]  # --square: the crop grown to a square (as far as the photo allows) first
 RULES = ([("none", 0.0, 0.0)] + [("inside", t, 0.0) for t in INSIDE] + [("small", 0.0, s) for s in SMALL]
          + [("both", t, s) for t in (0.3, 0.5) for s in (0.02, 0.05)] + [("neck", t, 0.0) for t in INSIDE]
          + [("early", t, 0.0) for t in INSIDE] + [("shipped", t, 0.0) for t in INSIDE])
@@ -59,11 +60,11 @@ def cached_boxes(cache: Path):
             path = cache / f"{dataset}-{stem}-{kind}.npz"
             if not path.exists():
                 pipeline = pipeline or Pipeline(PipelineOptions(background="mask"))
-                np.savez_compressed(path, **crop_arrays(pipeline, rgb, box_region(box, width, height)))
+                np.savez_compressed(path, **crop_arrays(pipeline, rgb, box_region(box, width, height), SQUARE[0]))
             yield dataset, stem, half, kind, dict(np.load(path)), truth, ignore
 
 
-def crop_arrays(pipeline, rgb, region) -> dict:
+def crop_arrays(pipeline, rgb, region, square: bool = False) -> dict:
     """The shipped box path's steps (``cut_out_box``) on one box, kept for the rules: the mask
     the finishing starts from (the network's, or GrabCut's where it falls back), the refined
     mask and the finished alpha of the crop, and where the crop and the box lie."""
@@ -71,6 +72,8 @@ def crop_arrays(pipeline, rgb, region) -> dict:
 
     height, width = rgb.shape[:2]
     crop = region.grown(BOX_MARGIN, width, height)
+    if square:
+        crop = crop.squared(width, height)
     inner = region.shifted(crop)
     crop_rgb = np.ascontiguousarray(rgb[crop.slices()])
     start = box_mask(pipeline, crop_rgb, inner)
@@ -138,7 +141,9 @@ def mean(rows, rule, **where) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(".cache/box-parts"))
+    parser.add_argument("--square", action="store_true", help="square crops (Region.squared)")
     args = parser.parse_args()
+    SQUARE[0] = args.square
     rows = []
     for dataset, stem, half, kind, arrays, truth, ignore in cached_boxes(args.cache):
         row = {"set": dataset, "stem": stem, "half": half, "kind": kind}
