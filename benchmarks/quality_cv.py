@@ -28,6 +28,9 @@ Steps:
 5. Cascade: ``fast`` on every photo, ``balanced`` or ``best`` rerun where the score is below T,
    the output with the higher score kept; T chosen the same way against ``best``, and the
    frontier (quality against estimated CPU per photo) for every T.
+6. ``--disagreement``: the cascade also rerun where ``fast``'s two networks disagree by more than
+   D (1 - IoU of their raw masks, free in ``fast``), with three rules for which output is kept;
+   T, D and the rule chosen together the same way, each fold's pick judged on both halves.
 """
 from __future__ import annotations
 
@@ -592,6 +595,88 @@ def nested_policy_study(rows: dict, data, variants, features) -> None:
             print(f"    {name} {value}: J vs {reference} on held-out {', '.join(judged)}")
 
 
+def member_disagreement(masks: Masks, data) -> dict:
+    """Per photo, 1 - IoU of the two networks ``fast`` fuses (IS-Net at 512 and u2netp at 320,
+    raw masks >= 0.5): a second opinion ``fast`` computes anyway."""
+    from cutout.workers.metrics import iou
+
+    return {f"{d}/{s}": 1.0 - iou(masks.source("isnet@512", d, s) >= 0.5, masks.source("u2netp@320", d, s) >= 0.5)
+            for d, s, *_ in data}
+
+
+def disagreement_cascade_study(rows: dict, data, variants, features, disagreement: dict) -> None:
+    """The cascade rerun also where ``fast``'s two networks disagree by more than D (free in
+    ``fast``), and the rerun's output kept where the trigger was the disagreement: T and D
+    chosen together on the tuning half (out-of-fold scores, the lowest criterion against
+    ``best`` within ``balanced``'s CPU), reported on the other half."""
+    keys = [f"{d}/{s}" for d, s, *_ in data]
+    halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
+    keeps = ("score", "costly", 0.1, 0.2, 0.3)  # a number: the costly output unless the cheap one
+    # scores higher by more than that
+    grid = [(t, d, keep) for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8) for d in (0.05, 0.1, 0.15, 0.2, 0.3, 1.01)
+            for keep in keeps]
+
+    def one(k, t, d, keep):
+        first = rows[f"fast|{k}"]
+        low, apart = first["s"] < t, disagreement[k] > d
+        if not (low or apart):
+            return first, False
+        second = rows[f"balanced|{k}"]
+        if keep == "costly" and apart:
+            return second, True
+        if keep not in ("score", "costly") and apart:
+            return (first if first["s"] > second["s"] + keep else second), True
+        return (second if second["s"] > first["s"] else first), True
+
+    def cascade(test, setting):
+        picked = [one(k, *setting) for k in test]
+        cpu = COST["fast"] + sum(c[1] for c in picked) / len(test) * (COST["balanced"] - FIXED_RUN_CPU)
+        return [c[0] for c in picked], cpu
+
+    picks = []
+    print("\ncascade with the fused networks' disagreement: rerun where score < T or disagreement > D")
+    for d in (0.05, 0.1, 0.15, 0.2, 0.3):
+        share = sum(disagreement[k] > d for k in keys) / len(keys)
+        print(f"  disagreement > {d}: {share:.0%} of photos")
+    for fit_half, test_half in (("A", "B"), ("B", "A")):
+        fit = [k for k in keys if halves[k] == fit_half]
+        out_of_fold_scores(rows, fit, variants, features)
+        best_fit = [rows[f"best|{k}"] for k in fit]
+        within = [(criterion(cascade(fit, g)[0], best_fit), g) for g in grid if cascade(fit, g)[1] <= COST["balanced"]]
+        setting = min(within, key=lambda pair: pair[0])[1]
+        picks.append(setting)
+        test = [k for k in keys if halves[k] == test_half]
+        score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+        picked, cpu = cascade(test, setting)
+        plain, plain_cpu = cascade(test, (0.4, 1.01, "score"))
+        print(f"  fit {fit_half}, report {test_half}: T {setting[0]}, D {setting[1]}, keep {setting[2]}")
+        print(f"    cascade T, D     {figures(picked)}  est. CPU-s {cpu:.2f}  J vs best "
+              f"{criterion(picked, [rows[f'best|{k}'] for k in test]):.3f}")
+        print(f"    auto (T 0.4)     {figures(plain)}  est. CPU-s {plain_cpu:.2f}  J vs best "
+              f"{criterion(plain, [rows[f'best|{k}'] for k in test]):.3f}")
+        for name in ("balanced", "best"):
+            print(f"    {name:16} {figures([rows[f'{name}|{k}'] for k in test])}")
+    print("  each fold's pick (and the plain cascade) judged on both held-out halves, J vs best; "
+          "est. CPU-s on all photos:")
+    for setting in sorted(set(picks) | {(0.4, 1.01, "score")}, key=str):
+        judged = []
+        for fit_half, test_half in (("A", "B"), ("B", "A")):
+            fit = [k for k in keys if halves[k] == fit_half]
+            test = [k for k in keys if halves[k] == test_half]
+            score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+            judged.append(f"{test_half} {criterion(cascade(test, setting)[0], [rows[f'best|{k}'] for k in test]):.3f}")
+        out_of_fold_scores(rows, keys, variants, features)
+        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {', '.join(judged)}; "
+              f"CPU-s {cascade(keys, setting)[1]:.2f}")
+    out_of_fold_scores(rows, keys, variants, features)
+    print("  all photos (out-of-fold scores), the frontier by D (T 0.4):")
+    for d in (0.05, 0.1, 0.15, 0.2, 0.3, 1.01):
+        for keep in keeps:
+            picked, cpu = cascade(keys, (0.4, d, keep))
+            print(f"    D {d:4} keep {keep!s:6} {figures(picked)}  est. CPU-s {cpu:.2f}  J vs best "
+                  f"{criterion(picked, [rows[f'best|{k}'] for k in keys]):.3f}")
+
+
 # --- step 5: cascade --------------------------------------------------------------------------
 # Whole-process CPU-s per photo from benchmarks/bench_cost.py (docs/results.md): fast 2.71,
 # balanced 4.47, best 6.84; a rerun costs best's per-photo work without its model loads and
@@ -647,6 +732,8 @@ def main() -> None:
     parser.add_argument("--candidates", action="store_true", help="with --explore: the new candidates only")
     parser.add_argument("--remeasure", action="store_true",
                         help="recompute the measurements from the saved 8-bit arrays (fast)")
+    parser.add_argument("--disagreement", action="store_true",
+                        help="also study the cascade triggered by fast's two networks disagreeing")
     args = parser.parse_args()
     masks, data = Masks(Path(args.cache)), samples()
     path = Path(args.cache) / "quality_rows.json"
@@ -672,6 +759,8 @@ def main() -> None:
         harm_study(rows, data, models, FEATURES)
     if all(table(rows, v, data) for v in ("fast", "best")):
         cascade_study(rows, data, models, FEATURES)
+    if args.disagreement:
+        disagreement_cascade_study(rows, data, fitted_on, FEATURES, member_disagreement(masks, data))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,10 @@ class PipelineOptions(BaseModel):
     escalate_below: float = Field(
         0.5, ge=0.0, le=1.0, json_schema_extra=USER,
         description="quality score below which an output is rerun with the escalate preset")
+    escalate_apart: float = Field(
+        1.0, ge=0.0, le=1.0, json_schema_extra=USER,
+        description="with a fused model (A+B), also rerun outputs whose models disagree by more "
+                    "than this (1 - IoU of their masks; 1: never)")
     trimap_fg: float = Field(0.95, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,
                              description="mask value above which a pixel is sure foreground")
     trimap_bg: float = Field(0.05, gt=0.0, lt=1.0, json_schema_extra=INTERNAL,

@@ -182,3 +182,33 @@ def test_real_fusion_of_u2netp_and_modnet_on_a_photo():
     np.testing.assert_allclose(mask, np.maximum(u2netp.predict([rgb])[0], modnet.predict([rgb])[0]), atol=1e-6)
     assert iou(mask, truth) > 0.9
     MODEL_CACHE.clear()
+
+
+def test_a_fused_mask_says_how_far_its_models_disagree(ramps):
+    from cutout.workers.models.fusion import disagreement
+
+    mask = get_segmenter(PipelineOptions(model="ramp-x+ramp-y"), device="cpu").predict([IMAGE])[0]
+    x, y = X_RAMP >= 0.5, Y_RAMP >= 0.5
+    assert mask.disagreement == pytest.approx(1 - (x & y).sum() / (x | y).sum())
+    assert disagreement([X_RAMP, X_RAMP]) == 0.0 and disagreement([X_RAMP * 0, Y_RAMP * 0]) == 0.0
+
+
+@pytest.mark.parametrize("apart, reruns", [(0.2, True), (1.0, False)])
+def test_the_cascade_reruns_where_the_fused_models_disagree(ramps, monkeypatch, apart, reruns):
+    """An output that scores well is rerun all the same when its two networks disagreed by more
+    than ``escalate_apart`` (the ramps keep different halves of the photo: 1 - IoU = 2/3)."""
+    import io
+
+    from PIL import Image
+
+    from cutout.workers.pipeline import PipelineInput
+
+    escalated = []
+    monkeypatch.setattr(Pipeline, "_escalate", lambda self, rgb, alpha, first: escalated.append(1) or first)
+    options = PipelineOptions(model="ramp-x+ramp-y", fusion="mean", matting="none", refine="none",
+                              escalate="fast", escalate_below=0.0, escalate_apart=apart)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(buffer, format="PNG")
+    (outcome,) = Pipeline(options, device="cpu").run([PipelineInput("a.png", buffer.getvalue())])
+    assert outcome.ok and bool(escalated) == reruns
+    assert any(note.startswith("models-disagree") for note in outcome.notes) == reruns

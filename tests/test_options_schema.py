@@ -39,6 +39,7 @@ SAMPLES = {
     "objects": ("all", "all"),
     "escalate": ("fast", "fast"),
     "escalate_below": ("0.7", 0.7),
+    "escalate_apart": ("0.3", 0.3),
     "trimap_band": ("0.02", 0.02),
     "matting": ("knn", "knn"),
     "background": ("color:#00ff00", "color:#00ff00"),

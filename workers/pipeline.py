@@ -238,9 +238,10 @@ class Pipeline:
 
     def finish(
         self, rgb: np.ndarray, mask: np.ndarray, input_alpha: np.ndarray | None = None,
-        trimap: np.ndarray | None = None,
+        trimap: np.ndarray | None = None, disagreement: float | None = None,
     ) -> CutoutResult:
-        """Refine → trimap → matte → foreground → composite for one image whose mask is known."""
+        """Refine → trimap → matte → foreground → composite for one image whose mask is known.
+        ``disagreement``: a fused model's (``FusedMask.disagreement``), for the cascade."""
         from cutout.workers.foreground import estimate_foreground
         from cutout.workers.quality import measure
         from cutout.workers.trimap import make_trimap
@@ -278,7 +279,10 @@ class Pipeline:
                                  bg_threshold=opts.trimap_bg, rgb=rgb, unrefined=unrefined,
                                  ramp=self.mask_ramp)
         result = CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
-        if opts.escalate and not user_trimap and quality["score"] < opts.escalate_below:
+        apart = disagreement is not None and disagreement > opts.escalate_apart
+        if opts.escalate and not user_trimap and (quality["score"] < opts.escalate_below or apart):
+            if apart:
+                result.notes.append(f"models-disagree: 1 - IoU of the fused models' masks {disagreement:.2f}")
             result = self._escalate(rgb, input_alpha, result)
         return result
 
@@ -423,7 +427,8 @@ class Pipeline:
         else:  # no model ran: the trimap is the mask (unknown = 0.5) for matting and quality
             mask = trimap.astype(np.float32) / 255.0
             outcome.notes.append(HAND_TRIMAP_NOTE)
-        result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap)
+        result = self.finish(image.rgb, mask, input_alpha=image.alpha, trimap=trimap,
+                             disagreement=getattr(raw, "disagreement", None))
         result.raw_mask = raw
         self._complete(outcome, result, encode=encode, keep_result=keep_result)
 

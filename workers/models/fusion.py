@@ -9,6 +9,9 @@ the pipeline then applies the fused model's ramp: ``options.mask_ramp``, default
 Sizes: each component runs one pass at ``options.model_sizes[name]`` if set, else at
 ``options.seg_size`` if set, else at its own default ``input_size`` (no multi-size ensemble).
 Components come from the process cache (``cutout.workers.models.cache``): each loads once.
+Each fused mask also says how far its models disagreed (``FusedMask.disagreement``: 1 - IoU of
+their masks >= 0.5), a second opinion the fusion computes anyway: the cascade reruns an output
+whose models disagree (``escalate_apart``).
 Nothing here imports torch.
 """
 from __future__ import annotations
@@ -71,6 +74,27 @@ def fuse(masks: list[np.ndarray], rule: str) -> np.ndarray:
     raise ConfigError(f"unknown fusion rule {rule!r}; rules: {', '.join(RULES)}")
 
 
+class FusedMask(np.ndarray):
+    """A fused soft mask (a plain float array to every reader) that carries its models'
+    disagreement, 1 - IoU of their masks >= 0.5 (0 when they keep the same pixels)."""
+
+    disagreement: float = 0.0
+
+
+def disagreement(masks: list[np.ndarray]) -> float:
+    """1 - IoU of the masks' kept pixels (>= 0.5): 0 when every model keeps the same ones."""
+    kept = [mask >= 0.5 for mask in masks]
+    union = np.logical_or.reduce(kept)
+    total = int(np.count_nonzero(union))
+    return 1.0 - int(np.count_nonzero(np.logical_and.reduce(kept))) / total if total else 0.0
+
+
+def fuse_with_disagreement(masks: list[np.ndarray], rule: str) -> FusedMask:
+    fused = fuse(masks, rule).view(FusedMask)
+    fused.disagreement = disagreement(masks)
+    return fused
+
+
 class FusionSegmenter:
     """Each component predicts the whole batch (batched as it likes), then masks are fused."""
 
@@ -85,4 +109,4 @@ class FusionSegmenter:
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         per_model = [component.predict(images) for component in self.components]
-        return [fuse(list(masks), self.rule) for masks in zip(*per_model)]
+        return [fuse_with_disagreement(list(masks), self.rule) for masks in zip(*per_model)]
