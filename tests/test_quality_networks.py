@@ -41,7 +41,7 @@ def test_a_photo_of_two_separate_objects_is_flagged_and_escalated():
     assert one.ok and "multiple_objects" not in one.flags and one.quality["joined_object"] < 0.05
     assert 0.0 <= two.quality["score"] < one.quality["score"] <= 1.0
     assert two.quality["score"] < options.escalate_below < one.quality["score"]
-    assert any(note.startswith("escalated to best: score ") for note in two.notes), two.notes
+    assert any(note.startswith("escalated to best (score ") for note in two.notes), two.notes
     assert not any(note.startswith("escalated") for note in one.notes)
 
 

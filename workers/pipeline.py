@@ -281,14 +281,13 @@ class Pipeline:
         result = CutoutResult(image, alpha, mask, trimap, notes, timings, quality, flags)
         apart = disagreement is not None and disagreement > opts.escalate_apart
         if opts.escalate and not user_trimap and (quality["score"] < opts.escalate_below or apart):
-            if apart:
-                result.notes.append(f"models-disagree: 1 - IoU of the fused models' masks {disagreement:.2f}")
-            result = self._escalate(rgb, input_alpha, result)
+            why = f"models disagree {disagreement:.2f}" if apart else f"score {quality['score']:.2f}"
+            result = self._escalate(rgb, input_alpha, result, why)
         return result
 
-    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult) -> CutoutResult:
+    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult, why: str = "") -> CutoutResult:
         """The cascade: rerun a doubtful output with the costlier preset (once: that preset's own
-        escalation is off), keep the higher score."""
+        escalation is off), keep the higher score; ``why`` (the trigger) goes into the note."""
         if self._escalation is None:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
@@ -308,8 +307,9 @@ class Pipeline:
         for stage, seconds in second.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         kept = second if second.quality["score"] > first.quality["score"] else first
-        kept.notes.append(f"escalated to {self.options.escalate}: score {first.quality['score']:.2f} -> "
-                          f"{second.quality['score']:.2f}, kept the {'second' if kept is second else 'first'}")
+        kept.notes.append(f"escalated to {self.options.escalate}{f' ({why})' if why else ''}: score "
+                          f"{first.quality['score']:.2f} -> {second.quality['score']:.2f}, kept the "
+                          f"{'second' if kept is second else 'first'}")
         kept.timings = timings
         return kept
 
