@@ -55,14 +55,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # kept. Each half chose its threshold on out-of-fold scores (the lowest criterion against `best`
 # within `balanced`'s CPU): 0.8 and 0.4. 0.8 reruns half the photos and costs more than
 # `balanced` itself (estimated 4.47-4.52 against 4.47; measured 6-18 % more), so 0.4 ships.
-# Its two networks' disagreement (free: `fast` runs both) also reruns a photo: where they disagree
-# by more than 0.3 (1 - IoU; about a quarter of the photos), chosen by the same nested CV with T
-# (quality_cv.py --disagreement): half B's pick, as good as the plain cascade on half B and
-# better on half A (J against `best` 1.169 against 1.548), estimated 3.59 CPU-s against 3.08.
+# Rerunning also where its two networks disagree (`--escalate-apart 0.3`, half B's pick in the
+# nested CV, quality_cv.py --disagreement) was better held out on half A but measured as costly
+# as `balanced` itself, whole process (bench_cost.py, alphamatting photos: 5.46 CPU-s against
+# 4.69 for `balanced` and 3.95 for `auto` without it), for GrabCut IoU +0.0014: an option only.
 PRESETS["auto"] = {
     **PRESETS["fast"],
-    "model_settings": {**PRESETS["fast"]["model_settings"], "escalate": "balanced", "escalate_below": 0.4,
-                       "escalate_apart": 0.3},
+    "model_settings": {**PRESETS["fast"]["model_settings"], "escalate": "balanced", "escalate_below": 0.4},
 }
 
 
