@@ -26,7 +26,7 @@ import statistics
 
 import numpy as np
 
-from box_tight import DATA, photos, tight_box  # noqa: E402  (benchmarks/ is the script's folder)
+from box_tight import cv_boxes, print_cv_table  # noqa: E402  (benchmarks/ is the script's folder)
 
 FILLS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 RULES = ([("net", 0.0)] + [("mask fill", t) for t in FILLS] + [("fill", t) for t in FILLS]
@@ -82,34 +82,18 @@ def mean(rows, rule, **where) -> float:
 
 def main() -> None:
     from cutout.jobs.spec import PipelineOptions
-    from cutout.workers.boxes import box_region, load_eval_boxes
     from cutout.workers.pipeline import Pipeline
 
     pipeline = Pipeline(PipelineOptions(background="mask"))
-    rects = load_eval_boxes(DATA / "grabcut_msrc" / "rect")
-    rows, counters = [], {"am": 0, "gc": 0}
-    for dataset, stem, rgb, truth, ignore in photos():
-        half = "AB"[counters[dataset] % 2]
-        counters[dataset] += 1
-        height, width = truth.shape
-        boxes = [("tight", tight_box(truth))] + ([("rect", rects[stem])] if dataset == "gc" else [])
-        for kind, box in boxes:
-            row = {"set": dataset, "stem": stem, "half": half, "kind": kind}
-            measure(row, *both_ways(pipeline, rgb, box_region(box, width, height)), truth, ignore)
-            rows.append(row)
-            print(f"  {dataset}/{stem} {kind:5} network {row['net_iou']:.3f} (fill {row['net_fill']:.2f}, "
-                  f"mask {row['mask_fill']:.2f}) "
-                  f"GrabCut {row['gc_iou']:.3f} (fill {row['gc_fill']:.2f})", flush=True)
-    print("\nmean IoU: all 127 | half A | half B | GrabCut rect/ | tight | tight alphamatting | tight GrabCut")
-    for rule in RULES:
-        print(f"  {rule[0]:9} {rule[1]:4}  {mean(rows, rule):.4f} | {mean(rows, rule, half='A'):.4f} | "
-              f"{mean(rows, rule, half='B'):.4f} | {mean(rows, rule, kind='rect'):.4f} | "
-              f"{mean(rows, rule, kind='tight'):.4f} | {mean(rows, rule, kind='tight', set='am'):.4f} | "
-              f"{mean(rows, rule, kind='tight', set='gc'):.4f}")
-    for fit, test in (("A", "B"), ("B", "A")):
-        chosen = max(RULES, key=lambda rule: mean(rows, rule, half=fit))
-        print(f"choose on {fit}: {chosen[0]} {chosen[1]} ({mean(rows, chosen, half=fit):.4f}); on {test}: "
-              f"{mean(rows, chosen, half=test):.4f} (network alone {mean(rows, ('net', 0.0), half=test):.4f})")
+    rows = []
+    for dataset, stem, half, kind, region, rgb, truth, ignore in cv_boxes():
+        row = {"set": dataset, "stem": stem, "half": half, "kind": kind}
+        measure(row, *both_ways(pipeline, rgb, region), truth, ignore)
+        rows.append(row)
+        print(f"  {dataset}/{stem} {kind:5} network {row['net_iou']:.3f} (fill {row['net_fill']:.2f}, "
+              f"mask {row['mask_fill']:.2f}) "
+              f"GrabCut {row['gc_iou']:.3f} (fill {row['gc_fill']:.2f})", flush=True)
+    print_cv_table(rows, RULES, mean, lambda rule: f"{rule[0]:9} {rule[1]:4}", ("net", 0.0))
     for rule in (("mask fill", 0.2),):
         switched = [f"{r['set']}/{r['stem']} {r['kind']} {r['net_iou']:.2f}->{r['gc_iou']:.2f}"
                     for r in rows if picks_grabcut(r, rule)]

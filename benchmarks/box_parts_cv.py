@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from box_tight import photos, tight_box  # noqa: E402  (benchmarks/ is the script's folder)
+from box_tight import cv_boxes, print_cv_table  # noqa: E402  (benchmarks/ is the script's folder)
 
 INSIDE = (0.2, 0.3, 0.4, 0.5, 0.6)
 SMALL = (0.01, 0.02, 0.05, 0.1)
@@ -42,26 +42,16 @@ def cached_boxes(cache: Path):
     """(set, stem, half, kind, crop arrays, truth, ignore) per box; each box's crop result is
     computed once and kept in ``cache``."""
     from cutout.jobs.spec import PipelineOptions
-    from cutout.workers.boxes import box_region, load_eval_boxes
     from cutout.workers.pipeline import Pipeline
-
-    from box_tight import DATA
 
     cache.mkdir(parents=True, exist_ok=True)
     pipeline = None
-    rects = load_eval_boxes(DATA / "grabcut_msrc" / "rect")
-    counters = {"am": 0, "gc": 0}
-    for dataset, stem, rgb, truth, ignore in photos():
-        half = "AB"[counters[dataset] % 2]
-        counters[dataset] += 1
-        height, width = truth.shape
-        boxes = [("tight", tight_box(truth))] + ([("rect", rects[stem])] if dataset == "gc" else [])
-        for kind, box in boxes:
-            path = cache / f"{dataset}-{stem}-{kind}.npz"
-            if not path.exists():
-                pipeline = pipeline or Pipeline(PipelineOptions(background="mask"))
-                np.savez_compressed(path, **crop_arrays(pipeline, rgb, box_region(box, width, height), SQUARE[0]))
-            yield dataset, stem, half, kind, dict(np.load(path)), truth, ignore
+    for dataset, stem, half, kind, region, rgb, truth, ignore in cv_boxes():
+        path = cache / f"{dataset}-{stem}-{kind}.npz"
+        if not path.exists():
+            pipeline = pipeline or Pipeline(PipelineOptions(background="mask"))
+            np.savez_compressed(path, **crop_arrays(pipeline, rgb, region, SQUARE[0]))
+        yield dataset, stem, half, kind, dict(np.load(path)), truth, ignore
 
 
 def crop_arrays(pipeline, rgb, region, square: bool = False) -> dict:
@@ -96,7 +86,7 @@ def parts_table(mask: np.ndarray, inner, neck: float = 0.0) -> tuple[np.ndarray,
 
 
 def apply_rule(arrays: dict, rule) -> np.ndarray:
-    from cutout.workers.objects import _nearest_part
+    from cutout.workers.objects import nearest_part
 
     kind, t, s = rule
     alpha = arrays["alpha"]
@@ -121,7 +111,7 @@ def apply_rule(arrays: dict, rule) -> np.ndarray:
     drop[int(np.argmax(inside))] = False
     if not drop.any():
         return alpha
-    owner = _nearest_part(labels)
+    owner = nearest_part(labels)
     return np.where(np.concatenate([[False], drop])[owner], 0.0, alpha).astype(np.float32)
 
 
@@ -152,16 +142,7 @@ def main() -> None:
         changed = [f"{r[0]} {r[1]} {r[2]}: {row[r]:.3f}" for r in RULES[1:] if abs(row[r] - row[RULES[0]]) > 1e-4]
         print(f"  {dataset}/{stem} {kind:5} {row[RULES[0]]:.3f}  {'; '.join(changed)}", flush=True)
         rows.append(row)
-    print("\nmean IoU: all 127 | half A | half B | GrabCut rect/ | tight | tight alphamatting | tight GrabCut")
-    for rule in RULES:
-        print(f"  {rule[0]:6} {rule[1]:4} {rule[2]:4}  {mean(rows, rule):.4f} | {mean(rows, rule, half='A'):.4f} | "
-              f"{mean(rows, rule, half='B'):.4f} | {mean(rows, rule, kind='rect'):.4f} | "
-              f"{mean(rows, rule, kind='tight'):.4f} | {mean(rows, rule, kind='tight', set='am'):.4f} | "
-              f"{mean(rows, rule, kind='tight', set='gc'):.4f}")
-    for fit, test in (("A", "B"), ("B", "A")):
-        chosen = max(RULES, key=lambda rule: mean(rows, rule, half=fit))
-        print(f"choose on {fit}: {chosen} ({mean(rows, chosen, half=fit):.4f}); on {test}: "
-              f"{mean(rows, chosen, half=test):.4f} (no rule {mean(rows, RULES[0], half=test):.4f})")
+    print_cv_table(rows, RULES, mean, lambda rule: f"{rule[0]:6} {rule[1]:4} {rule[2]:4}", RULES[0])
 
 
 if __name__ == "__main__":

@@ -47,6 +47,39 @@ def tight_box(truth: np.ndarray) -> tuple[float, float, float, float]:
     return left, top, min(width, x1 + dx) - left, min(height, y1 + dy) - top
 
 
+def cv_boxes():
+    """The 127 boxes of the box CV studies: each photo's tight box on both visible sets, and
+    GrabCut's own ``rect/`` boxes; halves as in the preset study (each set's photos by name,
+    alternating), a photo's two boxes in one half. Yields (set, stem, half, kind, box in pixels
+    of the photo as a ``Region``, rgb, truth, ignore)."""
+    from cutout.workers.boxes import box_region, load_eval_boxes
+
+    rects = load_eval_boxes(DATA / "grabcut_msrc" / "rect")
+    counters = {"am": 0, "gc": 0}
+    for dataset, stem, rgb, truth, ignore in photos():
+        half = "AB"[counters[dataset] % 2]
+        counters[dataset] += 1
+        height, width = truth.shape
+        boxes = [("tight", tight_box(truth))] + ([("rect", rects[stem])] if dataset == "gc" else [])
+        for kind, box in boxes:
+            yield dataset, stem, half, kind, box_region(box, width, height), rgb, truth, ignore
+
+
+def print_cv_table(rows: list[dict], rules, mean, label, baseline) -> None:
+    """Each rule's mean IoU (``mean(rows, rule, **where)``) over all boxes, each half, each kind
+    of box and set; then each half's choice judged on the other, beside ``baseline``'s."""
+    print("\nmean IoU: all 127 | half A | half B | GrabCut rect/ | tight | tight alphamatting | tight GrabCut")
+    for rule in rules:
+        print(f"  {label(rule)}  {mean(rows, rule):.4f} | {mean(rows, rule, half='A'):.4f} | "
+              f"{mean(rows, rule, half='B'):.4f} | {mean(rows, rule, kind='rect'):.4f} | "
+              f"{mean(rows, rule, kind='tight'):.4f} | {mean(rows, rule, kind='tight', set='am'):.4f} | "
+              f"{mean(rows, rule, kind='tight', set='gc'):.4f}")
+    for fit, test in (("A", "B"), ("B", "A")):
+        chosen = max(rules, key=lambda rule: mean(rows, rule, half=fit))
+        print(f"choose on {fit}: {label(chosen).strip()} ({mean(rows, chosen, half=fit):.4f}); on {test}: "
+              f"{mean(rows, chosen, half=test):.4f} ({label(baseline).strip()} {mean(rows, baseline, half=test):.4f})")
+
+
 def naive(pipeline, rgb: np.ndarray, box) -> np.ndarray:
     from cutout.workers.boxes import box_region
 

@@ -156,7 +156,7 @@ def neighbour_parts(mask: np.ndarray, inner: Region, *, min_inside: float = MIN_
     always stays. Measured on a copy at most ``quality.SIGNAL_SIDE`` long, as the other part rules."""
     import cv2
 
-    from cutout.workers.objects import _nearest_part
+    from cutout.workers.objects import nearest_part
     from cutout.workers.quality import KEPT_ALPHA, NECK, kept_parts, small_copy
 
     height, width = mask.shape
@@ -173,7 +173,7 @@ def neighbour_parts(mask: np.ndarray, inner: Region, *, min_inside: float = MIN_
     dropped[int(np.argmax(inside))] = False
     if not dropped.any():
         return None
-    owned = np.concatenate([[False], dropped])[_nearest_part(parts)]
+    owned = np.concatenate([[False], dropped])[nearest_part(parts)]
     if owned.shape != mask.shape:
         owned = cv2.resize(owned.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     return owned

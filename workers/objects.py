@@ -45,7 +45,7 @@ def keep_main_object(alpha: np.ndarray, *, min_second: float = MAIN_OBJECT_MIN,
         return alpha, None
     weights = areas * _closeness_to_centre(parts, count) if by_centre else areas
     main = 1 + int(np.argmax(weights))
-    owned = _nearest_part(parts) == main
+    owned = nearest_part(parts) == main
     if small.shape != alpha.shape:
         owned = cv2.resize(owned.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     note = f"main-object: kept the main one of {count} parts (--objects all keeps every part)"
@@ -64,7 +64,7 @@ def _closeness_to_centre(parts: np.ndarray, count: int) -> np.ndarray:
     return 1.0 - np.hypot(cx / width - 0.5, cy / height - 0.5)
 
 
-def _nearest_part(parts: np.ndarray) -> np.ndarray:
+def nearest_part(parts: np.ndarray) -> np.ndarray:
     """For every pixel, the label of the part nearest to it (Euclidean distance)."""
     background = np.where(parts > 0, 0, 255).astype(np.uint8)
     _distance, seeds = cv2.distanceTransformWithLabels(background, cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_PIXEL)
