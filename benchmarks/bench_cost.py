@@ -45,6 +45,8 @@ SETTINGS = {
     "balanced": CUTOUT + ["--preset", "balanced"],
     "best": CUTOUT + ["--preset", "best"],
     "auto": CUTOUT + ["--preset", "auto"],
+    # the cascade also rerun where fast's networks disagree (quality_cv.py --stage-cpu)
+    "auto-apart": CUTOUT + ["--preset", "auto", "--escalate-below", "0.5", "--escalate-apart", "0.15"],
     "balanced-no-escalation": CUTOUT + ["--preset", "balanced", "--escalate-below", "0"],
     # one raw IS-Net pass at 1024 (fast's raw settings at rembg's size): rembg without -a
     "isnet-1024": CUTOUT + ["--preset", "fast", "--seg-size", "1024"],

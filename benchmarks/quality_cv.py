@@ -31,6 +31,11 @@ Steps:
 6. ``--disagreement``: the cascade also rerun where ``fast``'s two networks disagree by more than
    D (1 - IoU of their raw masks, free in ``fast``), with three rules for which output is kept;
    T, D and the rule chosen together the same way, each fold's pick judged on both halves.
+7. ``--stage-cpu FILE`` (from ``stage_cpu.py``): step 6 again with each photo's measured
+   CPU-s (``fast``'s networks and the rest apart, ``balanced``'s) in place of the estimate, and a
+   fourth rule, ``early``: a photo whose networks disagree goes straight to ``balanced`` (its
+   output kept) without paying ``fast``'s refinement and matting. The budget is ``balanced``'s
+   measured CPU on the same photos, model loads included.
 """
 from __future__ import annotations
 
@@ -722,6 +727,98 @@ def cascade_study(rows: dict, data, models: dict, features) -> None:
             print(f"    T {threshold:4.2f}  {figures(chosen)}  CPU-s {cpu:.2f} (est.)")
 
 
+def measured_cascade_study(rows: dict, data, variants, features, disagreement: dict, cpu: dict) -> None:
+    """Step 7: the disagreement cascade priced per photo from measurements (``cpu``: stage_cpu.py's
+    JSON), because the estimate (``balanced`` minus the loads, the same for every photo) came out
+    far too low once a third of the photos reran: those are the costly ones to finish."""
+    keys = [f"{d}/{s}" for d, s, *_ in data]
+    halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
+    # a process loads once: the first set measured paid it, the next found the models loaded
+    loads = {name: max(v for k, v in cpu["_load"].items() if k.endswith(f"/{name}")) for name in ("fast", "balanced")}
+    keeps = ("score", "costly", 0.1, 0.2, 0.3, "early")  # step 6's rules, and early
+    grid = [(t, d, keep) for t in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) for d in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 1.01)
+            for keep in keeps]
+
+    def total(k, name):
+        return cpu[k][name]["segment"] + cpu[k][name]["finish"]
+
+    def one(k, t, d, keep):
+        """(output kept, CPU-s of this photo, whether balanced ran)."""
+        first = rows[f"fast|{k}"]
+        apart = disagreement[k] > d
+        if apart and keep == "early":
+            return rows[f"balanced|{k}"], cpu[k]["fast"]["segment"] + total(k, "balanced"), True
+        if not (apart or first["s"] < t):
+            return first, total(k, "fast"), False
+        second = rows[f"balanced|{k}"]
+        spent = total(k, "fast") + total(k, "balanced")
+        if keep == "costly" and apart:
+            return second, spent, True
+        if keep not in ("score", "costly") and apart:
+            return (first if first["s"] > second["s"] + keep else second), spent, True
+        return (second if second["s"] > first["s"] else first), spent, True
+
+    def cascade(test, setting):
+        picked = [one(k, *setting) for k in test]
+        cost = sum(c[1] for c in picked) + loads["fast"] + (loads["balanced"] if any(c[2] for c in picked) else 0)
+        return [c[0] for c in picked], cost / len(test)
+
+    def balanced_cpu(test):
+        return (sum(total(k, "balanced") for k in test) + loads["balanced"]) / len(test)
+
+    def budget_ok(test, setting):
+        return all(cascade(part, setting)[1] <= balanced_cpu(part)
+                   for part in ([k for k in test if k.startswith("am/")], [k for k in test if k.startswith("gc/")]))
+
+    print("\nmeasured CPU-s per photo (stage_cpu.py), model loads spread over each set:")
+    for name in ("am", "gc"):
+        part = [k for k in keys if k.startswith(f"{name}/")]
+        fast_cpu = (sum(total(k, "fast") for k in part) + loads["fast"]) / len(part)
+        print(f"  {name}: fast {fast_cpu:.2f}  balanced {balanced_cpu(part):.2f}  fast's networks "
+              f"{statistics.fmean(cpu[k]['fast']['segment'] for k in part):.2f}, the rest "
+              f"{statistics.fmean(cpu[k]['fast']['finish'] for k in part):.2f}")
+    picks = []
+    for fit_half, test_half in (("A", "B"), ("B", "A")):
+        fit = [k for k in keys if halves[k] == fit_half]
+        out_of_fold_scores(rows, fit, variants, features)
+        best_fit = [rows[f"best|{k}"] for k in fit]
+        within = [(criterion(cascade(fit, g)[0], best_fit), g) for g in grid if budget_ok(fit, g)]
+        setting = min(within, key=lambda pair: pair[0])[1]
+        picks.append(setting)
+        test = [k for k in keys if halves[k] == test_half]
+        score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+        picked, cost = cascade(test, setting)
+        print(f"  fit {fit_half}, report {test_half}: T {setting[0]}, D {setting[1]}, keep {setting[2]}: "
+              f"{figures(picked)}  CPU-s {cost:.2f} (balanced {balanced_cpu(test):.2f})  J vs best "
+              f"{criterion(picked, [rows[f'best|{k}'] for k in test]):.3f}")
+    print("  each pick and the shipped auto judged on both held-out halves (J vs best), and on all "
+          "photos (out-of-fold scores):")
+    for setting in sorted(set(picks) | {(0.4, 1.01, "score")}, key=str):
+        judged = []
+        for fit_half, test_half in (("A", "B"), ("B", "A")):
+            fit = [k for k in keys if halves[k] == fit_half]
+            test = [k for k in keys if halves[k] == test_half]
+            score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+            judged.append(f"{test_half} {criterion(cascade(test, setting)[0], [rows[f'best|{k}'] for k in test]):.3f}")
+        out_of_fold_scores(rows, keys, variants, features)
+        per_set = ", ".join(f"{n} {cascade([k for k in keys if k.startswith(n + '/')], setting)[1]:.2f}"
+                            for n in ("am", "gc"))
+        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {', '.join(judged)}; "
+              f"{figures(cascade(keys, setting)[0])}; CPU-s {per_set}")
+    out_of_fold_scores(rows, keys, variants, features)
+    print("  all photos (out-of-fold scores), the frontier; CPU-s per set against balanced's:")
+    am = [k for k in keys if k.startswith("am/")]
+    gc = [k for k in keys if k.startswith("gc/")]
+    print(f"    balanced                {figures([rows[f'balanced|{k}'] for k in keys])}  "
+          f"CPU-s am {balanced_cpu(am):.2f}, gc {balanced_cpu(gc):.2f}")
+    print(f"    best                    {figures([rows[f'best|{k}'] for k in keys])}")
+    for setting in grid:
+        picked, _ = cascade(keys, setting)
+        print(f"    T {setting[0]} D {setting[1]:4} {setting[2]!s:6} {figures(picked)}  CPU-s am "
+              f"{cascade(am, setting)[1]:.2f}, gc {cascade(gc, setting)[1]:.2f}  J vs best "
+              f"{criterion(picked, [rows[f'best|{k}'] for k in keys]):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default=".cache/masks")
@@ -734,6 +831,7 @@ def main() -> None:
                         help="recompute the measurements from the saved 8-bit arrays (fast)")
     parser.add_argument("--disagreement", action="store_true",
                         help="also study the cascade triggered by fast's two networks disagreeing")
+    parser.add_argument("--stage-cpu", help="stage_cpu.py's JSON: price the cascade per photo, measured")
     args = parser.parse_args()
     masks, data = Masks(Path(args.cache)), samples()
     path = Path(args.cache) / "quality_rows.json"
@@ -761,6 +859,9 @@ def main() -> None:
         cascade_study(rows, data, models, FEATURES)
     if args.disagreement:
         disagreement_cascade_study(rows, data, fitted_on, FEATURES, member_disagreement(masks, data))
+    if args.stage_cpu:
+        measured_cascade_study(rows, data, fitted_on, FEATURES, member_disagreement(masks, data),
+                               json.loads(Path(args.stage_cpu).read_text()))
 
 
 if __name__ == "__main__":

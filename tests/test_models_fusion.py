@@ -204,11 +204,40 @@ def test_the_cascade_reruns_where_the_fused_models_disagree(ramps, monkeypatch, 
     from cutout.workers.pipeline import PipelineInput
 
     escalated = []
-    monkeypatch.setattr(Pipeline, "_escalate", lambda self, rgb, alpha, first, why: escalated.append(why) or first)
+    monkeypatch.setattr(Pipeline, "_escalate",
+                        lambda self, rgb, alpha, first, why, prefer_second: escalated.append((why, prefer_second)) or first)
     options = PipelineOptions(model="ramp-x+ramp-y", fusion="mean", matting="none", refine="none",
                               escalate="fast", escalate_below=0.0, escalate_apart=apart)
     buffer = io.BytesIO()
     Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(buffer, format="PNG")
     (outcome,) = Pipeline(options, device="cpu").run([PipelineInput("a.png", buffer.getvalue())])
     assert outcome.ok and bool(escalated) == reruns
-    assert escalated in ([], ["models disagree 0.67"])
+    assert escalated in ([], [("models disagree 0.67", True)])
+
+
+@pytest.mark.parametrize("first_score, prefer_second, kept", [
+    (0.65, True, "second"),  # the networks disagreed, the first scores higher by less than the margin
+    (0.75, True, "first"),  # by more than the margin
+    (0.65, False, "first"),  # the score triggered the rerun: the higher score is kept
+    (0.55, False, "second"),
+])
+def test_the_cascade_keeps_the_rerun_where_the_networks_disagreed(monkeypatch, first_score, prefer_second, kept):
+    """Where the trigger was the disagreement, the rerun's output is kept unless the first scores
+    more than ``APART_KEEP_MARGIN`` (0.1) higher; otherwise the higher score wins."""
+    from cutout.workers.pipeline import APART_KEEP_MARGIN, CutoutResult
+
+    assert APART_KEEP_MARGIN == pytest.approx(0.1)
+    rgb = np.full((20, 30, 3), 128, np.uint8)
+    alpha = np.ones((20, 30), np.float32)
+
+    def result(score: float) -> CutoutResult:
+        return CutoutResult(rgb, alpha, alpha, None, quality={"score": score})
+
+    second = result(0.6)
+    monkeypatch.setattr(Pipeline, "segment", lambda self, images: [alpha for _ in images])
+    monkeypatch.setattr(Pipeline, "finish", lambda self, rgb, mask, input_alpha=None: second)
+    first = result(first_score)
+    pipeline = Pipeline(PipelineOptions(model="u2netp", escalate="fast", background="mask"), device="cpu")
+    chosen = pipeline._escalate(rgb, None, first, "why", prefer_second=prefer_second)
+    assert chosen is (second if kept == "second" else first)
+    assert chosen.notes[-1].endswith(f"kept the {kept}")

@@ -21,6 +21,12 @@ from cutout.jobs.errors import CutoutError, OutOfMemoryError
 from cutout.jobs.spec import PipelineOptions
 from cutout.workers.stages import run_stage
 
+# When a fused model's networks disagree and the photo was rerun, the rerun's output is kept
+# unless the first scores higher by more than this. Chosen with the cascade's thresholds by the
+# nested CV priced per photo (benchmarks/quality_cv.py --stage-cpu, among "the higher score",
+# margins 0.1, 0.2, 0.3, "always the rerun's" and "straight to the rerun"): docs/results.md.
+APART_KEEP_MARGIN = 0.1
+
 
 @dataclass
 class CutoutResult:
@@ -282,12 +288,16 @@ class Pipeline:
         apart = disagreement is not None and disagreement > opts.escalate_apart
         if opts.escalate and not user_trimap and (quality["score"] < opts.escalate_below or apart):
             why = f"models disagree {disagreement:.2f}" if apart else f"score {quality['score']:.2f}"
-            result = self._escalate(rgb, input_alpha, result, why)
+            result = self._escalate(rgb, input_alpha, result, why, prefer_second=apart)
         return result
 
-    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult, why: str = "") -> CutoutResult:
+    def _escalate(self, rgb: np.ndarray, input_alpha, first: CutoutResult, why: str = "",
+                  prefer_second: bool = False) -> CutoutResult:
         """The cascade: rerun a doubtful output with the costlier preset (once: that preset's own
-        escalation is off), keep the higher score; ``why`` (the trigger) goes into the note."""
+        escalation is off), keep the higher score; ``why`` (the trigger) goes into the note.
+        ``prefer_second`` (the networks disagreed): the rerun's output is kept unless the first
+        scores more than ``APART_KEEP_MARGIN`` higher, because the score, a model of one output,
+        reads a cheap network's clean cutout of the wrong object as right."""
         if self._escalation is None:
             opts = self.options
             keep = {"background": opts.background, "format": opts.format, "quality": opts.quality,
@@ -306,7 +316,10 @@ class Pipeline:
         second.notes[:0] = selection
         for stage, seconds in second.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        kept = second if second.quality["score"] > first.quality["score"] else first
+        if prefer_second:
+            kept = first if first.quality["score"] > second.quality["score"] + APART_KEEP_MARGIN else second
+        else:
+            kept = second if second.quality["score"] > first.quality["score"] else first
         kept.notes.append(f"escalated to {self.options.escalate}{f' ({why})' if why else ''}: score "
                           f"{first.quality['score']:.2f} -> {second.quality['score']:.2f}, kept the "
                           f"{'second' if kept is second else 'first'}")
