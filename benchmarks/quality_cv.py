@@ -733,8 +733,7 @@ def measured_cascade_study(rows: dict, data, variants, features, disagreement: d
     far too low once a third of the photos reran: those are the costly ones to finish."""
     keys = [f"{d}/{s}" for d, s, *_ in data]
     halves = {k: h for (d, s, *_r, h), k in zip(data, keys)}
-    # a process loads once: the first set measured paid it, the next found the models loaded
-    loads = {name: max(v for k, v in cpu["_load"].items() if k.endswith(f"/{name}")) for name in ("fast", "balanced")}
+    loads = cpu["_load"]  # CPU-s of each preset's model load, paid once per process
     keeps = ("score", "costly", 0.1, 0.2, 0.3, "early")  # step 6's rules, and early
     grid = [(t, d, keep) for t in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) for d in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 1.01)
             for keep in keeps]

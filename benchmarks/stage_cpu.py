@@ -2,13 +2,13 @@
 (calibrate, GrabCut, matting, objects, composite, score), in CPU-seconds of this process
 (``time.process_time``: every thread, so onnxruntime's threads count).
 
-Why: the cascade's cost model (benchmarks/quality_cv.py) needs the price of a rerun and of the
-part of ``fast`` that a photo sent straight to ``balanced`` no longer pays; the whole-process
-bench (bench_cost.py) gives only totals.
+Why: the cascade's cost model (benchmarks/quality_cv.py --stage-cpu) needs the price of a rerun
+and of the part of ``fast`` that a photo sent straight to ``balanced`` no longer pays; the
+whole-process bench (bench_cost.py) gives only totals. The presets run side by side, photo by
+photo (their order alternating), in one process: this machine's speed drifts by a third within
+the hour, so prices measured in separate runs do not compare.
 
-    for p in fast balanced; do       # one process per preset: each pays its own imports and loads
-        .venv/bin/python benchmarks/stage_cpu.py --presets $p --out .cache/stage_cpu.json
-    done                             # per photo, read by quality_cv.py --stage-cpu
+    .venv/bin/python benchmarks/stage_cpu.py --presets fast balanced --out .cache/stage_cpu.json
 """
 from __future__ import annotations
 
@@ -34,24 +34,23 @@ def photos(name: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
 
 
-def measure(preset: str, paths: list[Path]) -> dict[str, list[float]]:
-    """Per photo CPU-s of the networks and of the rest; the model load once, apart."""
-    pipe = Pipeline(PipelineOptions(preset=preset))
+def loaded(preset: str, warm: np.ndarray) -> tuple[Pipeline, float]:
+    """The preset's pipeline with its models loaded (CPU-s of the load), warmed up untimed.
+    ``nested``: both presets' models stay loaded together (the cascade's own arrangement)."""
+    pipe = Pipeline(PipelineOptions(preset=preset), nested=True)
     start = time.process_time()
     pipe.load_models()
     load = time.process_time() - start
-    warm = np.asarray(Image.open(paths[0]).convert("RGB"))
-    pipe.finish(warm, pipe.segment([warm])[0])  # untimed: numba's kernels, first-call costs
-    seg, rest = [], []
-    for path in paths:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        start = time.process_time()
-        raw = pipe.segment_raw([rgb])[0]
-        middle = time.process_time()
-        pipe.finish(rgb, pipe.calibrate(raw), disagreement=getattr(raw, "disagreement", None))
-        seg.append(middle - start)
-        rest.append(time.process_time() - middle)
-    return {"load": load, "segment": seg, "finish": rest}
+    pipe.finish(warm, pipe.segment([warm])[0])  # numba's kernels, first-call costs
+    return pipe, load
+
+
+def one_photo(pipe: Pipeline, rgb: np.ndarray) -> dict[str, float]:
+    start = time.process_time()
+    raw = pipe.segment_raw([rgb])[0]
+    middle = time.process_time()
+    pipe.finish(rgb, pipe.calibrate(raw), disagreement=getattr(raw, "disagreement", None))
+    return {"segment": middle - start, "finish": time.process_time() - middle}
 
 
 def main() -> None:
@@ -61,19 +60,23 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N photos of each set")
     parser.add_argument("--out", help="write the per-photo figures here (JSON)")
     args = parser.parse_args()
-    # --out merges into what the file holds: run one preset per process, so each pays its own imports
-    per_photo: dict[str, dict] = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
+    warm = np.asarray(Image.open(photos(args.sets[0])[0]).convert("RGB"))
+    pipes, per_photo = {}, {"_load": {}}
+    for preset in args.presets:  # the first pays the lazy imports (onnxruntime, cv2, numba)
+        pipes[preset], per_photo["_load"][preset] = loaded(preset, warm)
+    turn = 0
     for name in args.sets:
-        paths = photos(name)[:args.limit]
+        for path in photos(name)[:args.limit]:
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            order = args.presets[turn % 2:] + args.presets[:turn % 2]
+            turn += 1
+            per_photo[f"{name}/{path.stem}"] = {preset: one_photo(pipes[preset], rgb) for preset in order}
         for preset in args.presets:
-            got = measure(preset, paths)
-            for path, seg_s, finish_s in zip(paths, got["segment"], got["finish"]):
-                per_photo.setdefault(f"{name}/{path.stem}", {})[preset] = {"segment": seg_s, "finish": finish_s}
-            per_photo.setdefault("_load", {})[f"{name}/{preset}"] = got["load"]
-            seg, rest = statistics.fmean(got["segment"]), statistics.fmean(got["finish"])
-            print(f"{name} {preset:9} photos {len(paths):3}  load {got['load']:5.2f}  segment {seg:5.2f}  "
-                  f"finish {rest:5.2f}  total {seg + rest:5.2f} CPU-s per photo "
-                  f"(finish median {statistics.median(got['finish']):.2f})", flush=True)
+            got = [v[preset] for k, v in per_photo.items() if k.startswith(f"{name}/")]
+            seg = statistics.fmean(g["segment"] for g in got)
+            rest = statistics.fmean(g["finish"] for g in got)
+            print(f"{name} {preset:9} photos {len(got):3}  load {per_photo['_load'][preset]:5.2f}  "
+                  f"segment {seg:5.2f}  finish {rest:5.2f}  total {seg + rest:5.2f} CPU-s per photo", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(per_photo, indent=1))
 
