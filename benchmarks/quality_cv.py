@@ -609,6 +609,29 @@ def member_disagreement(masks: Masks, data) -> dict:
             for d, s, *_ in data}
 
 
+def kept_by_rule(first: dict, second: dict, apart: bool, keep) -> dict:
+    """The output a rerun photo keeps: ``keep`` "score" the higher score; where the networks
+    disagreed (``apart``), "costly" the rerun's, a number the rerun's unless the first scores
+    higher by more than that (``Pipeline._escalate``'s ``APART_KEEP_MARGIN``)."""
+    if keep == "costly" and apart:
+        return second
+    if keep not in ("score", "costly", "early") and apart:
+        return first if first["s"] > second["s"] + keep else second
+    return second if second["s"] > first["s"] else first
+
+
+def judged_on_both_halves(rows: dict, keys, halves: dict, variants, features, outputs) -> str:
+    """"B j, A j": J against ``best`` of ``outputs(test)`` on each half, scored by the model
+    fitted on the other half."""
+    judged = []
+    for fit_half, test_half in (("A", "B"), ("B", "A")):
+        fit = [k for k in keys if halves[k] == fit_half]
+        test = [k for k in keys if halves[k] == test_half]
+        score_keys(rows, test, fit_on(rows, fit, variants, features), features)
+        judged.append(f"{test_half} {criterion(outputs(test), [rows[f'best|{k}'] for k in test]):.3f}")
+    return ", ".join(judged)
+
+
 def disagreement_cascade_study(rows: dict, data, variants, features, disagreement: dict) -> None:
     """The cascade rerun also where ``fast``'s two networks disagree by more than D (free in
     ``fast``), and the rerun's output kept where the trigger was the disagreement: T and D
@@ -626,12 +649,7 @@ def disagreement_cascade_study(rows: dict, data, variants, features, disagreemen
         low, apart = first["s"] < t, disagreement[k] > d
         if not (low or apart):
             return first, False
-        second = rows[f"balanced|{k}"]
-        if keep == "costly" and apart:
-            return second, True
-        if keep not in ("score", "costly") and apart:
-            return (first if first["s"] > second["s"] + keep else second), True
-        return (second if second["s"] > first["s"] else first), True
+        return kept_by_rule(first, rows[f"balanced|{k}"], apart, keep), True
 
     def cascade(test, setting):
         picked = [one(k, *setting) for k in test]
@@ -664,14 +682,10 @@ def disagreement_cascade_study(rows: dict, data, variants, features, disagreemen
     print("  each fold's pick (and the plain cascade) judged on both held-out halves, J vs best; "
           "est. CPU-s on all photos:")
     for setting in sorted(set(picks) | {(0.4, 1.01, "score")}, key=str):
-        judged = []
-        for fit_half, test_half in (("A", "B"), ("B", "A")):
-            fit = [k for k in keys if halves[k] == fit_half]
-            test = [k for k in keys if halves[k] == test_half]
-            score_keys(rows, test, fit_on(rows, fit, variants, features), features)
-            judged.append(f"{test_half} {criterion(cascade(test, setting)[0], [rows[f'best|{k}'] for k in test]):.3f}")
+        judged = judged_on_both_halves(rows, keys, halves, variants, features,
+                                       lambda test: cascade(test, setting)[0])
         out_of_fold_scores(rows, keys, variants, features)
-        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {', '.join(judged)}; "
+        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {judged}; "
               f"CPU-s {cascade(keys, setting)[1]:.2f}")
     out_of_fold_scores(rows, keys, variants, features)
     print("  all photos (out-of-fold scores), the frontier by D (T 0.4):")
@@ -749,13 +763,8 @@ def measured_cascade_study(rows: dict, data, variants, features, disagreement: d
             return rows[f"balanced|{k}"], cpu[k]["fast"]["segment"] + total(k, "balanced"), True
         if not (apart or first["s"] < t):
             return first, total(k, "fast"), False
-        second = rows[f"balanced|{k}"]
         spent = total(k, "fast") + total(k, "balanced")
-        if keep == "costly" and apart:
-            return second, spent, True
-        if keep not in ("score", "costly") and apart:
-            return (first if first["s"] > second["s"] + keep else second), spent, True
-        return (second if second["s"] > first["s"] else first), spent, True
+        return kept_by_rule(first, rows[f"balanced|{k}"], apart, keep), spent, True
 
     def cascade(test, setting):
         picked = [one(k, *setting) for k in test]
@@ -793,16 +802,12 @@ def measured_cascade_study(rows: dict, data, variants, features, disagreement: d
     print("  each pick and the shipped auto judged on both held-out halves (J vs best), and on all "
           "photos (out-of-fold scores):")
     for setting in sorted(set(picks) | {(0.4, 1.01, "score")}, key=str):
-        judged = []
-        for fit_half, test_half in (("A", "B"), ("B", "A")):
-            fit = [k for k in keys if halves[k] == fit_half]
-            test = [k for k in keys if halves[k] == test_half]
-            score_keys(rows, test, fit_on(rows, fit, variants, features), features)
-            judged.append(f"{test_half} {criterion(cascade(test, setting)[0], [rows[f'best|{k}'] for k in test]):.3f}")
+        judged = judged_on_both_halves(rows, keys, halves, variants, features,
+                                       lambda test: cascade(test, setting)[0])
         out_of_fold_scores(rows, keys, variants, features)
         per_set = ", ".join(f"{n} {cascade([k for k in keys if k.startswith(n + '/')], setting)[1]:.2f}"
                             for n in ("am", "gc"))
-        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {', '.join(judged)}; "
+        print(f"    T {setting[0]}, D {setting[1]}, keep {setting[2]}: {judged}; "
               f"{figures(cascade(keys, setting)[0])}; CPU-s {per_set}")
     out_of_fold_scores(rows, keys, variants, features)
     print("  all photos (out-of-fold scores), the frontier; CPU-s per set against balanced's:")
